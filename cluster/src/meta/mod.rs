@@ -1,0 +1,30 @@
+//! The metadata state machine: pure and deterministic. `apply(command)` over the namespace
+//! (inodes, directory entries, user metadata, extents), the block table and block-id ranges.
+//! No I/O, no clock, no randomness: the same commands in the same order give the same state.
+
+mod apply;
+mod types;
+
+pub use apply::Totals;
+pub use types::*;
+
+/// Version of the snapshot encoding written by [`MetaState::encode_snapshot`].
+pub const SNAPSHOT_VERSION: u32 = 1;
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole metadata image. `PartialEq` is what the determinism tests compare.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaState {
+    pub inodes: BTreeMap<Ino, Inode>,
+    /// Directory ino -> name -> child ino.
+    pub entries: BTreeMap<Ino, BTreeMap<Vec<u8>, Ino>>,
+    pub blocks: BTreeMap<BlockId, BlockMeta>,
+    pub next_ino: Ino,
+    /// Block ids below this have been handed out by `AllocBlockIds`.
+    pub next_block_id: BlockId,
+    /// Number of commands applied (successful or not): the generation source for new inodes.
+    pub applied: u64,
+}

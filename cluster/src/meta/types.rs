@@ -1,0 +1,178 @@
+//! Types of the metadata state machine: what is stored, what is proposed, what comes back.
+//! Everything here is serialised with postcard into the Raft log and snapshots, so a change
+//! to a type is a format change (bump `meta::SNAPSHOT_VERSION` and migrate).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+pub type Ino = u64;
+pub type BlockId = u64;
+/// Nanoseconds since the Unix epoch. Commands carry their time so that apply stays pure.
+pub type Nanos = i64;
+
+pub const ROOT_INO: Ino = 1;
+/// Longest name of a directory entry, in bytes (NAME_MAX).
+pub const NAME_MAX: usize = 255;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InodeKind {
+    File,
+    Dir,
+    Symlink,
+}
+
+/// The attributes every front end shows (stat).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attr {
+    pub ino: Ino,
+    /// Raft index of the create: with `ino` it names this inode forever (NFS file handles).
+    pub generation: u64,
+    pub kind: InodeKind,
+    /// Permission bits only (`mode & 0o7777`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// File: logical size in bytes. Dir: number of entries. Symlink: target length.
+    pub size: u64,
+    /// Dir: 2 + number of subdirectories. File, symlink: 1.
+    pub nlink: u32,
+    /// Directory holding this inode's one entry (the root is its own parent).
+    pub parent: Ino,
+    pub atime: Nanos,
+    pub mtime: Nanos,
+    pub ctime: Nanos,
+}
+
+/// A piece of a file: `len` bytes at the key's file offset are bytes
+/// `block_offset..block_offset + len` of block `block`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Extent {
+    pub len: u64,
+    pub block: BlockId,
+    pub block_offset: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inode {
+    pub attr: Attr,
+    /// User metadata: S3 `x-amz-meta-*` and the same map through every front end.
+    pub xattrs: BTreeMap<String, String>,
+    /// File only: extents keyed by file offset; non-overlapping; holes read as zeros.
+    pub extents: BTreeMap<u64, Extent>,
+    /// Symlink only: the target.
+    pub target: Vec<u8>,
+}
+
+/// Where a tiered block's bytes are in the object store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectLocator {
+    pub key: String,
+    pub offset: u64,
+    pub len: u32,
+    pub crc: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum BlockState {
+    /// On NVMe only; never evicted.
+    Dirty,
+    /// On NVMe and in the object store; evictable.
+    Clean(ObjectLocator),
+    /// In the object store only; read through.
+    Cold(ObjectLocator),
+    /// Being copied back onto NVMe.
+    Rehydrating(ObjectLocator),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockMeta {
+    pub len: u32,
+    pub state: BlockState,
+    /// Number of extents (over all files) that point at this block. A block whose count
+    /// drops to zero leaves the table and is returned in `Applied::freed`.
+    pub refs: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NewKind {
+    File,
+    Dir,
+    Symlink { target: Vec<u8> },
+}
+
+/// A block just written to the block store, to be laid into a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NewBlock {
+    pub id: BlockId,
+    pub len: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Command {
+    /// Create an entry; `Exists` if the name is taken.
+    Create { parent: Ino, name: Vec<u8>, kind: NewKind, mode: u32, uid: u32, gid: u32, now: Nanos },
+    /// Change attributes; `size` truncates or extends (with a hole).
+    SetAttr {
+        ino: Ino,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<Nanos>,
+        mtime: Option<Nanos>,
+        now: Nanos,
+    },
+    /// Lay `blocks` (already in the block store) end to end at `offset` of file `ino`,
+    /// replacing what was there (copy-on-write). Size grows to cover them.
+    Write { ino: Ino, offset: u64, blocks: Vec<NewBlock>, now: Nanos },
+    /// Rename, replacing an existing destination of a compatible kind (POSIX rename).
+    Rename { src_parent: Ino, src_name: Vec<u8>, dst_parent: Ino, dst_name: Vec<u8>, now: Nanos },
+    /// Remove a file or symlink entry.
+    Unlink { parent: Ino, name: Vec<u8>, now: Nanos },
+    /// Remove an empty directory.
+    Rmdir { parent: Ino, name: Vec<u8>, now: Nanos },
+    SetXattr { ino: Ino, key: String, value: String, now: Nanos },
+    RemoveXattr { ino: Ino, key: String, now: Nanos },
+    /// Replace the whole user-metadata map (S3 PUT / COPY with REPLACE).
+    ReplaceXattrs { ino: Ino, xattrs: BTreeMap<String, String>, now: Nanos },
+    /// Hand out `count` fresh block ids (a range, so writers need no round trip per block).
+    AllocBlockIds { count: u64 },
+    /// Tiering: record a block's new state.
+    SetBlockState { id: BlockId, state: BlockState },
+}
+
+/// What a successful apply returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Applied {
+    /// The inode created or changed (Create, SetAttr, Write, xattr commands, Rename: the moved inode).
+    pub attr: Option<Attr>,
+    /// Blocks no extent points at any more: the caller frees them in the block store.
+    pub freed: Vec<BlockId>,
+    /// AllocBlockIds: the first id of the range.
+    pub first_block_id: Option<BlockId>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetaError {
+    #[error("no such inode ino={0}")]
+    NoInode(Ino),
+    #[error("no such entry name={name:?} parent={parent}")]
+    NoEntry { parent: Ino, name: String },
+    #[error("entry exists name={name:?} parent={parent}")]
+    Exists { parent: Ino, name: String },
+    #[error("not a directory ino={0}")]
+    NotDir(Ino),
+    #[error("is a directory ino={0}")]
+    IsDir(Ino),
+    #[error("directory not empty ino={0}")]
+    NotEmpty(Ino),
+    #[error("name too long len={0} max=255")]
+    NameTooLong(usize),
+    #[error("invalid name name={0:?}")]
+    InvalidName(String),
+    #[error("invalid argument: {0}")]
+    Invalid(&'static str),
+    #[error("no such block block_id={0}")]
+    NoBlock(BlockId),
+}

@@ -1,0 +1,218 @@
+//! tidepool-fs: the filesystem API that every front end calls.
+//!
+//! Joins the meta group (namespace, extents, block table) and the block store (block bytes
+//! on NVMe). A write puts new immutable blocks, makes them durable, then commits extents
+//! pointing at them through the meta group (copy-on-write: an overwrite never modifies a
+//! block). A read takes the extents under the state lock and reads block ranges.
+//! It does not speak any protocol (front ends do) and does not wire concrete parts
+//! together (the `tidepool` binary does).
+
+mod error;
+mod metrics;
+mod namespace;
+mod rw;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tidepool_cluster::meta::{Attr, Command, Ino, MetaState};
+use tidepool_cluster::{Applied, Clock, MetaGroup};
+use tidepool_spdk::BlockStore;
+
+pub use error::{ErrorKind, FsError, Result};
+pub use metrics::{FsMetrics, MetricsSnapshot};
+pub use tidepool_cluster::meta::{Attr as FileAttr, InodeKind, NAME_MAX, ROOT_INO};
+
+/// Settings of the filesystem layer.
+#[derive(Debug, Clone)]
+pub struct FsOptions {
+    /// Largest block a write cuts data into. Default 4 MiB.
+    pub block_size: usize,
+    /// Block ids taken from the meta group per allocation round trip. Default 4096.
+    pub id_batch: u64,
+}
+
+impl Default for FsOptions {
+    fn default() -> Self {
+        FsOptions { block_size: 4 << 20, id_batch: 4096 }
+    }
+}
+
+/// A directory entry as readdir returns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DirEntry {
+    pub name: Vec<u8>,
+    pub attr: Attr,
+}
+
+/// Attribute changes; `None` leaves a field alone.
+#[derive(Debug, Clone, Default)]
+pub struct SetAttr {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<i64>,
+    pub mtime: Option<i64>,
+}
+
+/// Space and file counts (statfs / FSSTAT).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct FsStat {
+    pub capacity_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+    pub files: u64,
+    pub dirs: u64,
+    pub symlinks: u64,
+    pub file_bytes: u64,
+    pub blocks: u64,
+}
+
+/// What `Fs::open` found when it compared the block table with the block store.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct OpenReport {
+    /// Blocks on NVMe that no file references (a crash between a block write and its
+    /// metadata commit, or between a commit and the free): deleted.
+    pub orphans_freed: u64,
+    /// Blocks the metadata says are on NVMe (dirty or clean) that the store does not have.
+    pub missing_blocks: u64,
+}
+
+pub struct Fs {
+    meta: MetaGroup<MetaState>,
+    store: Arc<BlockStore>,
+    clock: Arc<dyn Clock>,
+    opts: FsOptions,
+    /// Block ids handed out by the meta group and not used yet: `next..end`.
+    ids: tokio::sync::Mutex<(u64, u64)>,
+    read_only: AtomicBool,
+    metrics: FsMetrics,
+}
+
+impl Fs {
+    /// Join a meta group and a block store. Reconciles the two first: blocks in the store
+    /// that no extent references are freed; blocks missing from the store are counted.
+    pub async fn open(
+        meta: MetaGroup<MetaState>,
+        store: Arc<BlockStore>,
+        clock: Arc<dyn Clock>,
+        opts: FsOptions,
+    ) -> Result<(Self, OpenReport)> {
+        let fs = Fs {
+            meta,
+            store,
+            clock,
+            opts,
+            ids: tokio::sync::Mutex::new((0, 0)),
+            read_only: AtomicBool::new(false),
+            metrics: FsMetrics::default(),
+        };
+        let report = fs.reconcile().await?;
+        Ok((fs, report))
+    }
+
+    async fn reconcile(&self) -> Result<OpenReport> {
+        let mut report = OpenReport::default();
+        let in_store = self.store.ids();
+        let orphans: Vec<u64> = self.meta.read(|s| in_store.iter().copied().filter(|id| !s.blocks.contains_key(id)).collect());
+        for id in &orphans {
+            self.store.delete(*id).await?;
+        }
+        if !orphans.is_empty() {
+            self.store.flush().await?;
+            tracing::info!(count = orphans.len(), "freed orphaned blocks");
+        }
+        report.orphans_freed = orphans.len() as u64;
+        report.missing_blocks = self.meta.read(|s| {
+            s.blocks
+                .iter()
+                .filter(|(id, b)| {
+                    matches!(b.state, tidepool_cluster::meta::BlockState::Dirty | tidepool_cluster::meta::BlockState::Clean(_))
+                        && !self.store.contains(**id)
+                })
+                .count() as u64
+        });
+        if report.missing_blocks > 0 {
+            tracing::error!(count = report.missing_blocks, "blocks recorded on NVMe are missing from the block store");
+        }
+        Ok(report)
+    }
+
+    pub fn meta(&self) -> &MetaGroup<MetaState> {
+        &self.meta
+    }
+
+    pub fn store(&self) -> &Arc<BlockStore> {
+        &self.store
+    }
+
+    pub fn metrics(&self) -> &FsMetrics {
+        &self.metrics
+    }
+
+    pub fn options(&self) -> &FsOptions {
+        &self.opts
+    }
+
+    /// Writers get `ReadOnly` while this is set (spin-down).
+    pub fn set_read_only(&self, on: bool) {
+        self.read_only.store(on, Ordering::SeqCst);
+    }
+
+    pub fn is_read_only(&self) -> bool {
+        self.read_only.load(Ordering::SeqCst)
+    }
+
+    fn check_writable(&self) -> Result<()> {
+        if self.is_read_only() { Err(FsError::ReadOnly) } else { Ok(()) }
+    }
+
+    fn now(&self) -> i64 {
+        self.clock.now_nanos()
+    }
+
+    /// Propose a command and free the blocks it released.
+    async fn commit(&self, cmd: Command) -> Result<Applied> {
+        let applied = self.meta.propose(cmd).await??;
+        self.free_blocks(&applied.freed).await;
+        Ok(applied)
+    }
+
+    /// Delete released blocks from the store. A failure here leaks space only until the
+    /// next open, whose reconcile frees every unreferenced block; so it is logged, not returned.
+    async fn free_blocks(&self, ids: &[u64]) {
+        for id in ids {
+            if let Err(e) = self.store.delete(*id).await {
+                tracing::warn!(block_id = id, error = %e, "cannot free block; reclaimed at next open");
+            }
+        }
+    }
+
+    pub fn stat(&self) -> FsStat {
+        let s = self.store.stats();
+        let t = self.meta.read(|m| m.totals());
+        FsStat {
+            capacity_bytes: s.capacity_bytes,
+            used_bytes: s.used_bytes,
+            free_bytes: s.capacity_bytes.saturating_sub(s.used_bytes),
+            files: t.files,
+            dirs: t.dirs,
+            symlinks: t.symlinks,
+            file_bytes: t.bytes,
+            blocks: t.blocks,
+        }
+    }
+
+    /// Stop the meta group after in-flight commits, and make the block store durable.
+    pub async fn shutdown(self) -> Result<()> {
+        self.store.flush().await?;
+        self.meta.shutdown().await?;
+        Ok(())
+    }
+}
+
+/// Look up a path ("/a/b/c") from the root without following symlinks.
+pub fn split_path(path: &[u8]) -> impl Iterator<Item = &[u8]> {
+    path.split(|&b| b == b'/').filter(|c| !c.is_empty())
+}

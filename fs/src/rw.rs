@@ -1,0 +1,142 @@
+//! File data: write (new immutable blocks, then one metadata commit) and read (extents,
+//! then block ranges in parallel).
+//!
+//! Write order is the crash-safety argument: (1) put the new blocks, (2) flush the block
+//! store, (3) commit the extents through the meta group (fsync'd Raft log), (4) free the
+//! blocks the commit released. A crash before (3) leaves unreferenced blocks that the next
+//! open frees; after (3) the write is whole. A write is acknowledged only after (3), so
+//! every acknowledged write survives, and an unacknowledged one is either whole or absent.
+
+use futures_util::future::try_join_all;
+use tidepool_cluster::meta::{Attr, Command, Extent, Ino, InodeKind, NewBlock};
+use tidepool_spdk::StoreError;
+
+use crate::metrics::Op;
+use crate::{Fs, FsError, Result};
+
+/// How often a read retries when a block it planned to read was freed under it by a
+/// concurrent overwrite (it then re-reads the extents, which name the new blocks).
+const READ_RETRIES: usize = 8;
+
+impl Fs {
+    /// Write `data` at `offset` of file `ino`; returns the new attributes.
+    pub async fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> Result<Attr> {
+        self.metrics.op(Op::Write);
+        self.check_writable()?;
+        let attr = self.getattr(ino)?;
+        match attr.kind {
+            InodeKind::File => {}
+            InodeKind::Dir => return Err(tidepool_cluster::MetaError::IsDir(ino).into()),
+            InodeKind::Symlink => return Err(FsError::NotFile(ino)),
+        }
+        if data.is_empty() {
+            return Ok(attr);
+        }
+        offset.checked_add(data.len() as u64).ok_or(FsError::Invalid("write beyond the largest file offset"))?;
+        let chunks: Vec<&[u8]> = data.chunks(self.opts.block_size).collect();
+        let first = self.alloc_ids(chunks.len() as u64).await?;
+        let blocks: Vec<NewBlock> =
+            chunks.iter().enumerate().map(|(i, c)| NewBlock { id: first + i as u64, len: c.len() as u32 }).collect();
+        if let Err(e) = self.put_blocks(&blocks, &chunks).await {
+            self.discard(&blocks).await;
+            return Err(e);
+        }
+        let cmd = Command::Write { ino, offset, blocks: blocks.clone(), now: self.now() };
+        match self.commit(cmd).await {
+            Ok(applied) => {
+                self.metrics.bytes_written(data.len() as u64);
+                applied.attr.ok_or(FsError::Invalid("write returned no inode"))
+            }
+            Err(e) => {
+                self.discard(&blocks).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn put_blocks(&self, blocks: &[NewBlock], chunks: &[&[u8]]) -> Result<()> {
+        let puts = blocks.iter().zip(chunks).map(|(b, c)| self.store.put(b.id, c));
+        try_join_all(puts).await?;
+        self.store.flush().await?;
+        Ok(())
+    }
+
+    /// Remove blocks of a write that did not commit. Blocks that were never put are absent,
+    /// which is fine; anything left behind is freed by the next open's reconcile.
+    async fn discard(&self, blocks: &[NewBlock]) {
+        for b in blocks {
+            match self.store.delete(b.id).await {
+                Ok(()) | Err(StoreError::NotFound(_)) => {}
+                Err(e) => tracing::warn!(block_id = b.id, error = %e, "cannot discard uncommitted block"),
+            }
+        }
+    }
+
+    /// `count` fresh block ids, from the local range or a new one from the meta group.
+    async fn alloc_ids(&self, count: u64) -> Result<u64> {
+        let mut ids = self.ids.lock().await;
+        if ids.1 - ids.0 < count {
+            let want = count.max(self.opts.id_batch);
+            let applied = self.meta.propose(Command::AllocBlockIds { count: want }).await??;
+            let first = applied.first_block_id.ok_or(FsError::Invalid("block id allocation returned no range"))?;
+            *ids = (first, first + want);
+        }
+        let first = ids.0;
+        ids.0 += count;
+        Ok(first)
+    }
+
+    /// Read up to `len` bytes at `offset`; shorter at end of file; holes read as zeros.
+    pub async fn read(&self, ino: Ino, offset: u64, len: usize) -> Result<Vec<u8>> {
+        self.metrics.op(Op::Read);
+        let mut attempt = 0;
+        loop {
+            let (plan_len, extents) = self.plan_read(ino, offset, len)?;
+            match self.read_extents(offset, plan_len, &extents).await {
+                Ok(buf) => {
+                    self.metrics.bytes_read(buf.len() as u64);
+                    return Ok(buf);
+                }
+                // A concurrent overwrite freed a block between plan and read: plan again.
+                Err(FsError::Store(StoreError::NotFound(id))) => {
+                    attempt += 1;
+                    if attempt >= READ_RETRIES || self.meta.read(|s| s.blocks.contains_key(&id)) {
+                        return Err(FsError::MissingBlock(id));
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The read length (clipped to the file size) and the extents covering it.
+    fn plan_read(&self, ino: Ino, offset: u64, len: usize) -> Result<(usize, Vec<(u64, Extent)>)> {
+        self.meta.read(|s| {
+            let inode = s.inode(ino).ok_or(tidepool_cluster::MetaError::NoInode(ino))?;
+            match inode.attr.kind {
+                InodeKind::File => {}
+                InodeKind::Dir => return Err(tidepool_cluster::MetaError::IsDir(ino).into()),
+                InodeKind::Symlink => return Err(FsError::NotFile(ino)),
+            }
+            let size = inode.attr.size;
+            if offset >= size {
+                return Ok((0, Vec::new()));
+            }
+            let n = (size - offset).min(len as u64);
+            Ok((n as usize, s.extents_in(ino, offset, n)?))
+        })
+    }
+
+    async fn read_extents(&self, offset: u64, len: usize, extents: &[(u64, Extent)]) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; len];
+        let reads = extents.iter().map(|(file_off, e)| async move {
+            let bytes = self.store.get(e.block, e.block_offset, e.len as u32).await?;
+            Ok::<_, FsError>((*file_off, bytes))
+        });
+        for (file_off, bytes) in try_join_all(reads).await? {
+            let at = (file_off - offset) as usize;
+            buf[at..at + bytes.len()].copy_from_slice(&bytes);
+        }
+        Ok(buf)
+    }
+}

@@ -1,0 +1,148 @@
+//! The block store: immutable blocks, log-structured on a [`BlockDevice`].
+//!
+//! PUBLIC API CONTRACT (other crates code against exactly this; internals are free):
+//!
+//! - `BlockStore::format(dev, opts)` writes a fresh superblock (refuses nothing: the caller decides).
+//! - `BlockStore::open(dev, opts)` reads the superblock (clear error if absent/corrupt/other
+//!   version), rebuilds the index from segment summaries, scans open segments and discards a
+//!   torn tail.
+//! - `put(id, data)`: store an immutable block (1..=max_block_bytes). The block is readable
+//!   when put returns; it is durable after a later `flush()` returns.
+//! - `get(id, offset, len)`: any byte range of a block, verified by crc32c per 4 KiB page
+//!   without reading the whole block.
+//! - `delete(id)`: gone from the index at once; durable after `flush()`.
+//! - `flush()`: barrier + device flush: every put/delete that returned before flush was
+//!   called is durable when it returns.
+//! - `clean()`: segment cleaning; gives space of dead blocks back.
+//! - `stats()`, `contains(id)`, `ids()`.
+
+use std::sync::Arc;
+
+use crate::device::{BlockDevice, DeviceError};
+
+mod imp;
+
+/// Names the same bytes forever; allocated by the meta group, never reused.
+pub type BlockId = u64;
+
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Largest block accepted by `put`. Default 4 MiB.
+    pub max_block_bytes: usize,
+    /// Segment size on the device. Default 256 MiB; tests use small ones.
+    pub segment_bytes: u64,
+    /// Memory for cached per-block checksum pages (lets a 4 KiB read cost one I/O). Default 64 MiB.
+    pub crc_cache_bytes: usize,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions { max_block_bytes: 4 << 20, segment_bytes: 256 << 20, crc_cache_bytes: 64 << 20 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Device(#[from] DeviceError),
+    #[error("no superblock on device (not formatted)")]
+    NotFormatted,
+    #[error("corrupt superblock: {reason}")]
+    CorruptSuperblock { reason: String },
+    #[error("unsupported block store format version found={found} supported={supported}")]
+    UnsupportedVersion { found: u32, supported: u32 },
+    #[error("device full need_bytes={need} free_bytes={free}")]
+    NoSpace { need: u64, free: u64 },
+    #[error("block not found block_id={0}")]
+    NotFound(BlockId),
+    #[error("block already exists block_id={0}")]
+    Exists(BlockId),
+    #[error("block too large len={len} max={max}")]
+    TooLarge { len: usize, max: usize },
+    #[error("empty block block_id={0}")]
+    Empty(BlockId),
+    #[error("read out of block range block_id={id} offset={offset} len={len} block_len={block_len}")]
+    Range { id: BlockId, offset: u32, len: u32, block_len: u32 },
+    #[error("block checksum mismatch block_id={id} page={page}")]
+    Checksum { id: BlockId, page: u32 },
+    #[error("device too small for the block store size_bytes={size} segment_bytes={segment}")]
+    DeviceTooSmall { size: u64, segment: u64 },
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct StoreStats {
+    pub capacity_bytes: u64,
+    /// Bytes in segments that are not free (live + dead + headers).
+    pub used_bytes: u64,
+    /// Payload bytes of live blocks.
+    pub live_bytes: u64,
+    pub blocks: u64,
+    pub segments_total: u64,
+    pub segments_free: u64,
+    /// Approximate heap bytes of the block index (for the "<= 64 B per block" budget).
+    pub index_bytes: u64,
+    pub cleaned_segments: u64,
+    pub torn_entries_discarded: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct CleanStats {
+    pub segments_freed: u64,
+    pub blocks_moved: u64,
+    pub bytes_moved: u64,
+}
+
+pub struct BlockStore {
+    inner: Arc<imp::Inner>,
+}
+
+impl BlockStore {
+    pub async fn format(dev: Arc<dyn BlockDevice>, opts: StoreOptions) -> Result<Self, StoreError> {
+        Ok(BlockStore { inner: imp::Inner::format(dev, opts).await? })
+    }
+
+    pub async fn open(dev: Arc<dyn BlockDevice>, opts: StoreOptions) -> Result<Self, StoreError> {
+        Ok(BlockStore { inner: imp::Inner::open(dev, opts).await? })
+    }
+
+    pub async fn put(&self, id: BlockId, data: &[u8]) -> Result<(), StoreError> {
+        self.inner.put(id, data).await
+    }
+
+    pub async fn get(&self, id: BlockId, offset: u32, len: u32) -> Result<Vec<u8>, StoreError> {
+        self.inner.get(id, offset, len).await
+    }
+
+    pub async fn delete(&self, id: BlockId) -> Result<(), StoreError> {
+        self.inner.delete(id).await
+    }
+
+    pub async fn flush(&self) -> Result<(), StoreError> {
+        self.inner.flush().await
+    }
+
+    pub async fn clean(&self) -> Result<CleanStats, StoreError> {
+        self.inner.clean().await
+    }
+
+    /// Length of a stored block, if present.
+    pub fn block_len(&self, id: BlockId) -> Option<u32> {
+        self.inner.block_len(id)
+    }
+
+    pub fn contains(&self, id: BlockId) -> bool {
+        self.block_len(id).is_some()
+    }
+
+    pub fn ids(&self) -> Vec<BlockId> {
+        self.inner.ids()
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        self.inner.stats()
+    }
+
+    pub fn device(&self) -> &Arc<dyn BlockDevice> {
+        self.inner.device()
+    }
+}
