@@ -1,1 +1,87 @@
-fn main() {}
+//! tidepool: the one binary. Parses the command line, loads settings, wires the layers
+//! together (see `node`) and runs a subcommand.
+
+mod datadir;
+mod http;
+mod node;
+mod offline;
+mod settings;
+mod up;
+mod workload;
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+use datadir::anyhow_free::Result;
+use settings::Settings;
+
+#[derive(Parser)]
+#[command(name = "tidepool", version, about = "Tiered NVMe storage for GPU clusters: local NVMe hot, S3/Azure Blob cold")]
+struct Cli {
+    /// Settings file (default: ./tidepool.toml when it exists). TIDEPOOL_* variables override it.
+    #[arg(long, global = true)]
+    config: Option<PathBuf>,
+    /// Data folder (overrides the `data_dir` setting).
+    #[arg(long, global = true)]
+    data_dir: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a node: a file as the NVMe device, a folder as the object store, the status endpoint.
+    Up,
+    /// Show what a running node is doing.
+    Status {
+        /// Status endpoint (default: the `http_listen` setting).
+        #[arg(long)]
+        addr: Option<String>,
+        /// Print the raw JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Work on a stopped node's data folder directly (no front end needed).
+    #[command(subcommand)]
+    Fs(offline::FsCmd),
+    /// Crash-test workload: writes through the fs API and prints each acknowledged write.
+    Workload(workload::Args),
+}
+
+fn main() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEPOOL_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {e}");
+        let mut src = e.source();
+        while let Some(s) = src {
+            eprintln!("  caused by: {s}");
+            src = s.source();
+        }
+        std::process::exit(1);
+    }
+}
+
+fn load_settings(cli: &Cli) -> Result<Settings> {
+    let mut s = Settings::load(cli.config.as_deref(), std::env::vars())?;
+    if let Some(d) = &cli.data_dir {
+        s.data_dir = d.clone();
+    }
+    Ok(s)
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let settings = load_settings(&cli)?;
+    match cli.cmd {
+        Cmd::Up => runtime()?.block_on(up::run(settings)),
+        Cmd::Status { addr, json } => up::status(&addr.unwrap_or(settings.http_listen), json),
+        Cmd::Fs(cmd) => runtime()?.block_on(offline::run(settings, cmd)),
+        Cmd::Workload(args) => runtime()?.block_on(workload::run(settings, args)),
+    }
+}

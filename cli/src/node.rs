@@ -1,0 +1,77 @@
+//! The composition root: turns settings into a running node (device -> block store ->
+//! meta group -> fs). The only place that picks concrete implementations.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tidepool_cluster::{MetaGroup, MetaState, RaftOptions, SystemClock};
+use tidepool_fs::{Fs, FsOptions, OpenReport};
+use tidepool_spdk::{BlockStore, EngineKind, OpenOptions, StoreOptions, open_device};
+
+use crate::datadir::{DataDir, anyhow_free::Result};
+use crate::settings::{EngineSetting, Settings};
+
+pub struct Node {
+    pub settings: Settings,
+    pub data: DataDir,
+    pub fs: Arc<Fs>,
+    pub report: OpenReport,
+    pub engine: EngineKind,
+}
+
+fn store_options(s: &Settings) -> StoreOptions {
+    StoreOptions { max_block_bytes: s.block_size.0 as usize, segment_bytes: s.segment_size.0, ..StoreOptions::default() }
+}
+
+fn device_options(s: &Settings) -> OpenOptions {
+    OpenOptions {
+        create_size_bytes: Some(s.device_size.0),
+        queue_depth: s.queue_depth,
+        engine: match s.device_engine {
+            EngineSetting::Auto => None,
+            EngineSetting::IoUring => Some(EngineKind::Uring),
+            EngineSetting::Posix => Some(EngineKind::Posix),
+        },
+    }
+}
+
+impl Node {
+    /// Open the data folder (initialising it on first use), the device, the block store,
+    /// the meta group and the filesystem.
+    pub async fn open(settings: Settings) -> Result<Node> {
+        let dev_path = settings.device_path();
+        let init_settings = settings.clone();
+        let rt = tokio::runtime::Handle::current();
+        let data = tokio::task::block_in_place(|| {
+            DataDir::open(&settings.data_dir, |dir| {
+                std::fs::create_dir_all(dir.join("objects"))?;
+                let dev = open_device(&init_settings.device_path(), &device_options(&init_settings))?;
+                rt.block_on(BlockStore::format(dev, store_options(&init_settings)))?;
+                Ok(())
+            })
+        })?;
+        if !dev_path.exists() {
+            return Err(format!("NVMe device {} is missing; this node's hot data is gone (refusing to start)", dev_path.display()).into());
+        }
+        let dev = open_device(&dev_path, &device_options(&settings))?;
+        let engine = dev.info().engine;
+        let store = Arc::new(BlockStore::open(dev, store_options(&settings)).await?);
+        let raft_opts = RaftOptions { node_id: data.superblock.node_id, snapshot_log_bytes: settings.snapshot_log_size.0, ..RaftOptions::default() };
+        let meta_dir = data.path.join("meta");
+        let meta = tokio::task::block_in_place(|| MetaGroup::open(&meta_dir, raft_opts, MetaState::new()))?;
+        let fs_opts = FsOptions { block_size: settings.block_size.0 as usize, ..FsOptions::default() };
+        let (fs, report) = Fs::open(meta, store, Arc::new(SystemClock), fs_opts).await?;
+        Ok(Node { settings, data, fs: Arc::new(fs), report, engine })
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        &self.data.path
+    }
+
+    /// Flush the block store and stop the meta group.
+    pub async fn shutdown(self) -> Result<()> {
+        let fs = Arc::try_unwrap(self.fs).map_err(|_| "fs still in use at shutdown")?;
+        fs.shutdown().await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,241 @@
+//! Settings: typed, from `tidepool.toml` then `TIDEPOOL_*` environment variables, validated
+//! once. Each default is documented next to its field. Keys are flat so that every setting
+//! has one obvious variable: `device_size` <-> `TIDEPOOL_DEVICE_SIZE`.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Deserializer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error("cannot read settings file path={path}: {source}")]
+    Read { path: String, #[source] source: std::io::Error },
+    #[error("bad settings in {origin}: {message}")]
+    Parse { origin: String, message: String },
+    #[error("invalid setting {key}={value}: {reason}")]
+    Invalid { key: &'static str, value: String, reason: String },
+}
+
+/// A size in bytes, written as `4GiB`, `512MiB`, `64KiB`, `1000000` or `10GB`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl std::str::FromStr for ByteSize {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num.parse().map_err(|_| format!("not a size: {s:?} (e.g. 4GiB, 512MiB)"))?;
+        let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+            "" | "b" => 1,
+            "k" | "kb" => 1000,
+            "kib" => 1 << 10,
+            "m" | "mb" => 1000 * 1000,
+            "mib" => 1 << 20,
+            "g" | "gb" => 1000 * 1000 * 1000,
+            "gib" => 1 << 30,
+            "t" | "tb" => 1000u64.pow(4),
+            "tib" => 1 << 40,
+            u => return Err(format!("unknown size unit {u:?} in {s:?} (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)")),
+        };
+        n.checked_mul(mult).map(ByteSize).ok_or_else(|| format!("size too large: {s:?}"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl std::fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&human_bytes(self.0))
+    }
+}
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{n} B") } else if v.fract() == 0.0 { format!("{v}{}", UNITS[u]) } else { format!("{v:.1}{}", UNITS[u]) }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EngineSetting {
+    /// io_uring with O_DIRECT where the file allows it, else posix.
+    Auto,
+    IoUring,
+    Posix,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// Everything of this node lives here. Default `./tidepool-data`.
+    pub data_dir: PathBuf,
+    /// The NVMe device: a file or a raw block device. Default `<data_dir>/nvme.img`.
+    pub device_path: Option<PathBuf>,
+    /// Size of the device file when tidepool creates it. Default 4GiB. Ignored for block devices.
+    pub device_size: ByteSize,
+    /// Device engine. Default `auto`.
+    pub device_engine: EngineSetting,
+    /// I/Os the engine keeps in flight. Default 64.
+    pub queue_depth: usize,
+    /// Block store segment size. Default 256MiB (tests use less).
+    pub segment_size: ByteSize,
+    /// Largest block a file is cut into. Default 4MiB.
+    pub block_size: ByteSize,
+    /// Cold tier location. Default `file://<data_dir>/objects` (tiering itself comes with the cold tier).
+    pub object_store: Option<String>,
+    /// Status and metrics HTTP endpoint. Default `127.0.0.1:9100`.
+    pub http_listen: String,
+    /// Snapshot the metadata and compact the Raft log once the log passes this. Default 64MiB.
+    pub snapshot_log_size: ByteSize,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            data_dir: PathBuf::from("./tidepool-data"),
+            device_path: None,
+            device_size: ByteSize(4 << 30),
+            device_engine: EngineSetting::Auto,
+            queue_depth: 64,
+            segment_size: ByteSize(256 << 20),
+            block_size: ByteSize(4 << 20),
+            object_store: None,
+            http_listen: "127.0.0.1:9100".into(),
+            snapshot_log_size: ByteSize(64 << 20),
+        }
+    }
+}
+
+/// Environment variables with the prefix that are not settings (read elsewhere).
+const NOT_SETTINGS: &[&str] = &["TIDEPOOL_LOG", "TIDEPOOL_BIN"];
+
+impl Settings {
+    /// Load `file` (if given, it must exist; else `./tidepool.toml` if present), then overlay
+    /// `TIDEPOOL_*` from `env`, then validate.
+    pub fn load(file: Option<&Path>, env: impl Iterator<Item = (String, String)>) -> Result<Self, SettingsError> {
+        let mut table = toml::Table::new();
+        let path = match file {
+            Some(p) => Some(p.to_path_buf()),
+            None => Some(PathBuf::from("tidepool.toml")).filter(|p| p.exists()),
+        };
+        if let Some(p) = &path {
+            let text = std::fs::read_to_string(p).map_err(|source| SettingsError::Read { path: p.display().to_string(), source })?;
+            table = text.parse::<toml::Table>().map_err(|e| SettingsError::Parse { origin: p.display().to_string(), message: e.to_string() })?;
+        }
+        for (k, v) in env {
+            let Some(key) = k.strip_prefix("TIDEPOOL_") else { continue };
+            if NOT_SETTINGS.contains(&k.as_str()) || key.starts_with("S3_") || key.starts_with("NFS_") {
+                continue;
+            }
+            // A value that parses as TOML (a number, a quoted string) is taken as such; else it is a string.
+            let value = format!("v = {v}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v")).unwrap_or(toml::Value::String(v.clone()));
+            table.insert(key.to_ascii_lowercase(), value);
+        }
+        let origin = path.map(|p| format!("{} and TIDEPOOL_* environment", p.display())).unwrap_or_else(|| "TIDEPOOL_* environment".into());
+        let s: Settings = table.try_into().map_err(|e: toml::de::Error| SettingsError::Parse { origin, message: e.message().to_string() })?;
+        s.validate()?;
+        Ok(s)
+    }
+
+    fn validate(&self) -> Result<(), SettingsError> {
+        let bad = |key, value: String, reason: &str| Err(SettingsError::Invalid { key, value, reason: reason.into() });
+        let bs = self.block_size.0;
+        if !(4096..=16 << 20).contains(&bs) || bs % 4096 != 0 {
+            return bad("block_size", self.block_size.to_string(), "must be a multiple of 4KiB between 4KiB and 16MiB");
+        }
+        let seg = self.segment_size.0;
+        if seg % (1 << 20) != 0 || seg < 4 * bs.max(1 << 20) {
+            return bad("segment_size", self.segment_size.to_string(), "must be a multiple of 1MiB and at least 4 blocks");
+        }
+        if self.device_size.0 < 4 * seg {
+            return bad("device_size", self.device_size.to_string(), "must hold at least 4 segments (lower segment_size for small devices)");
+        }
+        if !(1..=4096).contains(&self.queue_depth) {
+            return bad("queue_depth", self.queue_depth.to_string(), "must be between 1 and 4096");
+        }
+        if self.http_listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad("http_listen", self.http_listen.clone(), "must be an address like 127.0.0.1:9100");
+        }
+        if self.snapshot_log_size.0 < 4096 {
+            return bad("snapshot_log_size", self.snapshot_log_size.to_string(), "must be at least 4KiB");
+        }
+        if let Some(url) = &self.object_store
+            && !url.starts_with("file://")
+        {
+            return bad("object_store", url.clone(), "only file:// is supported until the S3/Azure cold tier lands");
+        }
+        Ok(())
+    }
+
+    pub fn device_path(&self) -> PathBuf {
+        self.device_path.clone().unwrap_or_else(|| self.data_dir.join("nvme.img"))
+    }
+
+    pub fn object_store_url(&self) -> String {
+        self.object_store.clone().unwrap_or_else(|| {
+            let abs = std::path::absolute(self.data_dir.join("objects")).unwrap_or_else(|_| self.data_dir.join("objects"));
+            format!("file://{}", abs.display())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(v: &[(&str, &str)]) -> impl Iterator<Item = (String, String)> {
+        v.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect::<Vec<_>>().into_iter()
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!("4GiB".parse::<ByteSize>().unwrap().0, 4 << 30);
+        assert_eq!("512 MiB".parse::<ByteSize>().unwrap().0, 512 << 20);
+        assert_eq!("10GB".parse::<ByteSize>().unwrap().0, 10_000_000_000);
+        assert_eq!("123".parse::<ByteSize>().unwrap().0, 123);
+        assert!("4 parsecs".parse::<ByteSize>().is_err());
+        assert!("lots".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn env_overrides_file_and_validates() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("tidepool.toml");
+        std::fs::write(&f, "device_size = \"8GiB\"\nqueue_depth = 32\n").unwrap();
+        let s = Settings::load(Some(&f), env(&[("TIDEPOOL_QUEUE_DEPTH", "16"), ("HOME", "/x")])).unwrap();
+        assert_eq!(s.device_size.0, 8 << 30);
+        assert_eq!(s.queue_depth, 16);
+
+        let e = Settings::load(Some(&f), env(&[("TIDEPOOL_DEVICE_SIZE", "3 bananas")])).unwrap_err();
+        assert!(e.to_string().contains("bananas"), "{e}");
+        let e = Settings::load(Some(&f), env(&[("TIDEPOOL_QUEUE_DEPTH", "0")])).unwrap_err();
+        assert!(e.to_string().contains("queue_depth"), "{e}");
+        let e = Settings::load(Some(&f), env(&[("TIDEPOOL_NO_SUCH_THING", "1")])).unwrap_err();
+        assert!(e.to_string().contains("no_such_thing"), "{e}");
+        std::fs::write(&f, "block_size = \"3KiB\"\n").unwrap();
+        let e = Settings::load(Some(&f), env(&[])).unwrap_err();
+        assert!(e.to_string().contains("block_size"), "{e}");
+        std::fs::write(&f, "device_size = [").unwrap();
+        assert!(matches!(Settings::load(Some(&f), env(&[])), Err(SettingsError::Parse { .. })));
+    }
+}

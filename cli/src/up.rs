@@ -1,0 +1,71 @@
+//! `tidepool up` and `tidepool status`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::datadir::anyhow_free::Result;
+use crate::http::{self, StatusSource};
+use crate::node::Node;
+use crate::settings::{Settings, human_bytes};
+
+pub async fn run(settings: Settings) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(&settings.http_listen)
+        .await
+        .map_err(|e| format!("cannot listen on http_listen={}: {e}", settings.http_listen))?;
+    let node = Node::open(settings).await?;
+    let s = &node.settings;
+    let src = Arc::new(StatusSource {
+        fs: node.fs.clone(),
+        started: Instant::now(),
+        data_dir: node.data_dir().display().to_string(),
+        device: s.device_path().display().to_string(),
+        engine: node.engine.to_string(),
+        object_store: s.object_store_url(),
+        http: format!("http://{}", listener.local_addr()?),
+    });
+    let stat = node.fs.stat();
+    println!("tidepool {} is up ({})", env!("CARGO_PKG_VERSION"), if node.data.fresh { "new data folder" } else { "existing data folder" });
+    println!("  data folder   {}", src.data_dir);
+    println!("  NVMe device   {} ({}, {} engine)", src.device, human_bytes(stat.capacity_bytes), src.engine);
+    println!("  object store  {} (tiering comes with the cold tier; not active yet)", src.object_store);
+    println!("  status        {}/status", src.http);
+    println!("  metrics       {}/metrics", src.http);
+    println!("  namespace     {} files, {} directories, {} in files", stat.files, stat.dirs, human_bytes(stat.file_bytes));
+    println!("  front ends    S3 and NFS are not built yet; use `tidepool fs` on a stopped node");
+    if node.report.orphans_freed > 0 || node.report.missing_blocks > 0 {
+        println!("  recovery      freed {} orphaned blocks; {} blocks missing", node.report.orphans_freed, node.report.missing_blocks);
+    }
+    println!("Ctrl-C to stop.");
+    let server = tokio::spawn(http::serve(listener, src));
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    server.abort();
+    let _ = server.await;
+    node.shutdown().await?;
+    println!("tidepool stopped cleanly");
+    Ok(())
+}
+
+pub fn status(addr: &str, json: bool) -> Result<()> {
+    let body = http::get(addr, "/status").map_err(|e| format!("no tidepool node answers at {addr}: {e}"))?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let v: serde_json::Value = serde_json::from_str(&body)?;
+    let b = |p: &str| v.pointer(p).and_then(|x| x.as_u64()).map(human_bytes).unwrap_or_else(|| "?".into());
+    let n = |p: &str| v.pointer(p).map(|x| x.to_string()).unwrap_or_else(|| "?".into());
+    println!("state          {} (up {}s)", v["state"].as_str().unwrap_or("?"), n("/uptime_secs"));
+    println!("data folder    {}", v["data_dir"].as_str().unwrap_or("?"));
+    println!("NVMe           {} used of {} ({} live in {} blocks), {} engine", b("/block_store/used_bytes"), b("/block_store/capacity_bytes"), b("/block_store/live_bytes"), n("/block_store/blocks"), v.pointer("/device/engine").and_then(|x| x.as_str()).unwrap_or("?"));
+    println!("namespace      {} files, {} directories, {} in files", n("/fs/files"), n("/fs/dirs"), b("/fs/file_bytes"));
+    println!("meta group     leader {} term {} commit {} applied {} (snapshot at {}, log {})", n("/meta/leader_id"), n("/meta/term"), n("/meta/commit_index"), n("/meta/applied_index"), n("/meta/snapshot_index"), b("/meta/log_bytes"));
+    println!("object store   {}", v.pointer("/object_store/url").and_then(|x| x.as_str()).unwrap_or("?"));
+    Ok(())
+}

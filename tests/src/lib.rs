@@ -1,0 +1,38 @@
+//! tidepool-e2e: end-to-end tests that start the real `tidepool` binary (see `tests/`).
+//! This library holds what those tests share: finding the binary, free ports, and the
+//! workload's byte pattern.
+
+use std::path::PathBuf;
+
+/// The `tidepool` binary under test: `$TIDEPOOL_BIN`, else `target/debug/tidepool` of this
+/// workspace (the test command builds it first).
+pub fn tidepool_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TIDEPOOL_BIN") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let p = target.join("debug/tidepool");
+    assert!(p.exists(), "{} not found: build it first with `cargo build -p tidepool` (./test.sh does)", p.display());
+    p
+}
+
+/// A free TCP port on 127.0.0.1 (bound then released; good enough for tests on loopback).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("bind 127.0.0.1:0")
+}
+
+/// Same generator as `tidepool workload` (cli/src/workload.rs); kept in step by the crash test.
+pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed ^ 0x9E37_79B9_7F4A_7C15 | 1;
+    let mut out = Vec::with_capacity(len + 8);
+    while out.len() < len {
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
+    }
+    out.truncate(len);
+    out
+}
