@@ -3,9 +3,17 @@
 //! No I/O, no clock, no randomness: the same commands in the same order give the same state.
 
 mod apply;
+mod check;
+mod data;
+mod read;
+mod snapshot;
+#[cfg(test)]
+mod tests;
 mod types;
 
-pub use apply::Totals;
+pub use apply::SYMLINK_MAX;
+pub use data::{ALLOC_MAX, MAX_FILE_SIZE, XATTR_KEY_MAX, XATTR_VALUE_MAX};
+pub use read::{DirPage, Totals};
 pub use types::*;
 
 /// Version of the snapshot encoding written by [`MetaState::encode_snapshot`].

@@ -1,0 +1,243 @@
+//! Commands on file contents, attributes, user metadata and the block table: SetAttr
+//! (truncate / extend), Write (copy-on-write extents), the xattr commands, AllocBlockIds and
+//! SetBlockState, plus the extent surgery they share. Like `apply.rs`: validate fully, then
+//! mutate.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::{Applied, BlockId, BlockMeta, BlockState, Extent, Ino, InodeKind, MetaError, MetaState, Nanos, NewBlock};
+
+/// Largest file size (and end of any write): 2^63 bytes, so sizes fit an `i64` / `off_t`.
+pub const MAX_FILE_SIZE: u64 = 1 << 63;
+/// Longest user-metadata key, in bytes.
+pub const XATTR_KEY_MAX: usize = 1024;
+/// Longest user-metadata value, in bytes.
+pub const XATTR_VALUE_MAX: usize = 64 << 10;
+/// Most block ids one `AllocBlockIds` hands out.
+pub const ALLOC_MAX: u64 = 1 << 20;
+
+/// Fields of a `Command::SetAttr`.
+pub(super) struct AttrChange {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Nanos>,
+    pub mtime: Option<Nanos>,
+    pub now: Nanos,
+}
+
+impl MetaState {
+    /// SetAttr. A size change also sets mtime to `now` unless an mtime is given.
+    pub(super) fn set_attr(&mut self, ino: Ino, c: AttrChange) -> Result<Applied, MetaError> {
+        let inode = self.inodes.get(&ino).ok_or(MetaError::NoInode(ino))?;
+        if let Some(size) = c.size {
+            match inode.attr.kind {
+                InodeKind::Dir => return Err(MetaError::IsDir(ino)),
+                InodeKind::Symlink => return Err(MetaError::Invalid("cannot set the size of a symlink")),
+                InodeKind::File if size > MAX_FILE_SIZE => {
+                    return Err(MetaError::Invalid("size larger than 2^63"));
+                }
+                InodeKind::File => {}
+            }
+        }
+        // Validation done: mutate.
+        let mut freed = Vec::new();
+        // Field-level borrow (not `inode_mut`) so `self.blocks` stays usable; ino validated above.
+        let inode = self.inodes.get_mut(&ino).expect("inode validated to exist");
+        if let Some(size) = c.size {
+            if size < inode.attr.size {
+                punch(&mut inode.extents, &mut self.blocks, size, u64::MAX, &mut freed);
+            }
+            if size != inode.attr.size {
+                inode.attr.mtime = c.now;
+            }
+            inode.attr.size = size;
+        }
+        let attr = &mut inode.attr;
+        if let Some(mode) = c.mode {
+            attr.mode = mode & 0o7777;
+        }
+        attr.uid = c.uid.unwrap_or(attr.uid);
+        attr.gid = c.gid.unwrap_or(attr.gid);
+        attr.atime = c.atime.unwrap_or(attr.atime);
+        attr.mtime = c.mtime.unwrap_or(attr.mtime);
+        attr.ctime = c.now;
+        let attr = attr.clone();
+        freed.sort_unstable();
+        Ok(Applied { attr: Some(attr), freed, first_block_id: None })
+    }
+
+    /// Write: lays `blocks` end to end from `offset`, replacing what was there.
+    pub(super) fn write(
+        &mut self,
+        ino: Ino,
+        offset: u64,
+        blocks: &[NewBlock],
+        now: Nanos,
+    ) -> Result<Applied, MetaError> {
+        let inode = self.inodes.get(&ino).ok_or(MetaError::NoInode(ino))?;
+        match inode.attr.kind {
+            InodeKind::File => {}
+            InodeKind::Dir => return Err(MetaError::IsDir(ino)),
+            InodeKind::Symlink => return Err(MetaError::Invalid("cannot write to a symlink")),
+        }
+        let end = self.check_new_blocks(offset, blocks)?;
+        // Validation done: mutate.
+        let mut freed = Vec::new();
+        // Field-level borrow (not `inode_mut`) so `self.blocks` stays usable; ino validated above.
+        let inode = self.inodes.get_mut(&ino).expect("inode validated to exist");
+        punch(&mut inode.extents, &mut self.blocks, offset, end, &mut freed);
+        let mut at = offset;
+        for b in blocks {
+            inode.extents.insert(at, Extent { len: u64::from(b.len), block: b.id, block_offset: 0 });
+            self.blocks.insert(b.id, BlockMeta { len: b.len, state: BlockState::Dirty, refs: 1 });
+            at += u64::from(b.len);
+        }
+        inode.attr.size = inode.attr.size.max(end);
+        inode.attr.mtime = now;
+        inode.attr.ctime = now;
+        let attr = inode.attr.clone();
+        freed.sort_unstable();
+        Ok(Applied { attr: Some(attr), freed, first_block_id: None })
+    }
+
+    /// Checks the blocks of a Write and returns the end offset of the written range.
+    fn check_new_blocks(&self, offset: u64, blocks: &[NewBlock]) -> Result<u64, MetaError> {
+        if blocks.is_empty() {
+            return Err(MetaError::Invalid("write without blocks"));
+        }
+        let mut seen = BTreeSet::new();
+        let mut total: u64 = 0;
+        for b in blocks {
+            if b.len == 0 {
+                return Err(MetaError::Invalid("empty block"));
+            }
+            if b.id == 0 || b.id >= self.next_block_id {
+                return Err(MetaError::Invalid("block id not allocated"));
+            }
+            if self.blocks.contains_key(&b.id) || !seen.insert(b.id) {
+                return Err(MetaError::Invalid("block id already used"));
+            }
+            total += u64::from(b.len); // at most 2^32 blocks of < 2^32 bytes: cannot overflow
+        }
+        match offset.checked_add(total) {
+            Some(end) if end <= MAX_FILE_SIZE => Ok(end),
+            _ => Err(MetaError::Invalid("write ends beyond 2^63")),
+        }
+    }
+
+    pub(super) fn set_xattr(&mut self, ino: Ino, key: &str, value: &str, now: Nanos) -> Result<Applied, MetaError> {
+        self.inodes.get(&ino).ok_or(MetaError::NoInode(ino))?;
+        check_xattr(key, value)?;
+        let inode = self.inode_mut(ino);
+        inode.xattrs.insert(key.to_owned(), value.to_owned());
+        inode.attr.ctime = now;
+        Ok(Applied { attr: Some(inode.attr.clone()), ..Applied::default() })
+    }
+
+    /// RemoveXattr; a missing key is not an error (only ctime changes).
+    pub(super) fn remove_xattr(&mut self, ino: Ino, key: &str, now: Nanos) -> Result<Applied, MetaError> {
+        self.inodes.get(&ino).ok_or(MetaError::NoInode(ino))?;
+        check_xattr(key, "")?;
+        let inode = self.inode_mut(ino);
+        inode.xattrs.remove(key);
+        inode.attr.ctime = now;
+        Ok(Applied { attr: Some(inode.attr.clone()), ..Applied::default() })
+    }
+
+    pub(super) fn replace_xattrs(
+        &mut self,
+        ino: Ino,
+        xattrs: &BTreeMap<String, String>,
+        now: Nanos,
+    ) -> Result<Applied, MetaError> {
+        self.inodes.get(&ino).ok_or(MetaError::NoInode(ino))?;
+        for (k, v) in xattrs {
+            check_xattr(k, v)?;
+        }
+        let inode = self.inode_mut(ino);
+        inode.xattrs = xattrs.clone();
+        inode.attr.ctime = now;
+        Ok(Applied { attr: Some(inode.attr.clone()), ..Applied::default() })
+    }
+
+    pub(super) fn alloc_block_ids(&mut self, count: u64) -> Result<Applied, MetaError> {
+        if count == 0 || count > ALLOC_MAX {
+            return Err(MetaError::Invalid("block id count outside 1..=2^20"));
+        }
+        let first = self.next_block_id;
+        self.next_block_id = first.checked_add(count).ok_or(MetaError::Invalid("block ids exhausted"))?;
+        Ok(Applied { first_block_id: Some(first), ..Applied::default() })
+    }
+
+    pub(super) fn set_block_state(&mut self, id: BlockId, state: &BlockState) -> Result<Applied, MetaError> {
+        let block = self.blocks.get_mut(&id).ok_or(MetaError::NoBlock(id))?;
+        block.state = state.clone();
+        Ok(Applied::default())
+    }
+}
+
+fn check_xattr(key: &str, value: &str) -> Result<(), MetaError> {
+    if key.is_empty() {
+        return Err(MetaError::Invalid("empty user metadata key"));
+    }
+    if key.len() > XATTR_KEY_MAX {
+        return Err(MetaError::Invalid("user metadata key longer than 1024 bytes"));
+    }
+    if value.len() > XATTR_VALUE_MAX {
+        return Err(MetaError::Invalid("user metadata value longer than 64 KiB"));
+    }
+    Ok(())
+}
+
+/// Removes the bytes `[start, end)` from `extents`: extents inside go, extents across an
+/// edge are trimmed, an extent across both edges is split in two (its block gains a
+/// reference). Blocks whose count drops to zero leave `blocks` and are pushed on `freed`.
+pub(super) fn punch(
+    extents: &mut BTreeMap<u64, Extent>,
+    blocks: &mut BTreeMap<BlockId, BlockMeta>,
+    start: u64,
+    end: u64,
+    freed: &mut Vec<BlockId>,
+) {
+    if start >= end {
+        return;
+    }
+    // Extents are sorted and disjoint, so their ends are sorted too: walking back from
+    // `end`, the overlapping ones come first and the first that ends by `start` stops us.
+    let hit: Vec<(u64, Extent)> =
+        extents.range(..end).rev().take_while(|(off, e)| *off + e.len > start).map(|(off, e)| (*off, *e)).collect();
+    for (off, e) in hit {
+        extents.remove(&off);
+        let ext_end = off + e.len;
+        if off < start {
+            extents.insert(off, Extent { len: start - off, ..e });
+            add_ref(blocks, e.block);
+        }
+        if ext_end > end {
+            // end - off < e.len and block_offset + e.len <= block len (a u32): fits in u32.
+            let skip = u32::try_from(end - off).expect("skip within a u32-sized block");
+            extents.insert(end, Extent { len: ext_end - end, block: e.block, block_offset: e.block_offset + skip });
+            add_ref(blocks, e.block);
+        }
+        unref_block(blocks, e.block, freed);
+    }
+}
+
+fn add_ref(blocks: &mut BTreeMap<BlockId, BlockMeta>, id: BlockId) {
+    if let Some(b) = blocks.get_mut(&id) {
+        b.refs += 1;
+    }
+}
+
+/// Drops one reference to `id`; at zero the block leaves the table and goes on `freed`.
+pub(super) fn unref_block(blocks: &mut BTreeMap<BlockId, BlockMeta>, id: BlockId, freed: &mut Vec<BlockId>) {
+    if let Some(b) = blocks.get_mut(&id) {
+        b.refs = b.refs.saturating_sub(1);
+        if b.refs == 0 {
+            blocks.remove(&id);
+            freed.push(id);
+        }
+    }
+}

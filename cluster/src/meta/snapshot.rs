@@ -1,0 +1,71 @@
+//! Snapshot encoding of a `MetaState`, and the `StateMachine` impl the Raft driver uses.
+//!
+//! Layout: magic `b"TPMS"`, format version (u32 LE), crc32c of the payload (u32 LE), then
+//! the postcard encoding of `MetaState`. Version 1 is the only one so far; a newer version
+//! is a clear error (this build cannot know its layout), never a panic.
+
+use super::{Applied, Command, MetaError, MetaState, SNAPSHOT_VERSION};
+
+const MAGIC: &[u8; 4] = b"TPMS";
+const HEADER_LEN: usize = 12;
+
+impl MetaState {
+    pub fn encode_snapshot(&self) -> Vec<u8> {
+        // Invariant: every type in MetaState is plain data that postcard can always encode
+        // (no maps with unserialisable keys, no custom Serialize impls that fail).
+        let payload = postcard::to_stdvec(self).expect("postcard encodes plain data");
+        let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+        out.extend_from_slice(MAGIC);
+        out.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+        out.extend_from_slice(&crc32c::crc32c(&payload).to_le_bytes());
+        out.extend_from_slice(&payload);
+        out
+    }
+
+    /// Inverse of [`MetaState::encode_snapshot`]; also checks the invariants of the result.
+    pub fn decode_snapshot(bytes: &[u8]) -> Result<MetaState, String> {
+        if bytes.len() < HEADER_LEN {
+            return Err(format!("meta snapshot truncated: header needs {HEADER_LEN} bytes, got {}", bytes.len()));
+        }
+        let (header, payload) = bytes.split_at(HEADER_LEN);
+        if &header[0..4] != MAGIC {
+            return Err(format!("not a meta snapshot: bad magic {:02x?}", &header[0..4]));
+        }
+        let version = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        if version != SNAPSHOT_VERSION {
+            return Err(format!("unsupported meta snapshot version found={version} supported={SNAPSHOT_VERSION}"));
+        }
+        let want = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+        let got = crc32c::crc32c(payload);
+        if want != got {
+            return Err(format!(
+                "meta snapshot checksum mismatch (corrupt or truncated) expected={want:#010x} actual={got:#010x} payload_len={}",
+                payload.len()
+            ));
+        }
+        let (state, rest): (MetaState, _) =
+            postcard::take_from_bytes(payload).map_err(|e| format!("meta snapshot payload undecodable: {e}"))?;
+        if !rest.is_empty() {
+            return Err(format!("meta snapshot has {} trailing bytes", rest.len()));
+        }
+        state.check_invariants().map_err(|e| format!("meta snapshot inconsistent: {e}"))?;
+        Ok(state)
+    }
+}
+
+impl crate::raft::StateMachine for MetaState {
+    type Command = Command;
+    type Output = Result<Applied, MetaError>;
+
+    fn apply(&mut self, cmd: Command) -> Self::Output {
+        MetaState::apply(self, &cmd)
+    }
+
+    fn snapshot(&self) -> Vec<u8> {
+        self.encode_snapshot()
+    }
+
+    fn restore(data: &[u8]) -> Result<Self, String> {
+        MetaState::decode_snapshot(data)
+    }
+}

@@ -1,0 +1,307 @@
+//! Unit tests of `apply`: one per error case, plus the small behaviours (POSIX rename
+//! corners, truncate splitting, freed blocks) that the property tests only hit by chance.
+
+use super::*;
+
+fn create(s: &mut MetaState, parent: Ino, name: &str, kind: NewKind) -> Result<Applied, MetaError> {
+    s.apply(&Command::Create { parent, name: name.into(), kind, mode: 0o100644, uid: 7, gid: 8, now: 5 })
+}
+
+fn file(s: &mut MetaState, parent: Ino, name: &str) -> Ino {
+    create(s, parent, name, NewKind::File).expect("create file").attr.expect("attr").ino
+}
+
+fn dir(s: &mut MetaState, parent: Ino, name: &str) -> Ino {
+    create(s, parent, name, NewKind::Dir).expect("create dir").attr.expect("attr").ino
+}
+
+fn rename(s: &mut MetaState, sp: Ino, sn: &str, dp: Ino, dn: &str) -> Result<Applied, MetaError> {
+    s.apply(&Command::Rename { src_parent: sp, src_name: sn.into(), dst_parent: dp, dst_name: dn.into(), now: 9 })
+}
+
+fn alloc(s: &mut MetaState, count: u64) -> BlockId {
+    s.apply(&Command::AllocBlockIds { count }).expect("alloc").first_block_id.expect("first id")
+}
+
+fn write(s: &mut MetaState, ino: Ino, offset: u64, blocks: &[(BlockId, u32)]) -> Result<Applied, MetaError> {
+    let blocks = blocks.iter().map(|&(id, len)| NewBlock { id, len }).collect();
+    s.apply(&Command::Write { ino, offset, blocks, now: 11 })
+}
+
+fn size(s: &mut MetaState, ino: Ino, size: u64) -> Result<Applied, MetaError> {
+    s.apply(&Command::SetAttr {
+        ino,
+        mode: None,
+        uid: None,
+        gid: None,
+        size: Some(size),
+        atime: None,
+        mtime: None,
+        now: 12,
+    })
+}
+
+/// Applies `cmd`, expects `err`, and checks nothing but `applied` changed.
+fn fails(s: &mut MetaState, cmd: Command, err: MetaError) {
+    let mut before = s.clone();
+    assert_eq!(s.apply(&cmd), Err(err), "{cmd:?}");
+    before.applied += 1;
+    assert_eq!(*s, before, "failed command changed the state: {cmd:?}");
+}
+
+fn unlink(parent: Ino, name: &str) -> Command {
+    Command::Unlink { parent, name: name.into(), now: 3 }
+}
+
+#[test]
+fn new_state_is_just_the_root() {
+    let s = MetaState::new();
+    let root = s.inode(ROOT_INO).expect("root");
+    assert_eq!((root.attr.mode, root.attr.nlink, root.attr.parent, root.attr.size), (0o755, 2, ROOT_INO, 0));
+    assert_eq!((s.next_ino, s.next_block_id, s.applied), (2, 1, 0));
+    assert_eq!(s, MetaState::default());
+    s.check_invariants().expect("invariants");
+}
+
+#[test]
+fn create_sets_attrs_and_parent_counts() {
+    let mut s = MetaState::new();
+    s.apply(&Command::AllocBlockIds { count: 1 }).expect("alloc");
+    let a = create(&mut s, ROOT_INO, "d", NewKind::Dir).expect("mkdir").attr.expect("attr");
+    assert_eq!((a.ino, a.generation, a.mode, a.nlink, a.parent, a.mtime), (2, 2, 0o644, 2, ROOT_INO, 5));
+    let root = &s.inode(ROOT_INO).expect("root").attr;
+    assert_eq!((root.nlink, root.size, root.mtime, root.ctime), (3, 1, 5, 5));
+    let l = create(&mut s, a.ino, "l", NewKind::Symlink { target: b"../x".to_vec() }).expect("symlink");
+    assert_eq!(l.attr.expect("attr").size, 4);
+    assert_eq!(s.resolve(b"/d/l").expect("resolve").target, b"../x");
+    s.check_invariants().expect("invariants");
+}
+
+#[test]
+fn name_errors() {
+    let mut s = MetaState::new();
+    for bad in ["", ".", "..", "a/b", "a\0b"] {
+        fails(&mut s, unlink(ROOT_INO, bad), MetaError::InvalidName(bad.into()));
+        let cmd = Command::Create { parent: 1, name: bad.into(), kind: NewKind::File, mode: 0, uid: 0, gid: 0, now: 0 };
+        fails(&mut s, cmd, MetaError::InvalidName(bad.into()));
+    }
+    let long = "x".repeat(NAME_MAX + 1);
+    let cmd = Command::Create { parent: 1, name: long.into(), kind: NewKind::File, mode: 0, uid: 0, gid: 0, now: 0 };
+    fails(&mut s, cmd, MetaError::NameTooLong(NAME_MAX + 1));
+    assert!(create(&mut s, ROOT_INO, &"y".repeat(NAME_MAX), NewKind::File).is_ok());
+}
+
+#[test]
+fn create_errors() {
+    let mut s = MetaState::new();
+    let f = file(&mut s, ROOT_INO, "f");
+    let mk =
+        |parent, name: &str, kind| Command::Create { parent, name: name.into(), kind, mode: 0, uid: 0, gid: 0, now: 0 };
+    fails(&mut s, mk(ROOT_INO, "f", NewKind::Dir), MetaError::Exists { parent: 1, name: "f".into() });
+    fails(&mut s, mk(99, "g", NewKind::File), MetaError::NoInode(99));
+    fails(&mut s, mk(f, "g", NewKind::File), MetaError::NotDir(f));
+    fails(&mut s, mk(1, "l", NewKind::Symlink { target: vec![] }), MetaError::Invalid("empty symlink target"));
+    let long = NewKind::Symlink { target: vec![b'a'; SYMLINK_MAX + 1] };
+    fails(&mut s, mk(1, "l", long), MetaError::Invalid("symlink target longer than 4096 bytes"));
+}
+
+#[test]
+fn unlink_and_rmdir_errors() {
+    let mut s = MetaState::new();
+    let d = dir(&mut s, ROOT_INO, "d");
+    let f = file(&mut s, d, "f");
+    fails(&mut s, unlink(ROOT_INO, "nope"), MetaError::NoEntry { parent: 1, name: "nope".into() });
+    fails(&mut s, unlink(ROOT_INO, "d"), MetaError::IsDir(d));
+    fails(&mut s, unlink(f, "x"), MetaError::NotDir(f));
+    let rmdir = |parent, name: &str| Command::Rmdir { parent, name: name.into(), now: 4 };
+    fails(&mut s, rmdir(d, "f"), MetaError::NotDir(f));
+    fails(&mut s, rmdir(ROOT_INO, "d"), MetaError::NotEmpty(d));
+    fails(&mut s, rmdir(ROOT_INO, "."), MetaError::InvalidName(".".into()));
+    s.apply(&unlink(d, "f")).expect("unlink");
+    s.apply(&rmdir(ROOT_INO, "d")).expect("rmdir");
+    assert_eq!(s, {
+        let mut e = MetaState::new();
+        e.applied = s.applied;
+        e.next_ino = 4;
+        fix_root_times(&mut e, &s);
+        e
+    });
+}
+
+fn fix_root_times(e: &mut MetaState, s: &MetaState) {
+    let root = &s.inodes[&ROOT_INO].attr;
+    let a = &mut e.inodes.get_mut(&ROOT_INO).expect("root").attr;
+    (a.mtime, a.ctime) = (root.mtime, root.ctime);
+}
+
+#[test]
+fn rename_errors() {
+    let mut s = MetaState::new();
+    let a = dir(&mut s, ROOT_INO, "a");
+    let b = dir(&mut s, a, "b");
+    let f = file(&mut s, ROOT_INO, "f");
+    let _ = file(&mut s, b, "g");
+    let cmd = |sp, sn: &str, dp, dn: &str| Command::Rename {
+        src_parent: sp,
+        src_name: sn.into(),
+        dst_parent: dp,
+        dst_name: dn.into(),
+        now: 9,
+    };
+    fails(&mut s, cmd(1, "zz", 1, "y"), MetaError::NoEntry { parent: 1, name: "zz".into() });
+    fails(&mut s, cmd(1, "a", 1, "f"), MetaError::NotDir(f));
+    fails(&mut s, cmd(1, "f", a, "b"), MetaError::IsDir(b));
+    fails(&mut s, cmd(1, "a", b, "x"), MetaError::Invalid("cannot move a directory into its own subtree"));
+    fails(&mut s, cmd(1, "a", a, "x"), MetaError::Invalid("cannot move a directory into its own subtree"));
+    let e = dir(&mut s, ROOT_INO, "e");
+    fails(&mut s, cmd(1, "e", 1, "a"), MetaError::NotEmpty(a));
+    fails(&mut s, cmd(1, "e", 1, ".."), MetaError::InvalidName("..".into()));
+    fails(&mut s, cmd(99, "e", 1, "x"), MetaError::NoInode(99));
+    fails(&mut s, cmd(1, "e", f, "x"), MetaError::NotDir(f));
+    let _ = e;
+}
+
+#[test]
+fn rename_moves_and_replaces() {
+    let mut s = MetaState::new();
+    let a = dir(&mut s, ROOT_INO, "a");
+    let b = dir(&mut s, ROOT_INO, "b");
+    let f = file(&mut s, a, "f");
+    let g = file(&mut s, b, "g");
+    let id = alloc(&mut s, 2);
+    write(&mut s, g, 0, &[(id, 100)]).expect("write");
+    // Same inode: a no-op.
+    let before = s.clone();
+    assert_eq!(rename(&mut s, a, "f", a, "f").expect("noop").attr.expect("attr").ino, f);
+    assert_eq!(s.inodes, before.inodes);
+    // Over an existing file: its blocks are freed.
+    let out = rename(&mut s, a, "f", b, "g").expect("rename");
+    assert_eq!((out.freed, out.attr.expect("attr").parent), (vec![id], b));
+    assert!(s.inode(g).is_none() && s.blocks.is_empty());
+    // A dir across dirs, over an empty dir: nlinks follow.
+    let c = dir(&mut s, a, "c");
+    let _empty = dir(&mut s, b, "e");
+    rename(&mut s, a, "c", b, "e").expect("rename dir");
+    assert_eq!((s.inodes[&a].attr.nlink, s.inodes[&b].attr.nlink, s.inodes[&c].attr.parent), (2, 3, b));
+    assert_eq!(s.resolve(b"/b/e").expect("resolve").attr.ino, c);
+    assert_eq!((s.inodes[&a].attr.size, s.inodes[&b].attr.size), (0, 2));
+    s.check_invariants().expect("invariants");
+}
+
+#[test]
+fn write_errors() {
+    let mut s = MetaState::new();
+    let d = dir(&mut s, ROOT_INO, "d");
+    let f = file(&mut s, ROOT_INO, "f");
+    let l = create(&mut s, 1, "l", NewKind::Symlink { target: b"t".to_vec() }).expect("ln").attr.expect("attr").ino;
+    let id = alloc(&mut s, 4);
+    let w = |ino, offset, blocks: &[(u64, u32)]| Command::Write {
+        ino,
+        offset,
+        blocks: blocks.iter().map(|&(id, len)| NewBlock { id, len }).collect(),
+        now: 1,
+    };
+    fails(&mut s, w(99, 0, &[(id, 1)]), MetaError::NoInode(99));
+    fails(&mut s, w(d, 0, &[(id, 1)]), MetaError::IsDir(d));
+    fails(&mut s, w(l, 0, &[(id, 1)]), MetaError::Invalid("cannot write to a symlink"));
+    fails(&mut s, w(f, 0, &[]), MetaError::Invalid("write without blocks"));
+    fails(&mut s, w(f, 0, &[(id, 0)]), MetaError::Invalid("empty block"));
+    fails(&mut s, w(f, 0, &[(0, 1)]), MetaError::Invalid("block id not allocated"));
+    fails(&mut s, w(f, 0, &[(id + 4, 1)]), MetaError::Invalid("block id not allocated"));
+    fails(&mut s, w(f, 0, &[(id, 1), (id, 1)]), MetaError::Invalid("block id already used"));
+    fails(&mut s, w(f, u64::MAX, &[(id, 1)]), MetaError::Invalid("write ends beyond 2^63"));
+    fails(&mut s, w(f, MAX_FILE_SIZE, &[(id, 1)]), MetaError::Invalid("write ends beyond 2^63"));
+    s.apply(&w(f, MAX_FILE_SIZE - 1, &[(id, 1)])).expect("write at the last byte");
+    fails(&mut s, w(f, 0, &[(id, 1)]), MetaError::Invalid("block id already used"));
+    s.check_invariants().expect("invariants");
+}
+
+#[test]
+fn overwrite_splits_and_truncate_frees() {
+    let mut s = MetaState::new();
+    let f = file(&mut s, ROOT_INO, "f");
+    let id = alloc(&mut s, 3);
+    write(&mut s, f, 0, &[(id, 100)]).expect("write");
+    write(&mut s, f, 40, &[(id + 1, 10)]).expect("overwrite middle");
+    assert_eq!(s.blocks[&id].refs, 2);
+    let ext = s.extents_in(f, 0, 100).expect("extents");
+    let want = vec![
+        (0, Extent { len: 40, block: id, block_offset: 0 }),
+        (40, Extent { len: 10, block: id + 1, block_offset: 0 }),
+        (50, Extent { len: 50, block: id, block_offset: 50 }),
+    ];
+    assert_eq!(ext, want);
+    assert_eq!(s.extents_in(f, 45, 10).expect("clip")[1], (50, Extent { len: 5, block: id, block_offset: 50 }));
+    assert_eq!(size(&mut s, f, 45).expect("truncate").freed, Vec::<u64>::new());
+    assert_eq!(s.blocks[&id].refs, 1);
+    assert_eq!(size(&mut s, f, 30).expect("truncate").freed, vec![id + 1]);
+    assert_eq!(size(&mut s, f, 1000).expect("extend").attr.expect("attr").size, 1000);
+    assert_eq!(size(&mut s, f, 0).expect("truncate").freed, vec![id]);
+    write(&mut s, f, 10, &[(id + 2, 5)]).expect("write into hole");
+    assert_eq!(s.inodes[&f].attr.size, 15);
+    let d = s.inodes[&ROOT_INO].attr.ino;
+    fails(
+        &mut s,
+        Command::SetAttr { ino: d, mode: None, uid: None, gid: None, size: Some(0), atime: None, mtime: None, now: 0 },
+        MetaError::IsDir(d),
+    );
+    s.check_invariants().expect("invariants");
+}
+
+#[test]
+fn xattr_alloc_and_block_state_errors() {
+    let mut s = MetaState::new();
+    let f = file(&mut s, ROOT_INO, "f");
+    let set = |ino, key: String, value: String| Command::SetXattr { ino, key, value, now: 2 };
+    fails(&mut s, set(f, String::new(), "v".into()), MetaError::Invalid("empty user metadata key"));
+    fails(
+        &mut s,
+        set(f, "k".repeat(XATTR_KEY_MAX + 1), "v".into()),
+        MetaError::Invalid("user metadata key longer than 1024 bytes"),
+    );
+    fails(
+        &mut s,
+        set(f, "k".into(), "v".repeat(XATTR_VALUE_MAX + 1)),
+        MetaError::Invalid("user metadata value longer than 64 KiB"),
+    );
+    fails(&mut s, set(99, "k".into(), "v".into()), MetaError::NoInode(99));
+    s.apply(&set(f, "dataset".into(), "train".into())).expect("set");
+    let out = s.apply(&Command::RemoveXattr { ino: f, key: "missing".into(), now: 77 }).expect("remove missing");
+    assert_eq!(out.attr.expect("attr").ctime, 77);
+    assert_eq!(s.inodes[&f].xattrs.len(), 1);
+    let bad = BTreeMap::from([("ok".to_string(), "v".to_string()), (String::new(), "v".to_string())]);
+    fails(
+        &mut s,
+        Command::ReplaceXattrs { ino: f, xattrs: bad, now: 1 },
+        MetaError::Invalid("empty user metadata key"),
+    );
+    fails(&mut s, Command::AllocBlockIds { count: 0 }, MetaError::Invalid("block id count outside 1..=2^20"));
+    fails(
+        &mut s,
+        Command::AllocBlockIds { count: ALLOC_MAX + 1 },
+        MetaError::Invalid("block id count outside 1..=2^20"),
+    );
+    assert_eq!(alloc(&mut s, ALLOC_MAX), 1);
+    assert_eq!(alloc(&mut s, 1), ALLOC_MAX + 1);
+    fails(&mut s, Command::SetBlockState { id: 1, state: BlockState::Dirty }, MetaError::NoBlock(1));
+}
+
+#[test]
+fn read_helpers() {
+    let mut s = MetaState::new();
+    let d = dir(&mut s, ROOT_INO, "d");
+    for n in ["c", "a", "b"] {
+        file(&mut s, d, n);
+    }
+    let (page, eof) = s.readdir(d, None, 2).expect("readdir");
+    assert_eq!((page.iter().map(|(n, _)| n.as_slice()).collect::<Vec<_>>(), eof), (vec![&b"a"[..], b"b"], false));
+    let (page, eof) = s.readdir(d, Some(b"b"), 2).expect("readdir");
+    assert_eq!((page.len(), eof), (1, true));
+    assert_eq!(s.lookup(d, b"..").expect("dotdot").attr.ino, ROOT_INO);
+    assert_eq!(s.lookup(d, b"zz"), Err(MetaError::NoEntry { parent: d, name: "zz".into() }));
+    let a = s.resolve(b"/d/a").expect("resolve").attr.ino;
+    assert_eq!(s.resolve(b"/d/a/x").map(|_| ()), Err(MetaError::NotDir(a)));
+    assert_eq!(s.resolve(b"/").expect("root").attr.ino, ROOT_INO);
+    let t = s.totals();
+    assert_eq!((t.files, t.dirs, t.symlinks, t.bytes, t.blocks), (3, 2, 0, 0, 0));
+}
