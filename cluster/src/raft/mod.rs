@@ -17,7 +17,11 @@
 //! - [`MetaGroup::shutdown`] stops the driver after the in-flight proposals are answered.
 
 mod driver;
+mod durable;
 mod log;
+mod node;
+mod snapfile;
+mod storage;
 
 use std::path::Path;
 use std::sync::{Arc, RwLock};
@@ -81,6 +85,8 @@ pub enum RaftError {
     Raft(#[from] raft::Error),
     #[error("cannot encode command: {0}")]
     Encode(String),
+    #[error("cannot decode committed entry index={index}: {reason}")]
+    Decode { index: u64, reason: String },
     #[error("meta group stopped")]
     Stopped,
     #[error("not the leader leader_id={leader_id}")]
