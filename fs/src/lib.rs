@@ -15,7 +15,7 @@ mod rw;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tidepool_cluster::meta::{Attr, Command, Ino, MetaState};
+use tidepool_cluster::meta::{Attr, Command, MetaState};
 use tidepool_cluster::{Applied, Clock, MetaGroup};
 use tidepool_spdk::BlockStore;
 

@@ -1,0 +1,248 @@
+//! The filesystem API over a real meta group (Raft log in a temp folder) and a block store
+//! on the in-memory device: every operation, the POSIX errors for misuse, copy-on-write,
+//! and ENOSPC with nothing acknowledged lost.
+
+use std::sync::Arc;
+
+use tidepool_cluster::{ManualClock, MetaGroup, MetaState, RaftOptions};
+use tidepool_fs::{ErrorKind, Fs, FsOptions, InodeKind, ROOT_INO, SetAttr};
+use tidepool_spdk::device::mem::MemDevice;
+use tidepool_spdk::{BlockDevice, BlockStore, StoreOptions};
+
+struct Env {
+    _dir: tempfile::TempDir,
+    fs: Fs,
+}
+
+async fn env_with(device_bytes: u64, block: usize) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(device_bytes));
+    let opts = StoreOptions { segment_bytes: 4 << 20, max_block_bytes: block, crc_cache_bytes: 1 << 20 };
+    let store = Arc::new(BlockStore::format(dev, opts).await.unwrap());
+    let meta = MetaGroup::open(&dir.path().join("meta"), RaftOptions::default(), MetaState::new()).unwrap();
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000_000_000));
+    let (fs, report) = Fs::open(meta, store, clock, FsOptions { block_size: block, id_batch: 64 }).await.unwrap();
+    assert_eq!(report.orphans_freed, 0);
+    Env { _dir: dir, fs }
+}
+
+async fn env() -> Env {
+    env_with(64 << 20, 1 << 20).await
+}
+
+fn errno<T: std::fmt::Debug>(r: Result<T, tidepool_fs::FsError>) -> i32 {
+    r.unwrap_err().errno()
+}
+
+fn bytes(seed: u8, n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed)).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_write_read_and_overwrite_is_copy_on_write() {
+    let e = env().await;
+    let fs = &e.fs;
+    let f = fs.create(ROOT_INO, b"a", 0o644, 1000, 1000).await.unwrap();
+    assert_eq!((f.kind, f.size, f.mode, f.uid), (InodeKind::File, 0, 0o644, 1000));
+    // Spans three 1 MiB blocks.
+    let data = bytes(1, 2_500_000);
+    let a = fs.write(f.ino, 0, &data).await.unwrap();
+    assert_eq!(a.size, data.len() as u64);
+    assert_eq!(fs.read(f.ino, 0, data.len()).await.unwrap(), data);
+    let blocks_before = fs.store().ids();
+    // Overwrite a range straddling a block boundary: new blocks, old data elsewhere intact.
+    let patch = bytes(7, 300_000);
+    fs.write(f.ino, 900_000, &patch).await.unwrap();
+    let mut want = data.clone();
+    want[900_000..1_200_000].copy_from_slice(&patch);
+    assert_eq!(fs.read(f.ino, 0, want.len() + 10).await.unwrap(), want, "read past EOF is short");
+    let blocks_after = fs.store().ids();
+    assert!(blocks_after.iter().any(|b| !blocks_before.contains(b)), "overwrite wrote new blocks");
+    // Any sub-range.
+    for (off, len) in [(0, 1), (899_999, 2), (1_199_999, 5), (2_499_999, 1), (1_048_575, 4097)] {
+        assert_eq!(fs.read(f.ino, off, len).await.unwrap(), want[off as usize..off as usize + len]);
+    }
+    // Write past EOF leaves a hole of zeros.
+    fs.write(f.ino, 3_000_000, b"tail").await.unwrap();
+    let hole = fs.read(f.ino, 2_500_000, 500_000).await.unwrap();
+    assert!(hole.iter().all(|&b| b == 0));
+    assert_eq!(fs.read(f.ino, 3_000_000, 10).await.unwrap(), b"tail");
+    assert_eq!(fs.read(f.ino, 10_000_000, 10).await.unwrap(), b"");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn truncate_shrinks_and_extends_and_frees_blocks() {
+    let e = env().await;
+    let fs = &e.fs;
+    let f = fs.create(ROOT_INO, b"t", 0o600, 0, 0).await.unwrap();
+    let data = bytes(3, 3 << 20);
+    fs.write(f.ino, 0, &data).await.unwrap();
+    assert_eq!(fs.store().ids().len(), 3);
+    let a = fs.setattr(f.ino, SetAttr { size: Some(1000), ..Default::default() }).await.unwrap();
+    assert_eq!(a.size, 1000);
+    assert_eq!(fs.store().ids().len(), 1, "blocks past the new end are freed");
+    let a = fs.setattr(f.ino, SetAttr { size: Some(5000), mode: Some(0o640), ..Default::default() }).await.unwrap();
+    assert_eq!((a.size, a.mode), (5000, 0o640));
+    let got = fs.read(f.ino, 0, 10_000).await.unwrap();
+    assert_eq!(&got[..1000], &data[..1000]);
+    assert!(got[1000..].iter().all(|&b| b == 0) && got.len() == 5000);
+    let dir = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).await.unwrap();
+    assert_eq!(fs.setattr(dir.ino, SetAttr { size: Some(0), ..Default::default() }).await.unwrap_err().errno(), libc::EISDIR);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn posix_errors_for_misuse() {
+    let e = env().await;
+    let fs = &e.fs;
+    let d = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).await.unwrap();
+    let f = fs.create(d.ino, b"f", 0o644, 0, 0).await.unwrap();
+    assert_eq!(errno(fs.lookup(ROOT_INO, b"missing")), libc::ENOENT);
+    assert_eq!(errno(fs.create(d.ino, b"f", 0o644, 0, 0).await), libc::EEXIST);
+    assert_eq!(errno(fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).await), libc::EEXIST);
+    assert_eq!(errno(fs.create(f.ino, b"x", 0o644, 0, 0).await), libc::ENOTDIR);
+    assert_eq!(errno(fs.lookup(f.ino, b"x")), libc::ENOTDIR);
+    assert_eq!(errno(fs.write(d.ino, 0, b"x").await), libc::EISDIR);
+    assert_eq!(errno(fs.read(d.ino, 0, 1).await), libc::EISDIR);
+    assert_eq!(errno(fs.rmdir(ROOT_INO, b"d").await), libc::ENOTEMPTY);
+    assert_eq!(errno(fs.rmdir(d.ino, b"f").await), libc::ENOTDIR);
+    assert_eq!(errno(fs.unlink(ROOT_INO, b"d").await), libc::EISDIR);
+    assert_eq!(errno(fs.create(ROOT_INO, &[b'n'; 256], 0o644, 0, 0).await), libc::ENAMETOOLONG);
+    assert!(fs.create(ROOT_INO, &[b'n'; 255], 0o644, 0, 0).await.is_ok(), "255 bytes is allowed");
+    assert_eq!(errno(fs.create(ROOT_INO, b"a/b", 0o644, 0, 0).await), libc::EINVAL);
+    assert_eq!(errno(fs.create(ROOT_INO, b"a\0b", 0o644, 0, 0).await), libc::EINVAL);
+    assert_eq!(errno(fs.create(ROOT_INO, b"", 0o644, 0, 0).await), libc::EINVAL);
+    assert_eq!(errno(fs.create(ROOT_INO, b"..", 0o644, 0, 0).await), libc::EINVAL);
+    assert_eq!(errno(fs.getattr(999_999)), libc::ENOENT);
+    assert_eq!(errno(fs.readlink(f.ino)), libc::EINVAL);
+    // Misuse changed nothing.
+    let (list, eof) = fs.readdir(d.ino, None, 10).unwrap();
+    assert!(eof);
+    assert_eq!(list.iter().map(|e| e.name.clone()).collect::<Vec<_>>(), vec![b"f".to_vec()]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rename_over_existing_and_across_directories() {
+    let e = env().await;
+    let fs = &e.fs;
+    let a = fs.mkdir(ROOT_INO, b"a", 0o755, 0, 0).await.unwrap();
+    let b = fs.mkdir(ROOT_INO, b"b", 0o755, 0, 0).await.unwrap();
+    let x = fs.create(a.ino, b"x", 0o644, 0, 0).await.unwrap();
+    fs.write(x.ino, 0, b"xxxx").await.unwrap();
+    let y = fs.create(b.ino, b"y", 0o644, 0, 0).await.unwrap();
+    fs.write(y.ino, 0, b"yy").await.unwrap();
+    assert_eq!(fs.store().ids().len(), 2);
+    fs.rename(a.ino, b"x", b.ino, b"y").await.unwrap();
+    assert_eq!(fs.lookup(a.ino, b"x").unwrap_err().kind(), ErrorKind::NotFound);
+    let moved = fs.lookup(b.ino, b"y").unwrap();
+    assert_eq!(moved.ino, x.ino);
+    assert_eq!(fs.read(moved.ino, 0, 10).await.unwrap(), b"xxxx");
+    assert_eq!(fs.store().ids().len(), 1, "the replaced file's blocks are freed");
+    assert_eq!(fs.getattr(y.ino).unwrap_err().kind(), ErrorKind::NotFound);
+    // Directory moves, and the errors of rename.
+    fs.rename(ROOT_INO, b"a", b.ino, b"a2").await.unwrap();
+    assert_eq!(fs.resolve(b"/b/a2").unwrap().ino, a.ino);
+    assert_eq!(fs.rename(ROOT_INO, b"b", a.ino, b"inside").await.unwrap_err().errno(), libc::EINVAL);
+    let f = fs.create(ROOT_INO, b"f", 0o644, 0, 0).await.unwrap();
+    assert_eq!(fs.rename(ROOT_INO, b"f", ROOT_INO, b"b").await.unwrap_err().errno(), libc::EISDIR);
+    assert_eq!(fs.rename(ROOT_INO, b"b", ROOT_INO, b"f").await.unwrap_err().errno(), libc::ENOTDIR);
+    let empty = fs.mkdir(ROOT_INO, b"empty", 0o755, 0, 0).await.unwrap();
+    fs.create(a.ino, b"keep", 0o644, 0, 0).await.unwrap(); // a2 is not empty now
+    assert_eq!(fs.rename(ROOT_INO, b"empty", b.ino, b"a2").await.unwrap_err().errno(), libc::ENOTEMPTY);
+    fs.rename(b.ino, b"a2", ROOT_INO, b"empty").await.unwrap(); // over an empty dir
+    assert_eq!(fs.getattr(empty.ino).unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(fs.rename(ROOT_INO, b"nope", ROOT_INO, b"z").await.unwrap_err().errno(), libc::ENOENT);
+    assert_eq!(fs.getattr(f.ino).unwrap().kind, InodeKind::File);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn symlinks_readdir_paging_xattrs_unlink_rmdir() {
+    let e = env().await;
+    let fs = &e.fs;
+    let l = fs.symlink(ROOT_INO, b"link", b"../some/where", 0, 0).await.unwrap();
+    assert_eq!(l.kind, InodeKind::Symlink);
+    assert_eq!(fs.readlink(l.ino).unwrap(), b"../some/where");
+    let d = fs.mkdir(ROOT_INO, b"many", 0o755, 0, 0).await.unwrap();
+    for i in 0..250 {
+        fs.create(d.ino, format!("n{i:04}").as_bytes(), 0o644, 0, 0).await.unwrap();
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<Vec<u8>> = None;
+    loop {
+        let (page, eof) = fs.readdir(d.ino, after.as_deref(), 64).unwrap();
+        assert!(page.len() <= 64);
+        seen.extend(page.iter().map(|e| e.name.clone()));
+        after = page.last().map(|e| e.name.clone());
+        if eof {
+            break;
+        }
+    }
+    let want: Vec<Vec<u8>> = (0..250).map(|i| format!("n{i:04}").into_bytes()).collect();
+    assert_eq!(seen, want, "every entry once, in name order");
+
+    let f = fs.lookup(d.ino, b"n0001").unwrap();
+    fs.set_xattr(f.ino, "dataset", "train").await.unwrap();
+    fs.set_xattr(f.ino, "loss", "0.31").await.unwrap();
+    assert_eq!(fs.get_xattr(f.ino, "loss").unwrap().as_deref(), Some("0.31"));
+    fs.remove_xattr(f.ino, "loss").await.unwrap();
+    assert_eq!(fs.get_xattrs(f.ino).unwrap().into_iter().collect::<Vec<_>>(), vec![("dataset".into(), "train".into())]);
+    fs.replace_xattrs(f.ino, [("a".to_string(), "1".to_string())].into()).await.unwrap();
+    assert_eq!(fs.get_xattrs(f.ino).unwrap().len(), 1);
+
+    for i in 0..250 {
+        fs.unlink(d.ino, format!("n{i:04}").as_bytes()).await.unwrap();
+    }
+    fs.rmdir(ROOT_INO, b"many").await.unwrap();
+    fs.unlink(ROOT_INO, b"link").await.unwrap();
+    let (list, eof) = fs.readdir(ROOT_INO, None, 10).unwrap();
+    assert!(list.is_empty() && eof);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_refuses_writes() {
+    let e = env().await;
+    let fs = &e.fs;
+    let f = fs.create(ROOT_INO, b"f", 0o644, 0, 0).await.unwrap();
+    fs.set_read_only(true);
+    assert_eq!(fs.write(f.ino, 0, b"x").await.unwrap_err().errno(), libc::EROFS);
+    assert_eq!(fs.create(ROOT_INO, b"g", 0o644, 0, 0).await.unwrap_err().kind(), ErrorKind::ReadOnly);
+    assert_eq!(fs.read(f.ino, 0, 1).await.unwrap(), b"", "reads still work");
+    fs.set_read_only(false);
+    fs.write(f.ino, 0, b"x").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enospc_when_full_loses_nothing_acknowledged() {
+    // 32 MiB device, 4 MiB segments: a few segments of room.
+    let e = env_with(32 << 20, 1 << 20).await;
+    let fs = &e.fs;
+    let mut files = Vec::new();
+    let mut full = None;
+    for i in 0..64u8 {
+        let f = fs.create(ROOT_INO, format!("f{i}").as_bytes(), 0o644, 0, 0).await.unwrap();
+        let data = bytes(i, 1 << 20);
+        match fs.write(f.ino, 0, &data).await {
+            Ok(_) => files.push((f.ino, data)),
+            Err(err) => {
+                full = Some(err);
+                break;
+            }
+        }
+    }
+    let err = full.expect("a 32 MiB device fills up before 64 MiB are written");
+    assert_eq!(err.errno(), libc::ENOSPC, "{err}");
+    assert!(!files.is_empty());
+    for (ino, data) in &files {
+        assert_eq!(&fs.read(*ino, 0, data.len()).await.unwrap(), data, "acknowledged data intact after ENOSPC");
+    }
+    // Free space and write again.
+    let (victim, _) = files.remove(0);
+    fs.setattr(victim, SetAttr { size: Some(0), ..Default::default() }).await.unwrap();
+    let (victim2, _) = files.remove(0);
+    fs.setattr(victim2, SetAttr { size: Some(0), ..Default::default() }).await.unwrap();
+    fs.store().clean().await.unwrap();
+    let g = fs.create(ROOT_INO, b"after", 0o644, 0, 0).await.unwrap();
+    fs.write(g.ino, 0, &bytes(9, 1 << 20)).await.expect("room again after deleting and cleaning");
+    for (ino, data) in &files {
+        assert_eq!(&fs.read(*ino, 0, data.len()).await.unwrap(), data);
+    }
+}
