@@ -231,7 +231,7 @@ impl MetaState {
     /// Removes entry `name` of `parent` and its inode (an empty dir, a file or a symlink),
     /// pushing the blocks that lose their last reference onto `freed`. Does not touch the
     /// parent's times. Caller has validated that the entry exists and may go.
-    fn remove_child(&mut self, parent: Ino, name: &[u8], freed: &mut Vec<u64>) {
+    fn remove_child(&mut self, parent: Ino, name: &[u8], freed: &mut Vec<super::BlockId>) {
         let Some(child) = self.entries_mut(parent).remove(name) else {
             return;
         };

@@ -305,3 +305,32 @@ fn read_helpers() {
     let t = s.totals();
     assert_eq!((t.files, t.dirs, t.symlinks, t.bytes, t.blocks), (3, 2, 0, 0, 0));
 }
+
+#[test]
+fn set_attr_errors_and_block_state() {
+    let mut s = MetaState::new();
+    let l = create(&mut s, 1, "l", NewKind::Symlink { target: b"t".to_vec() }).expect("ln").attr.expect("attr").ino;
+    let sa = |ino, size| Command::SetAttr {
+        ino,
+        mode: Some(0o4755),
+        uid: None,
+        gid: None,
+        size,
+        atime: None,
+        mtime: None,
+        now: 6,
+    };
+    fails(&mut s, sa(99, None), MetaError::NoInode(99));
+    fails(&mut s, sa(l, Some(0)), MetaError::Invalid("cannot set the size of a symlink"));
+    let f = file(&mut s, ROOT_INO, "f");
+    fails(&mut s, sa(f, Some(MAX_FILE_SIZE + 1)), MetaError::Invalid("size larger than 2^63"));
+    let a = s.apply(&sa(l, None)).expect("chmod symlink").attr.expect("attr");
+    assert_eq!((a.mode, a.ctime), (0o4755, 6));
+    let id = alloc(&mut s, 1);
+    write(&mut s, f, 0, &[(id, 10)]).expect("write");
+    let loc = ObjectLocator { key: "k".into(), offset: 0, len: 10, crc: 1 };
+    s.apply(&Command::SetBlockState { id, state: BlockState::Cold(loc.clone()) }).expect("set state");
+    assert_eq!(s.blocks[&id].state, BlockState::Cold(loc));
+    assert_eq!(s.apply(&unlink(ROOT_INO, "f")).expect("unlink").freed, vec![id]);
+    s.check_invariants().expect("invariants");
+}
