@@ -20,7 +20,12 @@ use std::sync::Arc;
 
 use crate::device::{BlockDevice, DeviceError};
 
+mod cache;
+mod cleaner;
+mod format;
 mod imp;
+mod recover;
+mod state;
 
 /// Names the same bytes forever; allocated by the meta group, never reused.
 pub type BlockId = u64;
@@ -67,6 +72,8 @@ pub enum StoreError {
     Checksum { id: BlockId, page: u32 },
     #[error("device too small for the block store size_bytes={size} segment_bytes={segment}")]
     DeviceTooSmall { size: u64, segment: u64 },
+    #[error("invalid block store options: {reason}")]
+    InvalidOptions { reason: String },
 }
 
 #[derive(Debug, Clone, Default)]

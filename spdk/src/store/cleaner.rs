@@ -1,0 +1,115 @@
+//! Segment cleaning: give the space of dead blocks back by copying the live blocks of a
+//! sealed segment forward into the active one, then freeing the segment.
+//!
+//! Steps for one victim, and what holds if the process dies between them:
+//! 1. re-append each live block (crc verified on read) with a new, higher generation; carry forward
+//!    the victim's tombstones `(X, d)` while another in-use segment with generation <= d could still
+//!    hold a copy of X. Crash: the copies are duplicates; the highest generation wins on recovery.
+//! 2. `flush`: the copies and carried tombstones are durable.
+//! 3. write the victim's header as free (keeping its generation) and flush: the commit point.
+//!    Before it the victim is an in-use segment with duplicates; after it, free space.
+
+use super::format::{EntryHead, EntryKind, PAGE_U64, Rec, SegHeader, entry_bytes};
+use super::imp::{Inner, Layout, Req};
+use super::recover::verify_entry;
+use super::state::{Loc, SegState, State};
+use super::{BlockId, CleanStats, StoreError};
+
+pub(super) async fn clean(inner: &Inner) -> Result<CleanStats, StoreError> {
+    let _g = inner.clean_lock.lock().await;
+    let mut stats = CleanStats::default();
+    // Every round frees one segment or stops; the bound only guards against a bug looping.
+    for _ in 0..inner.lay.nsegs {
+        let Some(victim) = pick_victim(&inner.st(), &inner.lay) else { break };
+        if !clean_one(inner, victim, &mut stats).await? {
+            break;
+        }
+    }
+    if stats.segments_freed > 0 {
+        tracing::info!(segments_freed = stats.segments_freed, blocks_moved = stats.blocks_moved, bytes_moved = stats.bytes_moved, "cleaned segments");
+    }
+    Ok(stats)
+}
+
+/// The sealed segment with the fewest live bytes, if it is at least 25% dead (10% when at
+/// most one free segment is left) and its live blocks fit in the space still free.
+fn pick_victim(st: &State, lay: &Layout) -> Option<u32> {
+    let usable = lay.seg_bytes - 2 * PAGE_U64;
+    let scarce = st.free_segments() <= 1;
+    let room = st.free_bytes();
+    let slack = entry_bytes(lay.max_block as u32);
+    st.segs
+        .iter()
+        .enumerate()
+        .filter(|(_, m)| m.state == SegState::Sealed)
+        .filter(|(_, m)| {
+            let dead = usable.saturating_sub(m.live_bytes);
+            dead * 4 >= usable || (scarce && dead * 10 >= usable)
+        })
+        .filter(|(_, m)| m.live_bytes == 0 || m.live_bytes + slack <= room)
+        .min_by_key(|(_, m)| m.live_bytes)
+        .map(|(i, _)| i as u32)
+}
+
+/// Clean one segment; false if it could not be freed (something still lives in it).
+async fn clean_one(inner: &Inner, victim: u32, stats: &mut CleanStats) -> Result<bool, StoreError> {
+    let generation = inner.st().segs[victim as usize].generation;
+    let (recs, _, _) = inner.load_records(victim, generation).await?;
+    let min_other_gen = {
+        let st = inner.st();
+        let others = st.segs.iter().enumerate().filter(|(i, m)| *i != victim as usize && m.state != SegState::Free);
+        others.map(|(_, m)| m.generation).min()
+    };
+    let mut carried = Vec::new();
+    for rec in recs {
+        match rec {
+            Rec::Data { id, off_pages, len } => {
+                let old = Loc { seg: victim, off_pages, len };
+                if inner.st().index.get(&id) != Some(&old) {
+                    continue;
+                }
+                move_block(inner, id, old, generation).await?;
+                stats.blocks_moved += 1;
+                stats.bytes_moved += len as u64;
+            }
+            Rec::Tomb { id, data_gen } => {
+                if min_other_gen.is_some_and(|g| g <= data_gen) {
+                    carried.push((id, data_gen));
+                }
+            }
+        }
+    }
+    inner.st().pending_tombs.extend(carried);
+    inner.flush().await?;
+    let live = inner.st().segs[victim as usize].live_bytes;
+    if live != 0 {
+        tracing::error!(segment = victim, live_bytes = live, "segment still has live blocks after cleaning; not freeing it");
+        return Ok(false);
+    }
+    let hdr = SegHeader { in_use: false, generation }.encode(inner.lay.uuid);
+    inner.write_at(inner.lay.seg_addr(victim), hdr).await?;
+    inner.dev.flush().await?;
+    {
+        let mut st = inner.st();
+        let meta = &mut st.segs[victim as usize];
+        (meta.state, meta.live_bytes) = (SegState::Free, 0);
+        st.cleaned_segments += 1;
+    }
+    stats.segments_freed += 1;
+    Ok(true)
+}
+
+/// Read a live block's entry, verify it, and re-append it unchanged but for its generation.
+async fn move_block(inner: &Inner, id: BlockId, old: Loc, generation: u64) -> Result<(), StoreError> {
+    let addr = inner.lay.seg_addr(old.seg) + old.off_pages as u64 * PAGE_U64;
+    let buf = inner.read_at(addr, entry_bytes(old.len) as usize).await?;
+    let head_ok = EntryHead::read(&buf)
+        .is_some_and(|h| (h.kind, h.id, h.len, h.generation, h.uuid) == (EntryKind::Data, id, old.len, generation, inner.lay.uuid));
+    if !head_ok {
+        return Err(StoreError::Checksum { id, page: 0 });
+    }
+    verify_entry(&buf, old.len).map_err(|page| StoreError::Checksum { id, page })?;
+    let req = Req::Move { id, old };
+    let (r, _) = inner.reserve(&req).await?.expect("move reservations yield space or an error");
+    inner.write_reserved(r, buf, req, Vec::new()).await
+}

@@ -1,0 +1,451 @@
+//! The block store engine: the write path (reserve under a short lock, write outside it,
+//! complete under the lock), reads verified per 4 KiB page, deletes, and the flush barrier.
+//! Opening and recovery live in `recover`, segment cleaning in `cleaner`.
+//!
+//! Concurrency: every entry write holds a ticket from reservation to completion; `flush`
+//! waits until all tickets taken before it have completed, so no acknowledged entry sits
+//! behind a hole that a recovery scan would stop at.
+
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::Notify;
+
+use super::cache::CrcCache;
+use super::format::{
+    DATA_START, EntryHead, EntryKind, PAGE, PAGE_U64, Rec, SegHeader, TOMBS_PER_ENTRY, build_data_entry,
+    build_tomb_entry, crc_at, crc_page_span, data_pages, entry_bytes, get_u32, hdr_pages,
+};
+use super::state::{Loc, Reservation, SealJob, SegState, State};
+use super::{BlockId, CleanStats, StoreError, StoreOptions, StoreStats};
+use crate::buf::AlignedBuf;
+use crate::device::BlockDevice;
+
+/// Header pages and data pages this far apart are fetched with one read instead of two.
+const MAX_GAP_PAGES: u32 = 8;
+
+/// Where things are on the device; fixed at format time.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Layout {
+    pub seg_bytes: u64,
+    pub nsegs: u32,
+    pub max_block: usize,
+    pub uuid: u64,
+}
+
+impl Layout {
+    pub(super) fn seg_addr(&self, seg: u32) -> u64 {
+        DATA_START + seg as u64 * self.seg_bytes
+    }
+}
+
+pub(crate) struct Inner {
+    pub(super) dev: Arc<dyn BlockDevice>,
+    pub(super) lay: Layout,
+    st: Mutex<State>,
+    cache: Mutex<CrcCache>,
+    /// Signalled whenever a write completes (for `flush` waiting on tickets).
+    done: Notify,
+    rotate_lock: tokio::sync::Mutex<()>,
+    pub(super) clean_lock: tokio::sync::Mutex<()>,
+}
+
+/// What an entry write is for.
+pub(super) enum Req {
+    Put { id: BlockId, len: u32 },
+    /// The cleaner re-appending a live block found at `old`.
+    Move { id: BlockId, old: Loc },
+    Tombs,
+}
+
+enum Attempt {
+    Got(Reservation, Vec<(BlockId, u64)>),
+    Nothing,
+    /// No room in the active segment (whose generation, if any, is given).
+    Full(Option<u64>),
+}
+
+impl Inner {
+    pub(super) fn new(dev: Arc<dyn BlockDevice>, lay: Layout, st: State, opts: &StoreOptions) -> Arc<Inner> {
+        Arc::new(Inner {
+            dev,
+            lay,
+            st: Mutex::new(st),
+            cache: Mutex::new(CrcCache::new(opts.crc_cache_bytes)),
+            done: Notify::new(),
+            rotate_lock: tokio::sync::Mutex::new(()),
+            clean_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// The state lock. Critical sections do not await and only panic on a broken invariant,
+    /// so a poisoned lock still guards consistent data.
+    pub(super) fn st(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn cache(&self) -> MutexGuard<'_, CrcCache> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(super) async fn read_at(&self, addr: u64, len: usize) -> Result<AlignedBuf, StoreError> {
+        let (buf, r) = self.dev.read(addr, AlignedBuf::zeroed(len)).await;
+        r?;
+        Ok(buf)
+    }
+
+    pub(super) async fn write_at(&self, addr: u64, buf: AlignedBuf) -> Result<(), StoreError> {
+        let (_buf, r) = self.dev.write(addr, buf).await;
+        Ok(r?)
+    }
+
+    pub(crate) async fn put(&self, id: BlockId, data: &[u8]) -> Result<(), StoreError> {
+        if data.is_empty() {
+            return Err(StoreError::Empty(id));
+        }
+        if data.len() > self.lay.max_block {
+            return Err(StoreError::TooLarge { len: data.len(), max: self.lay.max_block });
+        }
+        if self.block_len(id).is_some() {
+            return Err(StoreError::Exists(id));
+        }
+        let len = data.len() as u32;
+        let (buf, crcs) = build_data_entry(id, data, self.lay.uuid);
+        let req = Req::Put { id, len };
+        let r = self.reserve_put(&req).await?;
+        self.write_reserved(r, buf, req, Vec::new()).await?;
+        self.cache_crcs(r.generation, (r.off / PAGE_U64) as u32, len, &crcs);
+        Ok(())
+    }
+
+    fn cache_crcs(&self, generation: u64, off_pages: u32, len: u32, crcs: &[u32]) {
+        let mut cache = self.cache();
+        for h in 0..hdr_pages(len) {
+            let (lo, hi) = crc_page_span(h, data_pages(len));
+            cache.insert((generation, off_pages, h), Arc::from(&crcs[lo as usize..hi as usize]));
+        }
+    }
+
+    /// Under the state lock: reserve for `req` if the active segment has room.
+    fn attempt(st: &mut State, req: &Req) -> Result<Attempt, StoreError> {
+        let (bytes, nrecs) = match req {
+            Req::Put { id, len } => {
+                if st.index.contains_key(id) || st.putting.contains(id) {
+                    return Err(StoreError::Exists(*id));
+                }
+                (entry_bytes(*len), 1)
+            }
+            Req::Move { old, .. } => (entry_bytes(old.len), 1),
+            Req::Tombs if st.pending_tombs.is_empty() => return Ok(Attempt::Nothing),
+            Req::Tombs => (PAGE_U64, st.pending_tombs.len().min(TOMBS_PER_ENTRY)),
+        };
+        let Some(r) = st.try_reserve(bytes, nrecs) else { return Ok(Attempt::Full(st.active_gen())) };
+        let tombs = match req {
+            Req::Put { id, .. } => {
+                st.putting.insert(*id);
+                Vec::new()
+            }
+            Req::Move { .. } => Vec::new(),
+            // Taken in the same critical section as the reservation, so a flush that starts
+            // after a delete returned either finds its tombstone pending or waits for its ticket.
+            Req::Tombs => st.pending_tombs.drain(..nrecs).collect(),
+        };
+        Ok(Attempt::Got(r, tombs))
+    }
+
+    /// Reserve space for `req`, opening new segments as needed; never cleans (the cleaner
+    /// itself reserves through here). Puts leave the last free segment to the cleaner.
+    /// `None` only for tombstones when none are pending.
+    pub(super) async fn reserve(&self, req: &Req) -> Result<Option<(Reservation, Vec<(BlockId, u64)>)>, StoreError> {
+        let use_reserve = !matches!(req, Req::Put { .. });
+        loop {
+            let seen = match Self::attempt(&mut self.st(), req)? {
+                Attempt::Got(r, tombs) => return Ok(Some((r, tombs))),
+                Attempt::Nothing => return Ok(None),
+                Attempt::Full(seen) => seen,
+            };
+            self.rotate(seen, use_reserve).await?;
+        }
+    }
+
+    /// Reserve space for a put; if no segment is free, clean once and retry, then NoSpace.
+    async fn reserve_put(&self, req: &Req) -> Result<Reservation, StoreError> {
+        let r = match self.reserve(req).await {
+            Err(StoreError::NoSpace { .. }) => {
+                self.clean().await?;
+                self.reserve(req).await
+            }
+            r => r,
+        };
+        Ok(r?.expect("data reservations yield space or an error").0)
+    }
+
+    /// Open the next free segment as the active one, unless another task already replaced
+    /// the active segment we saw full. Normal puts leave the last free segment to the cleaner.
+    async fn rotate(&self, seen: Option<u64>, use_reserve: bool) -> Result<(), StoreError> {
+        let _g = self.rotate_lock.lock().await;
+        let (seg, generation) = {
+            let mut st = self.st();
+            if st.active_gen() != seen {
+                return Ok(());
+            }
+            let free = st.free_segments();
+            if free == 0 || (!use_reserve && free <= 1) {
+                let need = self.lay.max_block as u64;
+                return Err(StoreError::NoSpace { need, free: st.free_bytes() });
+            }
+            let seg = st.segs.iter().position(|s| s.state == SegState::Free).expect("free > 0") as u32;
+            let generation = st.next_gen;
+            st.next_gen += 1;
+            let meta = &mut st.segs[seg as usize];
+            (meta.state, meta.generation, meta.live_bytes) = (SegState::Open, generation, 0);
+            (seg, generation)
+        };
+        // The header must be durable before any entry of this generation is: recovery derives the
+        // next generation from headers, and must never reuse a generation that entries on the device carry.
+        let hdr = SegHeader { in_use: true, generation }.encode(self.lay.uuid);
+        let res = match self.write_at(self.lay.seg_addr(seg), hdr).await {
+            Ok(()) => self.dev.flush().await.map_err(StoreError::from),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = res {
+            self.st().segs[seg as usize].state = SegState::Free;
+            return Err(e);
+        }
+        let job = self.st().activate(seg, generation);
+        if let Some(job) = job {
+            self.seal(job).await;
+        }
+        Ok(())
+    }
+
+    /// Write the summary of a segment whose writes have all finished. Entries are flushed
+    /// first so a summary never names an entry that is not on the device. A failed seal is
+    /// logged, not returned: the segment is then recovered by scanning.
+    pub(super) async fn seal(&self, job: SealJob) {
+        let buf = super::format::encode_summary(&job.recs, job.generation, self.lay.uuid);
+        let addr = self.lay.seg_addr(job.seg) + self.lay.seg_bytes - buf.len() as u64;
+        let res = match self.dev.flush().await {
+            Ok(()) => self.write_at(addr, buf).await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = res {
+            tracing::error!(segment = job.seg, generation = job.generation, error = %e, "segment summary write failed; recovery will scan it");
+        }
+        let mut st = self.st();
+        st.open.remove(&job.seg);
+        st.segs[job.seg as usize].state = SegState::Sealed;
+    }
+
+    /// Write a prepared entry at its reservation, then record the outcome.
+    pub(super) async fn write_reserved(
+        &self,
+        r: Reservation,
+        mut buf: AlignedBuf,
+        req: Req,
+        tombs: Vec<(BlockId, u64)>,
+    ) -> Result<(), StoreError> {
+        EntryHead::set_gen(&mut buf, r.generation);
+        let (_buf, res) = self.dev.write(self.lay.seg_addr(r.seg) + r.off, buf).await;
+        let ok = res.is_ok();
+        let off_pages = (r.off / PAGE_U64) as u32;
+        let job = {
+            let mut st = self.st();
+            let recs: Vec<Rec> = match req {
+                Req::Put { id, len } => {
+                    st.putting.remove(&id);
+                    if ok {
+                        st.insert_block(id, &r, len);
+                    }
+                    vec![Rec::Data { id, off_pages, len }]
+                }
+                Req::Move { id, old } => {
+                    if ok {
+                        st.moved_block(id, old, &r);
+                    }
+                    vec![Rec::Data { id, off_pages, len: old.len }]
+                }
+                Req::Tombs => {
+                    let recs = tombs.iter().map(|&(id, data_gen)| Rec::Tomb { id, data_gen }).collect();
+                    if !ok {
+                        st.pending_tombs.extend_from_slice(&tombs);
+                    }
+                    recs
+                }
+            };
+            st.finish(&r, &recs, ok)
+        };
+        self.done.notify_waiters();
+        if let Some(job) = job {
+            self.seal(job).await;
+        }
+        Ok(res?)
+    }
+
+    pub(crate) async fn get(&self, id: BlockId, offset: u32, len: u32) -> Result<Vec<u8>, StoreError> {
+        let mut attempts = 0;
+        loop {
+            let (loc, generation) = {
+                let st = self.st();
+                let loc = *st.index.get(&id).ok_or(StoreError::NotFound(id))?;
+                (loc, st.segs[loc.seg as usize].generation)
+            };
+            if offset.checked_add(len).is_none_or(|end| end > loc.len) {
+                return Err(StoreError::Range { id, offset, len, block_len: loc.len });
+            }
+            if len == 0 {
+                return Ok(Vec::new());
+            }
+            match self.read_range(id, loc, generation, offset, len).await {
+                // The cleaner may have moved the block and reused its old segment meanwhile.
+                Err(StoreError::Checksum { .. }) if attempts < 3 && self.st().index.get(&id) != Some(&loc) => {
+                    attempts += 1;
+                }
+                r => return r,
+            }
+        }
+    }
+
+    /// Read and verify `[offset, offset+len)` of the block at `loc`: the data pages covering
+    /// it, plus the header pages holding their crcs unless those are cached.
+    async fn read_range(&self, id: BlockId, loc: Loc, generation: u64, offset: u32, len: u32) -> Result<Vec<u8>, StoreError> {
+        let (pages, hp) = (data_pages(loc.len), hdr_pages(loc.len));
+        let (first, last) = (offset / PAGE as u32, (offset + len - 1) / PAGE as u32);
+        let (h_first, h_last) = ((crc_at(first) / PAGE) as u32, (crc_at(last) / PAGE) as u32);
+        let entry = self.lay.seg_addr(loc.seg) + loc.off_pages as u64 * PAGE_U64;
+        let mut slices: Vec<Option<Arc<[u32]>>> = {
+            let cache = self.cache();
+            (h_first..=h_last).map(|h| cache.get(&(generation, loc.off_pages, h))).collect()
+        };
+        let missing: Vec<u32> = (h_first..=h_last).filter(|h| slices[(h - h_first) as usize].is_none()).collect();
+        let data_addr = entry + (hp + first) as u64 * PAGE_U64;
+        let data_len = (last - first + 1) as usize * PAGE;
+        let (data, data_off) = match (missing.first(), missing.last()) {
+            (Some(&m0), Some(&m1)) => {
+                let hdr_addr = entry + m0 as u64 * PAGE_U64;
+                let hdr_len = (m1 - m0 + 1) as usize * PAGE;
+                let gap = hp - 1 - m1 + first;
+                let (hdr, data, data_off) = if gap <= MAX_GAP_PAGES {
+                    let all = self.read_at(hdr_addr, hdr_len + gap as usize * PAGE + data_len).await?;
+                    (all[..hdr_len].to_vec(), all, hdr_len + gap as usize * PAGE)
+                } else {
+                    let (h, d) = tokio::join!(self.read_at(hdr_addr, hdr_len), self.read_at(data_addr, data_len));
+                    (h?.to_vec(), d?, 0)
+                };
+                for h in m0..=m1 {
+                    let page = &hdr[(h - m0) as usize * PAGE..][..PAGE];
+                    let crcs = self.crcs_from_header(id, loc, generation, h, page).ok_or(StoreError::Checksum { id, page: first })?;
+                    self.cache().insert((generation, loc.off_pages, h), crcs.clone());
+                    slices[(h - h_first) as usize] = Some(crcs);
+                }
+                (data, data_off)
+            }
+            _ => (self.read_at(data_addr, data_len).await?, 0),
+        };
+        for p in first..=last {
+            let h = (crc_at(p) / PAGE) as u32;
+            let slice = slices[(h - h_first) as usize].as_ref().expect("every needed crc page was cached or read");
+            let want = slice[(p - crc_page_span(h, pages).0) as usize];
+            let at = data_off + (p - first) as usize * PAGE;
+            if crc32c::crc32c(&data[at..at + PAGE]) != want {
+                return Err(StoreError::Checksum { id, page: p });
+            }
+        }
+        let start = data_off + (offset - first * PAGE as u32) as usize;
+        Ok(data[start..start + len as usize].to_vec())
+    }
+
+    /// The crcs in header page `h` of the entry for `id`; `None` if page 0 is not that entry's
+    /// header (corruption, or the segment was reused since the index was read).
+    fn crcs_from_header(&self, id: BlockId, loc: Loc, generation: u64, h: u32, page: &[u8]) -> Option<Arc<[u32]>> {
+        if h == 0 {
+            let head = EntryHead::read(page)?;
+            let expect = (EntryKind::Data, id, loc.len, generation, self.lay.uuid);
+            if (head.kind, head.id, head.len, head.generation, head.uuid) != expect {
+                return None;
+            }
+        }
+        let (lo, hi) = crc_page_span(h, data_pages(loc.len));
+        Some((lo..hi).map(|p| get_u32(page, crc_at(p) - h as usize * PAGE)).collect())
+    }
+
+    pub(crate) async fn delete(&self, id: BlockId) -> Result<(), StoreError> {
+        let page_full = {
+            let mut st = self.st();
+            st.remove_block(id).ok_or(StoreError::NotFound(id))?;
+            st.pending_tombs.len() >= TOMBS_PER_ENTRY
+        };
+        if page_full {
+            self.write_tombs().await?;
+        }
+        Ok(())
+    }
+
+    /// Write one entry of pending tombstones; false if none were pending.
+    async fn write_tombs(&self) -> Result<bool, StoreError> {
+        let Some((r, tombs)) = self.reserve(&Req::Tombs).await? else { return Ok(false) };
+        let buf = build_tomb_entry(&tombs, self.lay.uuid);
+        self.write_reserved(r, buf, Req::Tombs, tombs).await?;
+        Ok(true)
+    }
+
+    pub(crate) async fn flush(&self) -> Result<(), StoreError> {
+        let batches = self.st().pending_tombs.len().div_ceil(TOMBS_PER_ENTRY);
+        for _ in 0..batches {
+            if !self.write_tombs().await? {
+                break;
+            }
+        }
+        let mark = self.st().ticket_mark();
+        loop {
+            let notified = self.done.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.st().done_below(mark) {
+                break;
+            }
+            notified.await;
+        }
+        Ok(self.dev.flush().await?)
+    }
+
+    pub(crate) async fn clean(&self) -> Result<CleanStats, StoreError> {
+        super::cleaner::clean(self).await
+    }
+
+    pub(crate) fn block_len(&self, id: BlockId) -> Option<u32> {
+        self.st().index.get(&id).map(|l| l.len)
+    }
+
+    pub(crate) fn ids(&self) -> Vec<BlockId> {
+        self.st().index.keys().copied().collect()
+    }
+
+    pub(crate) fn stats(&self) -> StoreStats {
+        let st = self.st();
+        let free = st.free_segments() as u64;
+        let total = self.lay.nsegs as u64;
+        StoreStats {
+            capacity_bytes: total * self.lay.seg_bytes,
+            used_bytes: (total - free) * self.lay.seg_bytes,
+            live_bytes: st.live_bytes,
+            blocks: st.index.len() as u64,
+            segments_total: total,
+            segments_free: free,
+            index_bytes: st.index_bytes(),
+            cleaned_segments: st.cleaned_segments,
+            torn_entries_discarded: st.torn_entries_discarded,
+        }
+    }
+
+    pub(crate) fn device(&self) -> &Arc<dyn BlockDevice> {
+        &self.dev
+    }
+
+    pub(crate) async fn format(dev: Arc<dyn BlockDevice>, opts: StoreOptions) -> Result<Arc<Inner>, StoreError> {
+        super::recover::format(dev, opts).await
+    }
+
+    pub(crate) async fn open(dev: Arc<dyn BlockDevice>, opts: StoreOptions) -> Result<Arc<Inner>, StoreError> {
+        super::recover::open(dev, opts).await
+    }
+}
