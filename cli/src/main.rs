@@ -50,9 +50,11 @@ enum Cmd {
 }
 
 fn main() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEPOOL_LOG").unwrap_or_else(|_| "info".into());
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     let cli = Cli::parse();
+    // A server logs what it does; a one-shot command only what went wrong.
+    let default = if matches!(cli.cmd, Cmd::Up) { "info" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEPOOL_LOG").unwrap_or_else(|_| default.into());
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     if let Err(e) = run(cli) {
         eprintln!("error: {e}");
         let mut src = e.source();
