@@ -54,7 +54,7 @@ fn pick_victim(st: &State, lay: &Layout) -> Option<u32> {
 /// Clean one segment; false if it could not be freed (something still lives in it).
 async fn clean_one(inner: &Inner, victim: u32, stats: &mut CleanStats) -> Result<bool, StoreError> {
     let generation = inner.st().segs[victim as usize].generation;
-    let (recs, _, _) = inner.load_records(victim, generation).await?;
+    let recs = inner.load_records(victim, generation).await?.recs;
     let min_other_gen = {
         let st = inner.st();
         let others = st.segs.iter().enumerate().filter(|(i, m)| *i != victim as usize && m.state != SegState::Free);

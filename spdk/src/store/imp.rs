@@ -138,7 +138,7 @@ impl Inner {
             Req::Tombs if st.pending_tombs.is_empty() => return Ok(Attempt::Nothing),
             Req::Tombs => (PAGE_U64, st.pending_tombs.len().min(TOMBS_PER_ENTRY)),
         };
-        let Some(r) = st.try_reserve(bytes, nrecs) else { return Ok(Attempt::Full(st.active_gen())) };
+        let Some(r) = st.try_reserve(bytes, nrecs, matches!(req, Req::Put { .. })) else { return Ok(Attempt::Full(st.active_gen())) };
         let tombs = match req {
             Req::Put { id, .. } => {
                 st.putting.insert(*id);
@@ -183,6 +183,7 @@ impl Inner {
     /// the active segment we saw full. Normal puts leave the last free segment to the cleaner.
     async fn rotate(&self, seen: Option<u64>, use_reserve: bool) -> Result<(), StoreError> {
         let _g = self.rotate_lock.lock().await;
+        let is_reserve;
         let (seg, generation) = {
             let mut st = self.st();
             if st.active_gen() != seen {
@@ -194,6 +195,7 @@ impl Inner {
                 return Err(StoreError::NoSpace { need, free: st.free_bytes() });
             }
             let seg = st.segs.iter().position(|s| s.state == SegState::Free).expect("free > 0") as u32;
+            is_reserve = free == 1;
             let generation = st.next_gen;
             st.next_gen += 1;
             let meta = &mut st.segs[seg as usize];
@@ -211,7 +213,7 @@ impl Inner {
             self.st().segs[seg as usize].state = SegState::Free;
             return Err(e);
         }
-        let job = self.st().activate(seg, generation);
+        let job = self.st().activate(seg, generation, is_reserve);
         if let Some(job) = job {
             self.seal(job).await;
         }

@@ -1,7 +1,7 @@
 //! Formatting a device, and opening a formatted one: read the superblock and every segment
 //! header, index sealed segments from their summaries and scan open ones entry by entry
 //! (the first entry that fails its checks ends the scan: a torn tail), apply tombstones,
-//! then seal the segments that were open so the next open reads them in one go.
+//! then resume appending to the newest open segment and seal the other open ones.
 //!
 //! Recovery rules: a tombstone `(X, d)` kills every copy of X in a segment with generation <= d;
 //! among surviving copies the highest generation wins (blocks are immutable, so copies are equal).
@@ -87,38 +87,63 @@ pub(super) async fn open(dev: Arc<dyn BlockDevice>, opts: StoreOptions) -> Resul
     let inner = Inner::new(dev, lay, State::new(segs.clone(), max_gen + 1, lay.seg_bytes), &opts);
     let mut loaded = Vec::new();
     for (s, m) in segs.iter().enumerate().filter(|(_, m)| m.state == SegState::Sealed) {
-        let (recs, sealed, torn) = inner.load_records(s as u32, m.generation).await?;
-        inner.st().torn_entries_discarded += torn;
-        loaded.push((s as u32, m.generation, recs, sealed));
+        let l = inner.load_records(s as u32, m.generation).await?;
+        inner.st().torn_entries_discarded += l.torn;
+        loaded.push(l);
     }
     rebuild_index(&mut inner.st(), &mut loaded);
-    for (seg, generation, recs, sealed) in loaded {
-        if sealed {
-            continue;
-        }
-        if recs.is_empty() {
-            // Opened but never written: give it back (keeping its generation, see format.rs).
-            inner.write_at(lay.seg_addr(seg), SegHeader { in_use: false, generation }.encode(lay.uuid)).await?;
-            inner.st().segs[seg as usize].state = SegState::Free;
-        } else {
-            inner.seal(SealJob { seg, generation, recs }).await;
-        }
-    }
+    settle_open_segments(&inner, loaded).await?;
     inner.dev.flush().await?;
     Ok(inner)
 }
 
+/// Segments that were open at the crash: the newest non-empty one becomes the active segment
+/// again (appending after its last valid entry; sealing it would waste its free space, and
+/// if the crash came while the cleaner was using the reserve segment, no segment would be
+/// left free to clean with). The others are sealed, or freed if nothing valid is in them.
+async fn settle_open_segments(inner: &Inner, loaded: Vec<Loaded>) -> Result<(), StoreError> {
+    let resume = loaded.iter().filter(|l| !l.sealed && !l.recs.is_empty()).max_by_key(|l| l.generation).map(|l| l.seg);
+    for l in loaded {
+        if l.sealed {
+            continue;
+        }
+        if Some(l.seg) == resume {
+            inner.st().resume(l.seg, l.generation, l.end, l.recs);
+        } else if l.recs.is_empty() {
+            // Opened but never written: give it back (keeping its generation, see format.rs).
+            let hdr = SegHeader { in_use: false, generation: l.generation }.encode(inner.lay.uuid);
+            inner.write_at(inner.lay.seg_addr(l.seg), hdr).await?;
+            inner.st().segs[l.seg as usize].state = SegState::Free;
+        } else {
+            inner.seal(SealJob { seg: l.seg, generation: l.generation, recs: l.recs }).await;
+        }
+    }
+    Ok(())
+}
+
+/// What recovery found in one in-use segment.
+pub(super) struct Loaded {
+    pub seg: u32,
+    pub generation: u64,
+    pub recs: Vec<Rec>,
+    /// Read from a valid summary (else scanned).
+    pub sealed: bool,
+    pub torn: u64,
+    /// Where the scan stopped: the next entry offset of an open segment.
+    pub end: u64,
+}
+
 /// Apply the recovery rules to the records of every in-use segment.
-fn rebuild_index(st: &mut State, loaded: &mut [(u32, u64, Vec<Rec>, bool)]) {
+fn rebuild_index(st: &mut State, loaded: &mut [Loaded]) {
     let mut killed: HashMap<BlockId, u64> = HashMap::new();
-    for rec in loaded.iter().flat_map(|l| l.2.iter()) {
+    for rec in loaded.iter().flat_map(|l| l.recs.iter()) {
         if let Rec::Tomb { id, data_gen } = *rec {
             let d = killed.entry(id).or_insert(data_gen);
             *d = (*d).max(data_gen);
         }
     }
-    loaded.sort_by_key(|l| l.1);
-    for (seg, generation, recs, _) in loaded.iter() {
+    loaded.sort_by_key(|l| l.generation);
+    for Loaded { seg, generation, recs, .. } in loaded.iter() {
         for rec in recs {
             if let Rec::Data { id, off_pages, len } = *rec
                 && killed.get(&id).is_none_or(|&d| d < *generation)
@@ -171,23 +196,23 @@ impl Window {
 impl Inner {
     /// The records of an in-use segment: from its summary if it has a valid one for `generation`
     /// (`true`), else by scanning (`false`), with the number of torn entries discarded.
-    pub(super) async fn load_records(&self, seg: u32, generation: u64) -> Result<(Vec<Rec>, bool, u64), StoreError> {
+    pub(super) async fn load_records(&self, seg: u32, generation: u64) -> Result<Loaded, StoreError> {
         let end = self.lay.seg_addr(seg) + self.lay.seg_bytes;
         let last = self.read_at(end - PAGE_U64, PAGE).await?;
         let max_pages = self.lay.seg_bytes / PAGE_U64 - 1;
         if let Some(pages) = trailer_pages(&last, generation, self.lay.uuid, max_pages) {
             let region = if pages == 1 { last } else { self.read_at(end - pages * PAGE_U64, pages as usize * PAGE).await? };
             if let Some(recs) = decode_summary(&region) {
-                return Ok((recs, true, 0));
+                return Ok(Loaded { seg, generation, recs, sealed: true, torn: 0, end: self.lay.seg_bytes });
             }
         }
-        let (recs, torn) = self.scan(seg, generation).await?;
-        Ok((recs, false, torn))
+        let (recs, torn, end) = self.scan(seg, generation).await?;
+        Ok(Loaded { seg, generation, recs, sealed: false, torn, end })
     }
 
     /// Scan entries from the start of the segment until one fails its checks. A page that
     /// is a valid entry of another generation or store is stale (left from an earlier use), not torn.
-    async fn scan(&self, seg: u32, generation: u64) -> Result<(Vec<Rec>, u64), StoreError> {
+    async fn scan(&self, seg: u32, generation: u64) -> Result<(Vec<Rec>, u64, u64), StoreError> {
         let seg_bytes = self.lay.seg_bytes;
         let mut win = Window { base: self.lay.seg_addr(seg), seg_bytes, start: 0, buf: AlignedBuf::zeroed(0) };
         let (mut recs, mut torn, mut off) = (Vec::new(), 0, PAGE_U64);
@@ -225,6 +250,6 @@ impl Inner {
         if torn > 0 {
             tracing::warn!(segment = seg, generation, offset = off, "discarded torn tail of open segment");
         }
-        Ok((recs, torn))
+        Ok((recs, torn, off))
     }
 }

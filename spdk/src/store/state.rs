@@ -94,6 +94,9 @@ pub(super) struct State {
     pub segs: Vec<SegMeta>,
     pub open: HashMap<u32, OpenSeg>,
     pub active: Option<u32>,
+    /// The active segment was the last free one (the cleaner's reserve): puts may not use it,
+    /// or they would eat the space that lets cleaning make progress.
+    active_is_reserve: bool,
     pub next_gen: u64,
     next_ticket: u64,
     inflight: BTreeSet<u64>,
@@ -114,6 +117,7 @@ impl State {
             segs,
             open: HashMap::new(),
             active: None,
+            active_is_reserve: false,
             next_gen,
             next_ticket: 0,
             inflight: BTreeSet::new(),
@@ -131,9 +135,13 @@ impl State {
     }
 
     /// Reserve `bytes` for an entry carrying `nrecs` summary records in the active segment,
-    /// or `None` if there is no active segment or it is too full (the caller rotates).
-    pub(super) fn try_reserve(&mut self, bytes: u64, nrecs: usize) -> Option<Reservation> {
+    /// or `None` if there is no active segment, it is too full, or it is the cleaner's
+    /// reserve and this is a put (the caller rotates).
+    pub(super) fn try_reserve(&mut self, bytes: u64, nrecs: usize, for_put: bool) -> Option<Reservation> {
         let seg = self.active?;
+        if for_put && self.active_is_reserve {
+            return None;
+        }
         let seg_bytes = self.seg_bytes;
         let o = self.open.get_mut(&seg)?;
         let end = o.next_off + bytes + summary_pages(o.reserved_recs + nrecs) * PAGE_U64;
@@ -194,11 +202,22 @@ impl State {
 
     /// Make `seg` (already marked Open, with `generation`) the active segment; the previous one
     /// stops taking reservations and is returned as a seal job if nothing is in flight in it.
-    pub(super) fn activate(&mut self, seg: u32, generation: u64) -> Option<SealJob> {
+    pub(super) fn activate(&mut self, seg: u32, generation: u64, is_reserve: bool) -> Option<SealJob> {
         let job = self.active.take().and_then(|old| self.stop_writing(old));
+        self.active_is_reserve = is_reserve;
         self.open.insert(seg, OpenSeg { generation, next_off: PAGE_U64, reserved_recs: 0, recs: Vec::new(), inflight: 0, sealing: false });
         self.active = Some(seg);
         job
+    }
+
+    /// After recovery: make `seg` (an open segment holding `recs`, next entry at `next_off`)
+    /// the active segment again. If no segment is free it counts as the cleaner's reserve.
+    pub(super) fn resume(&mut self, seg: u32, generation: u64, next_off: u64, recs: Vec<Rec>) {
+        self.segs[seg as usize].state = SegState::Open;
+        let reserved_recs = recs.len();
+        self.open.insert(seg, OpenSeg { generation, next_off, reserved_recs, recs, inflight: 0, sealing: false });
+        self.active = Some(seg);
+        self.active_is_reserve = self.free_segments() == 0;
     }
 
     fn stop_writing(&mut self, seg: u32) -> Option<SealJob> {
@@ -260,16 +279,16 @@ mod tests {
         let seg_bytes = 64 * PAGE_U64;
         let segs = vec![SegMeta { state: SegState::Open, generation: 1, live_bytes: 0 }; 2];
         let mut st = State::new(segs, 2, seg_bytes);
-        assert!(st.try_reserve(8192, 1).is_none());
-        assert!(st.activate(0, 1).is_none());
+        assert!(st.try_reserve(8192, 1, true).is_none());
+        assert!(st.activate(0, 1, false).is_none());
         let mut rs = Vec::new();
-        while let Some(r) = st.try_reserve(8192, 1) {
+        while let Some(r) = st.try_reserve(8192, 1, true) {
             rs.push(r);
         }
         // header page + 31 entries of 2 pages = 63 pages, 1 summary page.
         assert_eq!(rs.len(), 31);
         assert!(!st.done_below(1));
-        assert!(st.activate(1, 3).is_none(), "writes still in flight in segment 0");
+        assert!(st.activate(1, 3, false).is_none(), "writes still in flight in segment 0");
         let jobs: Vec<SealJob> = rs.iter().filter_map(|r| st.finish(r, &[Rec::Tomb { id: 1, data_gen: 1 }], true)).collect();
         assert!(st.done_below(st.ticket_mark()));
         assert_eq!(jobs.len(), 1);
