@@ -249,7 +249,9 @@ impl State {
         }
     }
 
-    /// Remove a block from the index and queue its tombstone.
+    /// Remove a block from the index and queue its tombstone `(id, gen of its segment)`.
+    /// Block ids are never reused (contract of `BlockId`): a put of a deleted id into the same
+    /// segment would be killed on recovery by this tombstone.
     pub(super) fn remove_block(&mut self, id: BlockId) -> Option<Loc> {
         let loc = self.index.remove(&id)?;
         let meta = &mut self.segs[loc.seg as usize];
