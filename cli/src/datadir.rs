@@ -62,17 +62,15 @@ impl DataDir {
     /// before the superblock is written, so everything it creates is covered by the rule above.
     pub fn open(path: &Path, init: impl FnOnce(&Path) -> anyhow_free::Result<()>) -> anyhow_free::Result<Self> {
         std::fs::create_dir_all(path).map_err(io_err(path))?;
-        let lock = lock(path)?;
         let sb_path = path.join(SUPERBLOCK);
+        // A foreign folder is refused before anything (even the lock file) is created in it.
+        if !sb_path.exists() {
+            check_not_foreign(path)?;
+        }
+        let lock = lock(path)?;
         if sb_path.exists() {
             let superblock = read_superblock(&sb_path)?;
             return Ok(DataDir { path: path.to_path_buf(), superblock, fresh: false, _lock: lock });
-        }
-        for entry in std::fs::read_dir(path).map_err(io_err(path))? {
-            let name = entry.map_err(io_err(path))?.file_name();
-            if !INIT_NAMES.iter().any(|n| name == std::ffi::OsStr::new(n)) {
-                return Err(DataDirError::Foreign { path: path.display().to_string() }.into());
-            }
         }
         // Interrupted initialisation (or a new folder): start over.
         for n in ["nvme.img", "meta", "objects"] {
@@ -93,6 +91,16 @@ impl DataDir {
         write_superblock(&sb_path, &superblock)?;
         Ok(DataDir { path: path.to_path_buf(), superblock, fresh: true, _lock: lock })
     }
+}
+
+fn check_not_foreign(path: &Path) -> Result<(), DataDirError> {
+    for entry in std::fs::read_dir(path).map_err(io_err(path))? {
+        let name = entry.map_err(io_err(path))?.file_name();
+        if !INIT_NAMES.iter().any(|n| name == std::ffi::OsStr::new(n)) {
+            return Err(DataDirError::Foreign { path: path.display().to_string() });
+        }
+    }
+    Ok(())
 }
 
 fn lock(dir: &Path) -> Result<File, DataDirError> {

@@ -1,6 +1,7 @@
 //! tidepool: the one binary. Parses the command line, loads settings, wires the layers
 //! together (see `node`) and runs a subcommand.
 
+mod bench;
 mod datadir;
 mod http;
 mod node;
@@ -47,6 +48,9 @@ enum Cmd {
     Fs(offline::FsCmd),
     /// Crash-test workload: writes through the fs API and prints each acknowledged write.
     Workload(workload::Args),
+    /// Benchmarks (release build recommended).
+    #[command(subcommand)]
+    Bench(bench::BenchCmd),
 }
 
 fn main() {
@@ -85,5 +89,6 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Status { addr, json } => up::status(&addr.unwrap_or(settings.http_listen), json),
         Cmd::Fs(cmd) => runtime()?.block_on(offline::run(settings, cmd)),
         Cmd::Workload(args) => runtime()?.block_on(workload::run(settings, args)),
+        Cmd::Bench(cmd) => runtime()?.block_on(bench::run(settings, cmd)),
     }
 }

@@ -11,6 +11,9 @@ use crate::node::Node;
 use crate::settings::{Settings, human_bytes};
 
 pub async fn run(settings: Settings) -> Result<()> {
+    // Before anything is printed: a Ctrl-C right after the banner must be a clean stop.
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     let listener = tokio::net::TcpListener::bind(&settings.http_listen)
         .await
         .map_err(|e| format!("cannot listen on http_listen={}: {e}", settings.http_listen))?;
@@ -39,8 +42,6 @@ pub async fn run(settings: Settings) -> Result<()> {
     }
     println!("Ctrl-C to stop.");
     let server = tokio::spawn(http::serve(listener, src));
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
