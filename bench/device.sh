@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Block store vs fio on the same file: sequential 4 MiB write and read, random 4 KiB reads,
+# at equal queue depth (see BENCHMARKS.md, "Device: block store vs fio").
+#
+#   bench/device.sh                        # 4 GiB file, QD 32, 3 alternating rounds
+#   SIZE=8GiB QD=64 ROUNDS=5 RUNTIME=30 bench/device.sh
+#   FILE=/mnt/nvme/tp-bench.img bench/device.sh
+#
+# FILE must be on a real disk (not tmpfs, which refuses O_DIRECT); it is overwritten and deleted.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+SIZE=${SIZE:-4GiB}
+QD=${QD:-32}
+ROUNDS=${ROUNDS:-3}
+RUNTIME=${RUNTIME:-15}
+FILE=${FILE:-$PWD/target/bench-device.img}
+OUT=${OUT:-$PWD/target/bench-device}
+
+if ! command -v fio >/dev/null 2>&1; then
+    echo "fio not found: installing it with apt-get" >&2
+    SUDO=""
+    if [ "$(id -u)" -ne 0 ]; then SUDO=sudo; fi
+    $SUDO apt-get update -qq && $SUDO apt-get install -y fio
+fi
+
+if [ "$(stat -f -c %T "$(dirname "$FILE")")" = tmpfs ]; then
+    echo "warning: $(dirname "$FILE") is tmpfs: O_DIRECT is refused there, the figures mean nothing" >&2
+fi
+
+cargo build --release -p tidepool
+mkdir -p "$OUT"
+echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB; file system of $(dirname "$FILE"): $(stat -f -c %T "$(dirname "$FILE")"), device $(df --output=source "$(dirname "$FILE")" | tail -1)" | tee "$OUT/machine.txt"
+set -x
+target/release/tidepool bench device --file "$FILE" --force --size "$SIZE" --qd "$QD" \
+    --runtime-secs "$RUNTIME" --rounds "$ROUNDS" --json >"$OUT/result.json"
+{ set +x; } 2>/dev/null
+python3 - "$OUT/result.json" <<'PY' | tee "$OUT/result.txt"
+import json, sys
+r = json.load(open(sys.argv[1]))
+print(f"file={r['file']} size={r['size_bytes']/2**30:.2f} GiB qd={r['qd']} rounds={r['rounds']} (median) randread runtime={r['runtime_secs']} s")
+print(f"block store: engine={r['store']['engine']} segment={r['store']['segment_bytes']>>20} MiB blocks={r['store']['blocks']}")
+for c in r["fio_commands"]:
+    print("  " + c)
+print(f"{'test':<17} {'fio':>22} {'tidepool':>22} {'ratio':>8}  goal >= 90 %")
+for t in r["tests"]:
+    unit = (lambda m: f"{m['iops']:>9.0f} IOPS") if t["test"].startswith("rand") else (lambda m: f"{m['mib_per_sec']:>9.1f} MiB/s")
+    print(f"{t['label']:<17} {unit(t['fio']):>22} {unit(t['tidepool']):>22} {t['ratio']*100:>7.1f} %  {'met' if t['met'] else 'MISSED'}")
+PY
+echo "results: $OUT/result.json (JSON, every round) and $OUT/result.txt (table)"
