@@ -15,7 +15,9 @@ use std::time::{Duration, Instant};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
-use tidepool_spdk::{AlignedBuf, BlockDevice, BlockStore, EngineKind, OpenOptions, StoreError, StoreOptions, open_device};
+use tidepool_spdk::{
+    AlignedBuf, BlockDevice, BlockStore, EngineKind, OpenOptions, StoreError, StoreOptions, open_device,
+};
 use tokio::task::JoinSet;
 
 use crate::datadir::anyhow_free::Result;
@@ -70,7 +72,11 @@ enum BenchError {
     #[error("invalid bench argument: {0}")]
     Invalid(String),
     #[error("i/o error on bench file path={path}: {source}")]
-    Io { path: String, #[source] source: std::io::Error },
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 const BLOCK: usize = 4 << 20;
@@ -147,11 +153,16 @@ pub async fn run(_settings: Settings, cmd: BenchCmd) -> Result<()> {
 async fn device(args: DeviceArgs) -> Result<()> {
     let size = args.size / BLOCK as u64 * BLOCK as u64;
     if size < MIN_SIZE || args.qd == 0 || args.rounds == 0 || args.runtime_secs == 0 {
-        return Err(BenchError::Invalid(format!("need size >= 64MiB, qd, rounds, runtime-secs >= 1 (size={size} qd={} rounds={} runtime_secs={})", args.qd, args.rounds, args.runtime_secs)).into());
+        return Err(BenchError::Invalid(format!(
+            "need size >= 64MiB, qd, rounds, runtime-secs >= 1 (size={size} qd={} rounds={} runtime_secs={})",
+            args.qd, args.rounds, args.runtime_secs
+        ))
+        .into());
     }
     let fio_version = fio_version()?;
     check_file(&args.file, args.force)?;
-    let fio_cmds: Vec<Vec<String>> = TESTS.iter().map(|&t| fio_args(t, &args.file, size, args.qd, args.runtime_secs)).collect();
+    let fio_cmds: Vec<Vec<String>> =
+        TESTS.iter().map(|&t| fio_args(t, &args.file, size, args.qd, args.runtime_secs)).collect();
     let mut fio_runs: Vec<[Measure; 3]> = Vec::new();
     let mut store_runs: Vec<StoreRun> = Vec::new();
     let result = async {
@@ -260,7 +271,10 @@ fn fio_args(test: Test, file: &Path, size: u64, qd: usize, runtime_secs: u64) ->
 
 fn shell_line(argv: &[String]) -> String {
     let safe = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || "-_=./,:+@%".contains(c));
-    argv.iter().map(|a| if safe(a) { a.clone() } else { format!("'{}'", a.replace('\'', "'\\''")) }).collect::<Vec<_>>().join(" ")
+    argv.iter()
+        .map(|a| if safe(a) { a.clone() } else { format!("'{}'", a.replace('\'', "'\\''")) })
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 async fn fio_round(file: &Path, size: u64, cmds: &[Vec<String>], round: usize) -> Result<[Measure; 3]> {
@@ -340,23 +354,36 @@ impl Clock {
     }
     fn measure(&self, bytes: u64, ops: u64) -> Measure {
         let secs = self.0.elapsed().as_secs_f64();
-        Measure { bytes_per_sec: bytes as f64 / secs, iops: ops as f64 / secs, cpu_pct: (cpu_secs() - self.1) / secs * 100.0 }
+        Measure {
+            bytes_per_sec: bytes as f64 / secs,
+            iops: ops as f64 / secs,
+            cpu_pct: (cpu_secs() - self.1) / secs * 100.0,
+        }
     }
 }
 
 async fn store_round(args: &DeviceArgs, size: u64, round: usize) -> Result<StoreRun> {
     fresh_file(&args.file, size)?;
-    let dev = open_device(&args.file, &OpenOptions { create_size_bytes: Some(size), queue_depth: args.qd, engine: None })?;
+    let dev =
+        open_device(&args.file, &OpenOptions { create_size_bytes: Some(size), queue_depth: args.qd, engine: None })?;
     let engine = dev.info().engine;
     if engine != EngineKind::Uring {
-        eprintln!("warning: the block store runs on the {engine} engine here (no O_DIRECT?); fio's io_uring figures are not comparable");
+        eprintln!(
+            "warning: the block store runs on the {engine} engine here (no O_DIRECT?); fio's io_uring figures are not comparable"
+        );
     }
     let opts = store_options(size);
     let segment_bytes = opts.segment_bytes;
     let store = Arc::new(BlockStore::format(dev, opts).await?);
     let want = blocks_that_fit(store.stats().segments_total, segment_bytes);
     let (ids, w) = store_seq_write(&store, want, args.qd).await?;
-    eprintln!("round {}: tidepool {:<16} {}  ({} blocks)", round + 1, Test::SeqWrite.label(), show(Test::SeqWrite, &w), ids.len());
+    eprintln!(
+        "round {}: tidepool {:<16} {}  ({} blocks)",
+        round + 1,
+        Test::SeqWrite.label(),
+        show(Test::SeqWrite, &w),
+        ids.len()
+    );
     let r = store_seq_read(&store, &ids, args.qd).await?;
     eprintln!("round {}: tidepool {:<16} {}", round + 1, Test::SeqRead.label(), show(Test::SeqRead, &r));
     let rr = store_rand_read(&store, &ids, args.qd, Duration::from_secs(args.runtime_secs)).await?;
@@ -365,7 +392,12 @@ async fn store_round(args: &DeviceArgs, size: u64, round: usize) -> Result<Store
     // (all written but the few MiB at each segment's tail; unwritten extents read without I/O).
     let span = (1 << 20)..(1 << 20) + ids.len() as u64 * BLOCK as u64;
     let dr = device_rand_read(store.device(), span, args.qd, Duration::from_secs(args.runtime_secs)).await?;
-    eprintln!("round {}: device   {:<16} {}  (engine only, no store)", round + 1, Test::RandRead.label(), show(Test::RandRead, &dr));
+    eprintln!(
+        "round {}: device   {:<16} {}  (engine only, no store)",
+        round + 1,
+        Test::RandRead.label(),
+        show(Test::RandRead, &dr)
+    );
     Ok(StoreRun { results: [w, r, rr], device_rand_read: dr, blocks: ids.len() as u64, segment_bytes, engine })
 }
 
@@ -457,7 +489,12 @@ async fn store_rand_read(store: &Arc<BlockStore>, ids: &[u64], qd: usize, dur: D
 }
 
 /// `qd` tasks reading random 4 KiB pages of the device through its engine, each reusing its buffer.
-async fn device_rand_read(dev: &Arc<dyn BlockDevice>, span: std::ops::Range<u64>, qd: usize, dur: Duration) -> Result<Measure> {
+async fn device_rand_read(
+    dev: &Arc<dyn BlockDevice>,
+    span: std::ops::Range<u64>,
+    qd: usize,
+    dur: Duration,
+) -> Result<Measure> {
     let pages = (span.start / PAGE as u64)..(span.end.min(dev.info().size_bytes) / PAGE as u64);
     let clock = Clock::start();
     let deadline = clock.0 + dur;
@@ -500,10 +537,21 @@ fn median(runs: &[Measure]) -> Measure {
         return v[n / 2];
     }
     let (a, b) = (v[n / 2 - 1], v[n / 2]);
-    Measure { bytes_per_sec: (a.bytes_per_sec + b.bytes_per_sec) / 2.0, iops: (a.iops + b.iops) / 2.0, cpu_pct: (a.cpu_pct + b.cpu_pct) / 2.0 }
+    Measure {
+        bytes_per_sec: (a.bytes_per_sec + b.bytes_per_sec) / 2.0,
+        iops: (a.iops + b.iops) / 2.0,
+        cpu_pct: (a.cpu_pct + b.cpu_pct) / 2.0,
+    }
 }
 
-fn report(args: &DeviceArgs, size: u64, fio_version: &str, cmds: &[Vec<String>], fio: &[[Measure; 3]], store: &[StoreRun]) -> Value {
+fn report(
+    args: &DeviceArgs,
+    size: u64,
+    fio_version: &str,
+    cmds: &[Vec<String>],
+    fio: &[[Measure; 3]],
+    store: &[StoreRun],
+) -> Value {
     let tests: Vec<Value> = TESTS
         .iter()
         .enumerate()
@@ -560,7 +608,10 @@ fn print_table(r: &Value) {
         println!("  {}", c.as_str().unwrap_or(""));
     }
     println!();
-    println!("{:<17} {:>12} {:>10} {:>6}  {:>14} {:>10} {:>6}  {:>8}  goal", "test", "fio MiB/s", "IOPS", "cpu%", "tidepool MiB/s", "IOPS", "cpu%", "ratio");
+    println!(
+        "{:<17} {:>12} {:>10} {:>6}  {:>14} {:>10} {:>6}  {:>8}  goal",
+        "test", "fio MiB/s", "IOPS", "cpu%", "tidepool MiB/s", "IOPS", "cpu%", "ratio"
+    );
     for t in r["tests"].as_array().into_iter().flatten() {
         let f = |side: &str, k: &str| t[side][k].as_f64().unwrap_or(0.0);
         let ratio = t["ratio"].as_f64().unwrap_or(0.0) * 100.0;

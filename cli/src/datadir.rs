@@ -23,7 +23,11 @@ const INIT_NAMES: &[&str] = &["nvme.img", "meta", "objects", "LOCK", "tidepool.t
 #[derive(Debug, thiserror::Error)]
 pub enum DataDirError {
     #[error("data folder i/o error path={path}: {source}")]
-    Io { path: String, #[source] source: std::io::Error },
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{path} is not a tidepool data folder (it is not empty and has no {SUPERBLOCK}); refusing to touch it")]
     Foreign { path: String },
     #[error("corrupt superblock path={path}: {reason}; refusing to start (nothing was changed)")]
@@ -86,7 +90,10 @@ impl DataDir {
             format_version: FORMAT_VERSION,
             node_id: 1,
             cluster_id: new_cluster_id(),
-            created_unix: std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            created_unix: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
         };
         write_superblock(&sb_path, &superblock)?;
         Ok(DataDir { path: path.to_path_buf(), superblock, fresh: true, _lock: lock })
@@ -129,7 +136,10 @@ pub fn read_superblock(path: &Path) -> Result<Superblock, DataDirError> {
     }
     let body = lines.next().ok_or_else(|| corrupt("missing body"))?;
     let crc_line = lines.next().ok_or_else(|| corrupt("missing checksum"))?;
-    let want = crc_line.strip_prefix("crc32c=").and_then(|h| u32::from_str_radix(h, 16).ok()).ok_or_else(|| corrupt("bad checksum line"))?;
+    let want = crc_line
+        .strip_prefix("crc32c=")
+        .and_then(|h| u32::from_str_radix(h, 16).ok())
+        .ok_or_else(|| corrupt("bad checksum line"))?;
     if crc32c::crc32c(body.as_bytes()) != want {
         return Err(corrupt("checksum mismatch"));
     }
@@ -146,7 +156,8 @@ pub fn read_superblock(path: &Path) -> Result<Superblock, DataDirError> {
 }
 
 pub fn write_superblock(path: &Path, sb: &Superblock) -> Result<(), DataDirError> {
-    let body = serde_json::to_string(sb).map_err(|e| DataDirError::Corrupt { path: path.display().to_string(), reason: e.to_string() })?;
+    let body = serde_json::to_string(sb)
+        .map_err(|e| DataDirError::Corrupt { path: path.display().to_string(), reason: e.to_string() })?;
     let text = format!("{MAGIC}\n{body}\ncrc32c={:08x}\n", crc32c::crc32c(body.as_bytes()));
     write_atomic(path, text.as_bytes()).map_err(io_err(path))
 }
@@ -180,7 +191,10 @@ mod tests {
         let d = dir.path().join("data");
         let dd = DataDir::open(&d, |_| Ok(())).unwrap();
         assert!(dd.fresh);
-        assert!(matches!(DataDir::open(&d, |_| Ok(())).map(|_| ()).unwrap_err().downcast::<DataDirError>().map(|b| *b), Ok(DataDirError::Locked { .. })));
+        assert!(matches!(
+            DataDir::open(&d, |_| Ok(())).map(|_| ()).unwrap_err().downcast::<DataDirError>().map(|b| *b),
+            Ok(DataDirError::Locked { .. })
+        ));
         drop(dd);
         assert!(!DataDir::open(&d, |_| Ok(())).unwrap().fresh);
 

@@ -59,7 +59,11 @@ impl StatusSource {
         gauge("tidepool_nvme_blocks", "Blocks on NVMe.", st.blocks);
         gauge("tidepool_nvme_segments_free", "Free segments of the block store.", st.segments_free);
         gauge("tidepool_nvme_index_bytes", "Heap bytes of the block index.", st.index_bytes);
-        gauge("tidepool_dirty_bytes", "Bytes on NVMe not yet in the object store (all of them until the cold tier lands).", st.live_bytes);
+        gauge(
+            "tidepool_dirty_bytes",
+            "Bytes on NVMe not yet in the object store (all of them until the cold tier lands).",
+            st.live_bytes,
+        );
         gauge("tidepool_files", "Regular files in the namespace.", fsst.files);
         gauge("tidepool_directories", "Directories in the namespace.", fsst.dirs);
         gauge("tidepool_file_bytes", "Sum of file sizes.", fsst.file_bytes);
@@ -68,11 +72,17 @@ impl StatusSource {
         gauge("tidepool_raft_applied_index", "Raft applied index.", raft.applied_index);
         gauge("tidepool_raft_log_bytes", "Bytes in the Raft log since the last snapshot.", raft.log_bytes);
         gauge("tidepool_read_only", "1 when the filesystem refuses writes.", self.fs.is_read_only() as u64);
-        let _ = writeln!(out, "# HELP tidepool_fs_ops_total Filesystem operations by kind.\n# TYPE tidepool_fs_ops_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_fs_ops_total Filesystem operations by kind.\n# TYPE tidepool_fs_ops_total counter"
+        );
         for (op, n) in &m.ops {
             let _ = writeln!(out, "tidepool_fs_ops_total{{op=\"{op}\"}} {n}");
         }
-        let _ = writeln!(out, "# HELP tidepool_fs_bytes_total Bytes through the filesystem API.\n# TYPE tidepool_fs_bytes_total counter");
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_fs_bytes_total Bytes through the filesystem API.\n# TYPE tidepool_fs_bytes_total counter"
+        );
         let _ = writeln!(out, "tidepool_fs_bytes_total{{dir=\"read\"}} {}", m.bytes_read);
         let _ = writeln!(out, "tidepool_fs_bytes_total{{dir=\"write\"}} {}", m.bytes_written);
         out
@@ -106,7 +116,10 @@ pub async fn serve(listener: TcpListener, src: Arc<StatusSource>) {
                 ("GET", _) => ("404 Not Found", "text/plain", "not found: try /status or /metrics\n".into()),
                 _ => ("405 Method Not Allowed", "text/plain", "only GET\n".into()),
             };
-            let resp = format!("HTTP/1.1 {code}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+            let resp = format!(
+                "HTTP/1.1 {code}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
             let _ = sock.write_all(resp.as_bytes()).await;
             let _ = sock.shutdown().await;
         });

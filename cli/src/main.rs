@@ -18,7 +18,11 @@ use datadir::anyhow_free::Result;
 use settings::Settings;
 
 #[derive(Parser)]
-#[command(name = "tidepool", version, about = "Tiered NVMe storage for GPU clusters: local NVMe hot, S3/Azure Blob cold")]
+#[command(
+    name = "tidepool",
+    version,
+    about = "Tiered NVMe storage for GPU clusters: local NVMe hot, S3/Azure Blob cold"
+)]
 struct Cli {
     /// Settings file (default: ./tidepool.toml when it exists). TIDEPOOL_* variables override it.
     #[arg(long, global = true)]

@@ -20,7 +20,11 @@ pub struct Node {
 }
 
 fn store_options(s: &Settings) -> StoreOptions {
-    StoreOptions { max_block_bytes: s.block_size.0 as usize, segment_bytes: s.segment_size.0, ..StoreOptions::default() }
+    StoreOptions {
+        max_block_bytes: s.block_size.0 as usize,
+        segment_bytes: s.segment_size.0,
+        ..StoreOptions::default()
+    }
 }
 
 fn device_options(s: &Settings) -> OpenOptions {
@@ -51,12 +55,20 @@ impl Node {
             })
         })?;
         if !dev_path.exists() {
-            return Err(format!("NVMe device {} is missing; this node's hot data is gone (refusing to start)", dev_path.display()).into());
+            return Err(format!(
+                "NVMe device {} is missing; this node's hot data is gone (refusing to start)",
+                dev_path.display()
+            )
+            .into());
         }
         let dev = open_device(&dev_path, &device_options(&settings))?;
         let engine = dev.info().engine;
         let store = Arc::new(BlockStore::open(dev, store_options(&settings)).await?);
-        let raft_opts = RaftOptions { node_id: data.superblock.node_id, snapshot_log_bytes: settings.snapshot_log_size.0, ..RaftOptions::default() };
+        let raft_opts = RaftOptions {
+            node_id: data.superblock.node_id,
+            snapshot_log_bytes: settings.snapshot_log_size.0,
+            ..RaftOptions::default()
+        };
         let meta_dir = data.path.join("meta");
         let meta = tokio::task::block_in_place(|| MetaGroup::open(&meta_dir, raft_opts, MetaState::new()))?;
         let fs_opts = FsOptions { block_size: settings.block_size.0 as usize, ..FsOptions::default() };

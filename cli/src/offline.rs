@@ -56,7 +56,13 @@ async fn exec(fs: &Fs, cmd: FsCmd) -> Result<()> {
                         InodeKind::File => '-',
                         InodeKind::Symlink => 'l',
                     };
-                    writeln!(out, "{kind}{:04o} {:>12} {}", e.attr.mode, e.attr.size, String::from_utf8_lossy(&e.name))?;
+                    writeln!(
+                        out,
+                        "{kind}{:04o} {:>12} {}",
+                        e.attr.mode,
+                        e.attr.size,
+                        String::from_utf8_lossy(&e.name)
+                    )?;
                 }
                 after = list.last().map(|e| e.name.clone());
                 if eof || after.is_none() {
@@ -97,7 +103,11 @@ async fn exec(fs: &Fs, cmd: FsCmd) -> Result<()> {
             let (parent, name) = split_parent(&path)?;
             let dir = fs.resolve(parent.as_bytes())?;
             let a = fs.lookup(dir.ino, name.as_bytes())?;
-            if a.kind == InodeKind::Dir { fs.rmdir(dir.ino, name.as_bytes()).await? } else { fs.unlink(dir.ino, name.as_bytes()).await? }
+            if a.kind == InodeKind::Dir {
+                fs.rmdir(dir.ino, name.as_bytes()).await?
+            } else {
+                fs.unlink(dir.ino, name.as_bytes()).await?
+            }
         }
         FsCmd::Dump => dump(fs, ROOT_INO, b"", &mut out).await?,
     }
@@ -122,7 +132,9 @@ async fn dump(fs: &Fs, dir: u64, prefix: &[u8], out: &mut impl Write) -> Result<
                         writeln!(out, "dir {shown}")?;
                         subdirs.push((e.attr.ino, path));
                     }
-                    InodeKind::Symlink => writeln!(out, "link {shown} -> {}", String::from_utf8_lossy(&fs.readlink(e.attr.ino)?))?,
+                    InodeKind::Symlink => {
+                        writeln!(out, "link {shown} -> {}", String::from_utf8_lossy(&fs.readlink(e.attr.ino)?))?
+                    }
                     InodeKind::File => {
                         let mut crc = 0u32;
                         let mut off = 0;

@@ -9,7 +9,11 @@ use serde::{Deserialize, Deserializer};
 #[derive(Debug, thiserror::Error)]
 pub enum SettingsError {
     #[error("cannot read settings file path={path}: {source}")]
-    Read { path: String, #[source] source: std::io::Error },
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("bad settings in {origin}: {message}")]
     Parse { origin: String, message: String },
     #[error("invalid setting {key}={value}: {reason}")]
@@ -72,7 +76,13 @@ pub fn human_bytes(n: u64) -> String {
         v /= 1024.0;
         u += 1;
     }
-    if u == 0 { format!("{n} B") } else if v.fract() == 0.0 { format!("{v}{}", UNITS[u]) } else { format!("{v:.1}{}", UNITS[u]) }
+    if u == 0 {
+        format!("{n} B")
+    } else if v.fract() == 0.0 {
+        format!("{v}{}", UNITS[u])
+    } else {
+        format!("{v:.1}{}", UNITS[u])
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -139,8 +149,11 @@ impl Settings {
             None => Some(PathBuf::from("tidepool.toml")).filter(|p| p.exists()),
         };
         if let Some(p) = &path {
-            let text = std::fs::read_to_string(p).map_err(|source| SettingsError::Read { path: p.display().to_string(), source })?;
-            table = text.parse::<toml::Table>().map_err(|e| SettingsError::Parse { origin: p.display().to_string(), message: e.to_string() })?;
+            let text = std::fs::read_to_string(p)
+                .map_err(|source| SettingsError::Read { path: p.display().to_string(), source })?;
+            table = text
+                .parse::<toml::Table>()
+                .map_err(|e| SettingsError::Parse { origin: p.display().to_string(), message: e.to_string() })?;
         }
         for (k, v) in env {
             let Some(key) = k.strip_prefix("TIDEPOOL_") else { continue };
@@ -148,11 +161,19 @@ impl Settings {
                 continue;
             }
             // A value that parses as TOML (a number, a quoted string) is taken as such; else it is a string.
-            let value = format!("v = {v}").parse::<toml::Table>().ok().and_then(|mut t| t.remove("v")).unwrap_or(toml::Value::String(v.clone()));
+            let value = format!("v = {v}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or(toml::Value::String(v.clone()));
             table.insert(key.to_ascii_lowercase(), value);
         }
-        let origin = path.map(|p| format!("{} and TIDEPOOL_* environment", p.display())).unwrap_or_else(|| "TIDEPOOL_* environment".into());
-        let s: Settings = table.try_into().map_err(|e: toml::de::Error| SettingsError::Parse { origin, message: e.message().to_string() })?;
+        let origin = path
+            .map(|p| format!("{} and TIDEPOOL_* environment", p.display()))
+            .unwrap_or_else(|| "TIDEPOOL_* environment".into());
+        let s: Settings = table
+            .try_into()
+            .map_err(|e: toml::de::Error| SettingsError::Parse { origin, message: e.message().to_string() })?;
         s.validate()?;
         Ok(s)
     }
@@ -160,15 +181,23 @@ impl Settings {
     fn validate(&self) -> Result<(), SettingsError> {
         let bad = |key, value: String, reason: &str| Err(SettingsError::Invalid { key, value, reason: reason.into() });
         let bs = self.block_size.0;
-        if !(4096..=16 << 20).contains(&bs) || bs % 4096 != 0 {
+        if !(4096..=16 << 20).contains(&bs) || !bs.is_multiple_of(4096) {
             return bad("block_size", self.block_size.to_string(), "must be a multiple of 4KiB between 4KiB and 16MiB");
         }
         let seg = self.segment_size.0;
-        if seg % (1 << 20) != 0 || seg < 4 * bs.max(1 << 20) {
-            return bad("segment_size", self.segment_size.to_string(), "must be a multiple of 1MiB and at least 4 blocks");
+        if !seg.is_multiple_of(1 << 20) || seg < 4 * bs.max(1 << 20) {
+            return bad(
+                "segment_size",
+                self.segment_size.to_string(),
+                "must be a multiple of 1MiB and at least 4 blocks",
+            );
         }
         if self.device_size.0 < 4 * seg {
-            return bad("device_size", self.device_size.to_string(), "must hold at least 4 segments (lower segment_size for small devices)");
+            return bad(
+                "device_size",
+                self.device_size.to_string(),
+                "must hold at least 4 segments (lower segment_size for small devices)",
+            );
         }
         if !(1..=4096).contains(&self.queue_depth) {
             return bad("queue_depth", self.queue_depth.to_string(), "must be between 1 and 4096");
@@ -193,7 +222,8 @@ impl Settings {
 
     pub fn object_store_url(&self) -> String {
         self.object_store.clone().unwrap_or_else(|| {
-            let abs = std::path::absolute(self.data_dir.join("objects")).unwrap_or_else(|_| self.data_dir.join("objects"));
+            let abs =
+                std::path::absolute(self.data_dir.join("objects")).unwrap_or_else(|_| self.data_dir.join("objects"));
             format!("file://{}", abs.display())
         })
     }

@@ -29,16 +29,28 @@ pub async fn run(settings: Settings) -> Result<()> {
         http: format!("http://{}", listener.local_addr()?),
     });
     let stat = node.fs.stat();
-    println!("tidepool {} is up ({})", env!("CARGO_PKG_VERSION"), if node.data.fresh { "new data folder" } else { "existing data folder" });
+    println!(
+        "tidepool {} is up ({})",
+        env!("CARGO_PKG_VERSION"),
+        if node.data.fresh { "new data folder" } else { "existing data folder" }
+    );
     println!("  data folder   {}", src.data_dir);
     println!("  NVMe device   {} ({}, {} engine)", src.device, human_bytes(stat.capacity_bytes), src.engine);
     println!("  object store  {} (tiering comes with the cold tier; not active yet)", src.object_store);
     println!("  status        {}/status", src.http);
     println!("  metrics       {}/metrics", src.http);
-    println!("  namespace     {} files, {} directories, {} in files", stat.files, stat.dirs, human_bytes(stat.file_bytes));
+    println!(
+        "  namespace     {} files, {} directories, {} in files",
+        stat.files,
+        stat.dirs,
+        human_bytes(stat.file_bytes)
+    );
     println!("  front ends    S3 and NFS are not built yet; use `tidepool fs` on a stopped node");
     if node.report.orphans_freed > 0 || node.report.missing_blocks > 0 {
-        println!("  recovery      freed {} orphaned blocks; {} blocks missing", node.report.orphans_freed, node.report.missing_blocks);
+        println!(
+            "  recovery      freed {} orphaned blocks; {} blocks missing",
+            node.report.orphans_freed, node.report.missing_blocks
+        );
     }
     println!("Ctrl-C to stop.");
     let server = tokio::spawn(http::serve(listener, src));
@@ -64,9 +76,29 @@ pub fn status(addr: &str, json: bool) -> Result<()> {
     let n = |p: &str| v.pointer(p).map(|x| x.to_string()).unwrap_or_else(|| "?".into());
     println!("state          {} (up {}s)", v["state"].as_str().unwrap_or("?"), n("/uptime_secs"));
     println!("data folder    {}", v["data_dir"].as_str().unwrap_or("?"));
-    println!("NVMe           {} used of {} ({} live in {} blocks), {} engine", b("/block_store/used_bytes"), b("/block_store/capacity_bytes"), b("/block_store/live_bytes"), n("/block_store/blocks"), v.pointer("/device/engine").and_then(|x| x.as_str()).unwrap_or("?"));
-    println!("namespace      {} files, {} directories, {} in files", n("/fs/files"), n("/fs/dirs"), b("/fs/file_bytes"));
-    println!("meta group     leader {} term {} commit {} applied {} (snapshot at {}, log {})", n("/meta/leader_id"), n("/meta/term"), n("/meta/commit_index"), n("/meta/applied_index"), n("/meta/snapshot_index"), b("/meta/log_bytes"));
+    println!(
+        "NVMe           {} used of {} ({} live in {} blocks), {} engine",
+        b("/block_store/used_bytes"),
+        b("/block_store/capacity_bytes"),
+        b("/block_store/live_bytes"),
+        n("/block_store/blocks"),
+        v.pointer("/device/engine").and_then(|x| x.as_str()).unwrap_or("?")
+    );
+    println!(
+        "namespace      {} files, {} directories, {} in files",
+        n("/fs/files"),
+        n("/fs/dirs"),
+        b("/fs/file_bytes")
+    );
+    println!(
+        "meta group     leader {} term {} commit {} applied {} (snapshot at {}, log {})",
+        n("/meta/leader_id"),
+        n("/meta/term"),
+        n("/meta/commit_index"),
+        n("/meta/applied_index"),
+        n("/meta/snapshot_index"),
+        b("/meta/log_bytes")
+    );
     println!("object store   {}", v.pointer("/object_store/url").and_then(|x| x.as_str()).unwrap_or("?"));
     Ok(())
 }

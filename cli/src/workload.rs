@@ -64,7 +64,9 @@ pub async fn run(settings: Settings, args: Args) -> Result<()> {
         let Some(&(ino, size)) = live.get(&i) else {
             println!("begin {n} create {}", path(i));
             match fs.create(dir, nm.as_bytes(), 0o644, 0, 0).await {
-                Ok(a) => ack(n, || { live.insert(i, (a.ino, 0)); }),
+                Ok(a) => ack(n, || {
+                    live.insert(i, (a.ino, 0));
+                }),
                 Err(e) => println!("fail {n} {}", e.errno()),
             }
             continue;
@@ -81,7 +83,9 @@ pub async fn run(settings: Settings, args: Args) -> Result<()> {
                 let seed: u64 = rng.r#gen();
                 println!("begin {n} write {} {off} {len} {seed}", path(i));
                 match fs.write(ino, off, &pattern(seed, len as usize)).await {
-                    Ok(a) => ack(n, || { live.insert(i, (ino, a.size)); }),
+                    Ok(a) => ack(n, || {
+                        live.insert(i, (ino, a.size));
+                    }),
                     Err(e) => println!("fail {n} {}", e.errno()),
                 }
             }
@@ -89,14 +93,18 @@ pub async fn run(settings: Settings, args: Args) -> Result<()> {
                 let to = rng.gen_range(0..=size + (64 << 10)).min(MAX_FILE);
                 println!("begin {n} truncate {} {to}", path(i));
                 match fs.setattr(ino, SetAttr { size: Some(to), ..Default::default() }).await {
-                    Ok(_) => ack(n, || { live.insert(i, (ino, to)); }),
+                    Ok(_) => ack(n, || {
+                        live.insert(i, (ino, to));
+                    }),
                     Err(e) => println!("fail {n} {}", e.errno()),
                 }
             }
             77..=86 => {
                 println!("begin {n} unlink {}", path(i));
                 match fs.unlink(dir, nm.as_bytes()).await {
-                    Ok(()) => ack(n, || { live.remove(&i); }),
+                    Ok(()) => ack(n, || {
+                        live.remove(&i);
+                    }),
                     Err(e) => println!("fail {n} {}", e.errno()),
                 }
             }

@@ -50,20 +50,14 @@ impl StateMachine for Kv {
     }
 
     fn restore(data: &[u8]) -> Result<Self, String> {
-        let body = data
-            .strip_prefix(KV_MAGIC)
-            .ok_or("bad toy snapshot magic")?;
+        let body = data.strip_prefix(KV_MAGIC).ok_or("bad toy snapshot magic")?;
         let map = postcard::from_bytes(body).map_err(|e| e.to_string())?;
         Ok(Kv { map })
     }
 }
 
 fn opts(snapshot_log_bytes: u64) -> RaftOptions {
-    RaftOptions {
-        snapshot_log_bytes,
-        tick: Duration::from_millis(20),
-        ..Default::default()
-    }
+    RaftOptions { snapshot_log_bytes, tick: Duration::from_millis(20), ..Default::default() }
 }
 
 fn open(dir: &Path, snapshot_log_bytes: u64) -> MetaGroup<Kv> {
@@ -99,18 +93,9 @@ fn log_path(dir: &Path) -> std::path::PathBuf {
 async fn propose_applies_and_returns_outputs() {
     let dir = tempfile::tempdir().expect("tempdir");
     let g = open(dir.path(), 1 << 20);
-    assert_eq!(
-        g.propose(KvCmd::Put("a".into(), 1)).await.expect("put"),
-        None
-    );
-    assert_eq!(
-        g.propose(KvCmd::Put("a".into(), 5)).await.expect("put"),
-        Some(1)
-    );
-    assert_eq!(
-        g.propose(KvCmd::Incr("a".into(), 2)).await.expect("incr"),
-        Some(7)
-    );
+    assert_eq!(g.propose(KvCmd::Put("a".into(), 1)).await.expect("put"), None);
+    assert_eq!(g.propose(KvCmd::Put("a".into(), 5)).await.expect("put"), Some(1));
+    assert_eq!(g.propose(KvCmd::Incr("a".into(), 2)).await.expect("incr"), Some(7));
     assert_eq!(g.read(|s| s.map.get("a").copied()), Some(7));
     let st = g.status();
     assert_eq!(st.leader_id, 1);
@@ -128,25 +113,15 @@ async fn restart_from_disk_gives_same_state() {
     let dir = tempfile::tempdir().expect("tempdir");
     let g = open(dir.path(), 1 << 20);
     put_many(&g, "k", 50).await;
-    g.propose(KvCmd::Incr("k-0003".into(), 10))
-        .await
-        .expect("incr");
+    g.propose(KvCmd::Incr("k-0003".into(), 10)).await.expect("incr");
     let before = snapshot_of(&g);
     let applied = g.status().applied_index;
     drop(g); // no shutdown: the driver must stop and the data must still be there
 
     let g = open(dir.path(), 1 << 20);
     assert_eq!(snapshot_of(&g), before);
-    assert!(
-        g.status().applied_index > applied,
-        "a new term's empty entry is applied on top"
-    );
-    assert_eq!(
-        g.propose(KvCmd::Incr("k-0003".into(), 1))
-            .await
-            .expect("incr"),
-        Some(14)
-    );
+    assert!(g.status().applied_index > applied, "a new term's empty entry is applied on top");
+    assert_eq!(g.propose(KvCmd::Incr("k-0003".into(), 1)).await.expect("incr"), Some(14));
     g.shutdown().await.expect("shutdown");
 
     let g = open(dir.path(), 1 << 20);
@@ -207,12 +182,8 @@ async fn torn_tail_is_discarded_and_acknowledged_data_kept() {
     drop(g);
 
     // A record header promising more bytes than follow, then garbage: a write cut short.
-    let mut f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(log_path(dir.path()))
-        .expect("log");
-    f.write_all(&[200, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, 7, 7, 7, 7, 7])
-        .expect("garbage");
+    let mut f = std::fs::OpenOptions::new().append(true).open(log_path(dir.path())).expect("log");
+    f.write_all(&[200, 0, 0, 0, 0xde, 0xad, 0xbe, 0xef, 1, 7, 7, 7, 7, 7]).expect("garbage");
     drop(f);
 
     let g = open(dir.path(), 1 << 20);
@@ -262,19 +233,13 @@ async fn unknown_versions_are_errors() {
     };
     set_version("raft.log", 99);
     match open_err(dir.path()) {
-        RaftError::UnsupportedVersion {
-            found: 99,
-            supported: 1,
-        } => {}
+        RaftError::UnsupportedVersion { found: 99, supported: 1 } => {}
         e => panic!("expected UnsupportedVersion for the log, got {e}"),
     }
     set_version("raft.log", 1);
     set_version("snapshot.tpsn", 7);
     match open_err(dir.path()) {
-        RaftError::UnsupportedVersion {
-            found: 7,
-            supported: 1,
-        } => {}
+        RaftError::UnsupportedVersion { found: 7, supported: 1 } => {}
         e => panic!("expected UnsupportedVersion for the snapshot, got {e}"),
     }
     set_version("snapshot.tpsn", 1);
@@ -290,15 +255,10 @@ async fn thousand_concurrent_proposals_apply_exactly_once() {
     // One at a time first, for comparison: one fsync per proposal.
     let started = Instant::now();
     for i in 0..100u64 {
-        g.propose(KvCmd::Put("seq".into(), i))
-            .await
-            .expect("sequential put");
+        g.propose(KvCmd::Put("seq".into(), i)).await.expect("sequential put");
     }
     let secs = started.elapsed().as_secs_f64();
-    println!(
-        "100 sequential proposals in {secs:.3}s: {:.0} proposals/s",
-        100.0 / secs
-    );
+    println!("100 sequential proposals in {secs:.3}s: {:.0} proposals/s", 100.0 / secs);
 
     const N: u64 = 1000;
     let started = Instant::now();

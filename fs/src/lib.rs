@@ -115,7 +115,8 @@ impl Fs {
     async fn reconcile(&self) -> Result<OpenReport> {
         let mut report = OpenReport::default();
         let in_store = self.store.ids();
-        let orphans: Vec<u64> = self.meta.read(|s| in_store.iter().copied().filter(|id| !s.blocks.contains_key(id)).collect());
+        let orphans: Vec<u64> =
+            self.meta.read(|s| in_store.iter().copied().filter(|id| !s.blocks.contains_key(id)).collect());
         for id in &orphans {
             self.store.delete(*id).await?;
         }
@@ -128,8 +129,10 @@ impl Fs {
             s.blocks
                 .iter()
                 .filter(|(id, b)| {
-                    matches!(b.state, tidepool_cluster::meta::BlockState::Dirty | tidepool_cluster::meta::BlockState::Clean(_))
-                        && !self.store.contains(**id)
+                    matches!(
+                        b.state,
+                        tidepool_cluster::meta::BlockState::Dirty | tidepool_cluster::meta::BlockState::Clean(_)
+                    ) && !self.store.contains(**id)
                 })
                 .count() as u64
         });

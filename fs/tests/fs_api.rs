@@ -87,7 +87,10 @@ async fn truncate_shrinks_and_extends_and_frees_blocks() {
     assert_eq!(&got[..1000], &data[..1000]);
     assert!(got[1000..].iter().all(|&b| b == 0) && got.len() == 5000);
     let dir = fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).await.unwrap();
-    assert_eq!(fs.setattr(dir.ino, SetAttr { size: Some(0), ..Default::default() }).await.unwrap_err().errno(), libc::EISDIR);
+    assert_eq!(
+        fs.setattr(dir.ino, SetAttr { size: Some(0), ..Default::default() }).await.unwrap_err().errno(),
+        libc::EISDIR
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

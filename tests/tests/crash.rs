@@ -19,14 +19,17 @@ fn apply(model: &mut Model, op: &[&str]) {
             model.insert(p.to_string(), Vec::new());
         }
         ["write", p, off, len, seed] => {
-            let (off, len, seed): (usize, usize, u64) = (off.parse().unwrap(), len.parse().unwrap(), seed.parse().unwrap());
+            let (off, len, seed): (usize, usize, u64) =
+                (off.parse().unwrap(), len.parse().unwrap(), seed.parse().unwrap());
             let f = model.get_mut(*p).expect("write to a file the model has");
             if f.len() < off + len {
                 f.resize(off + len, 0);
             }
             f[off..off + len].copy_from_slice(&pattern(seed, len));
         }
-        ["truncate", p, size] => model.get_mut(*p).expect("truncate of a file the model has").resize(size.parse().unwrap(), 0),
+        ["truncate", p, size] => {
+            model.get_mut(*p).expect("truncate of a file the model has").resize(size.parse().unwrap(), 0)
+        }
         ["unlink", p] => {
             model.remove(*p);
         }
@@ -58,7 +61,8 @@ fn dump(data: &std::path::Path) -> BTreeMap<String, (u64, u32)> {
         .lines()
         .filter_map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
-            (f[0] == "file").then(|| (f[1].to_string(), (f[2].parse().unwrap(), u32::from_str_radix(f[3], 16).unwrap())))
+            (f[0] == "file")
+                .then(|| (f[1].to_string(), (f[2].parse().unwrap(), u32::from_str_radix(f[3], 16).unwrap())))
         })
         .collect()
 }
@@ -67,7 +71,7 @@ fn dump(data: &std::path::Path) -> BTreeMap<String, (u64, u32)> {
 fn sigkill_at_random_moments_loses_no_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let seed: u64 = std::env::var("CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| rand::random());
+    let seed: u64 = std::env::var("CRASH_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     println!("CRASH_SEED={seed}");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut model = Model::new();
@@ -80,7 +84,11 @@ fn sigkill_at_random_moments_loses_no_acknowledged_write() {
             .spawn()
             .expect("start tidepool workload");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        assert_eq!(lines.next().and_then(|l| l.ok()).as_deref(), Some("ready"), "round {round}: workload did not start");
+        assert_eq!(
+            lines.next().and_then(|l| l.ok()).as_deref(),
+            Some("ready"),
+            "round {round}: workload did not start"
+        );
         let kill_after = rng.gen_range(0..40);
         let mut pending: Option<(u64, String)> = None;
         let mut acks = 0;
@@ -119,7 +127,11 @@ fn sigkill_at_random_moments_loses_no_acknowledged_write() {
         } else if let Some((_, op)) = &pending {
             let mut with = model.clone();
             apply(&mut with, &op.split(' ').collect::<Vec<_>>());
-            assert_eq!(got, summary(&with), "round {round}: state is neither the acknowledged model nor it plus the op in flight ({op})");
+            assert_eq!(
+                got,
+                summary(&with),
+                "round {round}: state is neither the acknowledged model nor it plus the op in flight ({op})"
+            );
             model = with;
             kills_mid_op += 1;
         } else {

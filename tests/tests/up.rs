@@ -19,7 +19,8 @@ fn cmd(data: &Path, port: u16) -> Command {
 
 /// Start `up` and wait for its banner; returns the child and the banner lines.
 fn start(data: &Path, port: u16) -> (Child, Vec<String>) {
-    let mut child = cmd(data, port).arg("up").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start tidepool up");
+    let mut child =
+        cmd(data, port).arg("up").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().expect("start tidepool up");
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut banner = Vec::new();
     for l in lines.by_ref() {
@@ -85,7 +86,12 @@ fn up_serves_status_and_metrics_and_stops_cleanly() {
 
     let (head, body) = http_get(port, "/metrics");
     assert!(head.starts_with("HTTP/1.1 200") && head.contains("text/plain"), "{head}");
-    for name in ["tidepool_nvme_capacity_bytes", "tidepool_raft_commit_index", "tidepool_fs_ops_total{op=\"write\"}", "tidepool_dirty_bytes"] {
+    for name in [
+        "tidepool_nvme_capacity_bytes",
+        "tidepool_raft_commit_index",
+        "tidepool_fs_ops_total{op=\"write\"}",
+        "tidepool_dirty_bytes",
+    ] {
         assert!(body.contains(name), "metric {name} missing:\n{body}");
     }
     assert!(body.lines().all(|l| l.starts_with('#') || l.split(' ').count() == 2), "Prometheus text format:\n{body}");
@@ -93,7 +99,10 @@ fn up_serves_status_and_metrics_and_stops_cleanly() {
 
     let out = cmd(&data, port).arg("status").output().unwrap();
     let s = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && s.contains("state          serving") && s.contains("meta group     leader 1"), "{s}");
+    assert!(
+        out.status.success() && s.contains("state          serving") && s.contains("meta group     leader 1"),
+        "{s}"
+    );
 
     // A second node on the same folder is refused while the first runs.
     let out = cmd(&data, free_port()).arg("up").output().unwrap();

@@ -111,7 +111,15 @@ pub struct NewBlock {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Command {
     /// Create an entry; `Exists` if the name is taken.
-    Create { parent: Ino, name: Vec<u8>, kind: NewKind, mode: u32, uid: u32, gid: u32, now: Nanos },
+    Create {
+        parent: Ino,
+        name: Vec<u8>,
+        kind: NewKind,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        now: Nanos,
+    },
     /// Change attributes; `size` truncates or extends (with a hole).
     SetAttr {
         ino: Ino,
@@ -125,21 +133,58 @@ pub enum Command {
     },
     /// Lay `blocks` (already in the block store) end to end at `offset` of file `ino`,
     /// replacing what was there (copy-on-write). Size grows to cover them.
-    Write { ino: Ino, offset: u64, blocks: Vec<NewBlock>, now: Nanos },
+    Write {
+        ino: Ino,
+        offset: u64,
+        blocks: Vec<NewBlock>,
+        now: Nanos,
+    },
     /// Rename, replacing an existing destination of a compatible kind (POSIX rename).
-    Rename { src_parent: Ino, src_name: Vec<u8>, dst_parent: Ino, dst_name: Vec<u8>, now: Nanos },
+    Rename {
+        src_parent: Ino,
+        src_name: Vec<u8>,
+        dst_parent: Ino,
+        dst_name: Vec<u8>,
+        now: Nanos,
+    },
     /// Remove a file or symlink entry.
-    Unlink { parent: Ino, name: Vec<u8>, now: Nanos },
+    Unlink {
+        parent: Ino,
+        name: Vec<u8>,
+        now: Nanos,
+    },
     /// Remove an empty directory.
-    Rmdir { parent: Ino, name: Vec<u8>, now: Nanos },
-    SetXattr { ino: Ino, key: String, value: String, now: Nanos },
-    RemoveXattr { ino: Ino, key: String, now: Nanos },
+    Rmdir {
+        parent: Ino,
+        name: Vec<u8>,
+        now: Nanos,
+    },
+    SetXattr {
+        ino: Ino,
+        key: String,
+        value: String,
+        now: Nanos,
+    },
+    RemoveXattr {
+        ino: Ino,
+        key: String,
+        now: Nanos,
+    },
     /// Replace the whole user-metadata map (S3 PUT / COPY with REPLACE).
-    ReplaceXattrs { ino: Ino, xattrs: BTreeMap<String, String>, now: Nanos },
+    ReplaceXattrs {
+        ino: Ino,
+        xattrs: BTreeMap<String, String>,
+        now: Nanos,
+    },
     /// Hand out `count` fresh block ids (a range, so writers need no round trip per block).
-    AllocBlockIds { count: u64 },
+    AllocBlockIds {
+        count: u64,
+    },
     /// Tiering: record a block's new state.
-    SetBlockState { id: BlockId, state: BlockState },
+    SetBlockState {
+        id: BlockId,
+        state: BlockState,
+    },
 }
 
 /// What a successful apply returns.

@@ -27,10 +27,7 @@ use super::{RaftError, RaftOptions, RaftStatus, StateMachine};
 const MAX_BATCH: usize = 4096;
 
 enum Msg<S: StateMachine> {
-    Propose {
-        data: Vec<u8>,
-        reply: Reply<S::Output>,
-    },
+    Propose { data: Vec<u8>, reply: Reply<S::Output> },
     Snapshot(Reply<()>),
     Shutdown(Reply<()>),
 }
@@ -69,12 +66,7 @@ impl<S: StateMachine> Handle<S> {
             .name(format!("tidepool-raft-{}", opts.node_id))
             .spawn(move || run(node, rx, tick))
             .map_err(super::durable::io_err(dir))?;
-        Ok(Handle {
-            tx: Some(tx),
-            thread: Some(thread),
-            state,
-            status,
-        })
+        Ok(Handle { tx: Some(tx), thread: Some(thread), state, status })
     }
 
     pub(crate) async fn propose(&self, cmd: S::Command) -> Result<S::Output, RaftError> {
@@ -89,10 +81,7 @@ impl<S: StateMachine> Handle<S> {
     }
 
     pub(crate) fn status(&self) -> RaftStatus {
-        self.status
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
+        self.status.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     pub(crate) async fn snapshot_now(&self) -> Result<(), RaftError> {
@@ -139,26 +128,11 @@ fn load<S: StateMachine>(dir: &Path, opts: &RaftOptions, initial: S) -> Result<N
     let (snapshot, state) = match snapfile::read(dir)? {
         Some(file) => {
             let state = S::restore(&file.data).map_err(RaftError::Snapshot)?;
-            (
-                SnapshotFile {
-                    data: Vec::new(),
-                    ..file
-                },
-                state,
-            )
+            (SnapshotFile { data: Vec::new(), ..file }, state)
         }
         None => {
-            let conf_state = ConfState {
-                voters: vec![opts.node_id],
-                ..Default::default()
-            };
-            (
-                SnapshotFile {
-                    conf_state,
-                    ..Default::default()
-                },
-                initial,
-            )
+            let conf_state = ConfState { voters: vec![opts.node_id], ..Default::default() };
+            (SnapshotFile { conf_state, ..Default::default() }, initial)
         }
     };
     let (log, replayed) = LogFile::open(dir, snapshot.index)?;
@@ -188,14 +162,7 @@ fn load<S: StateMachine>(dir: &Path, opts: &RaftOptions, initial: S) -> Result<N
     let logger = slog::Logger::root(slog::Discard, slog::o!());
     let raw = RawNode::new(&cfg, storage, &logger)?;
     let state = Arc::new(RwLock::new(state));
-    Ok(Node::new(
-        raw,
-        dir.to_path_buf(),
-        opts.clone(),
-        log,
-        state,
-        snapshot.index,
-    ))
+    Ok(Node::new(raw, dir.to_path_buf(), opts.clone(), log, state, snapshot.index))
 }
 
 /// How the loop ended.

@@ -9,17 +9,12 @@ use super::RaftError;
 
 /// Maps an `io::Error` on `path` to [`RaftError::Io`].
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> RaftError + '_ {
-    move |source| RaftError::Io {
-        path: path.display().to_string(),
-        source,
-    }
+    move |source| RaftError::Io { path: path.display().to_string(), source }
 }
 
 /// fsyncs a directory so that a rename or a file creation inside it is durable.
 pub(crate) fn sync_dir(dir: &Path) -> Result<(), RaftError> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io_err(dir))
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io_err(dir))
 }
 
 /// Replaces `dir/name` with `bytes` crash-safely: write `name.tmp`, fsync it, rename it over
@@ -31,12 +26,7 @@ pub(crate) fn sync_dir(dir: &Path) -> Result<(), RaftError> {
 pub(crate) fn replace_file(dir: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, RaftError> {
     let path = dir.join(name);
     let tmp = dir.join(format!("{name}.tmp"));
-    let mut f = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
+    let mut f = OpenOptions::new().write(true).create(true).truncate(true).open(&tmp).map_err(io_err(&tmp))?;
     f.write_all(bytes).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     drop(f);

@@ -55,18 +55,15 @@ fn encode_record(kind: u8, payload: &[u8], out: &mut Vec<u8>) {
 
 /// Appends an Entry record to `out`.
 pub(crate) fn encode_entry(entry: &Entry, out: &mut Vec<u8>) -> Result<(), RaftError> {
-    let payload = entry
-        .write_to_bytes()
-        .map_err(|e| RaftError::Encode(format!("raft entry index={}: {e}", entry.index)))?;
+    let payload =
+        entry.write_to_bytes().map_err(|e| RaftError::Encode(format!("raft entry index={}: {e}", entry.index)))?;
     encode_record(KIND_ENTRY, &payload, out);
     Ok(())
 }
 
 /// Appends a HardState record to `out`.
 pub(crate) fn encode_hard_state(hs: &HardState, out: &mut Vec<u8>) -> Result<(), RaftError> {
-    let payload = hs
-        .write_to_bytes()
-        .map_err(|e| RaftError::Encode(format!("raft hard state: {e}")))?;
+    let payload = hs.write_to_bytes().map_err(|e| RaftError::Encode(format!("raft hard state: {e}")))?;
     encode_record(KIND_HARD_STATE, &payload, out);
     Ok(())
 }
@@ -111,11 +108,7 @@ fn parse_record(buf: &[u8], off: usize) -> Option<RawRecord<'_>> {
     let start = off + RECORD_HEADER_LEN;
     let payload = buf.get(start..start.checked_add(len)?)?;
     let actual = crc32c::crc32c_append(crc32c::crc32c(&[kind]), payload);
-    (actual == crc).then_some(RawRecord {
-        kind,
-        payload,
-        next: start + len,
-    })
+    (actual == crc).then_some(RawRecord { kind, payload, next: start + len })
 }
 
 /// True if any offset after `off` starts a well-formed record.
@@ -124,11 +117,7 @@ fn valid_record_after(buf: &[u8], off: usize) -> bool {
 }
 
 fn corrupt(path: &Path, offset: usize, reason: impl Into<String>) -> RaftError {
-    RaftError::CorruptLog {
-        path: path.display().to_string(),
-        offset: offset as u64,
-        reason: reason.into(),
-    }
+    RaftError::CorruptLog { path: path.display().to_string(), offset: offset as u64, reason: reason.into() }
 }
 
 /// Checks the header: magic, then version.
@@ -138,32 +127,19 @@ fn check_header(buf: &[u8], path: &Path) -> Result<(), RaftError> {
     }
     let found = u32::from_le_bytes([buf[4], buf[5], buf[6], buf[7]]);
     if found != LOG_VERSION {
-        return Err(RaftError::UnsupportedVersion {
-            found,
-            supported: LOG_VERSION,
-        });
+        return Err(RaftError::UnsupportedVersion { found, supported: LOG_VERSION });
     }
     Ok(())
 }
 
 /// Adds one replayed entry, applying the overwrite rule.
-fn push_entry(
-    out: &mut Vec<Entry>,
-    e: Entry,
-    snapshot_index: u64,
-    path: &Path,
-    off: usize,
-) -> Result<(), RaftError> {
+fn push_entry(out: &mut Vec<Entry>, e: Entry, snapshot_index: u64, path: &Path, off: usize) -> Result<(), RaftError> {
     if e.index <= snapshot_index {
         return Ok(());
     }
     let next = out.last().map_or(snapshot_index + 1, |l| l.index + 1);
     if e.index > next {
-        return Err(corrupt(
-            path,
-            off,
-            format!("gap in log index={} expected<={next}", e.index),
-        ));
+        return Err(corrupt(path, off, format!("gap in log index={} expected<={next}", e.index)));
     }
     if e.index < next {
         // Invariant: out[0].index == snapshot_index + 1 and e.index > snapshot_index, so the
@@ -223,10 +199,7 @@ impl LogFile {
         }
         let buf = std::fs::read(&path).map_err(io_err(&path))?;
         let replayed = replay(&buf, &path, snapshot_index)?;
-        let file = OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .map_err(io_err(&path))?;
+        let file = OpenOptions::new().append(true).open(&path).map_err(io_err(&path))?;
         if replayed.torn_bytes > 0 {
             tracing::warn!(
                 path = %path.display(),
@@ -236,12 +209,7 @@ impl LogFile {
             file.set_len(replayed.valid_len).map_err(io_err(&path))?;
             file.sync_all().map_err(io_err(&path))?;
         }
-        let log = LogFile {
-            dir: dir.to_path_buf(),
-            path,
-            file,
-            len_bytes: replayed.valid_len,
-        };
+        let log = LogFile { dir: dir.to_path_buf(), path, file, len_bytes: replayed.valid_len };
         Ok((log, replayed))
     }
 
@@ -268,10 +236,7 @@ impl LogFile {
             encode_entry(e, &mut buf)?;
         }
         replace_file(&self.dir, LOG_FILE, &buf)?;
-        self.file = OpenOptions::new()
-            .append(true)
-            .open(&self.path)
-            .map_err(io_err(&self.path))?;
+        self.file = OpenOptions::new().append(true).open(&self.path).map_err(io_err(&self.path))?;
         self.len_bytes = buf.len() as u64;
         Ok(())
     }
@@ -287,12 +252,7 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64, data: &[u8]) -> Entry {
-        Entry {
-            index,
-            term,
-            data: data.to_vec().into(),
-            ..Default::default()
-        }
+        Entry { index, term, data: data.to_vec().into(), ..Default::default() }
     }
 
     fn file(entries: &[Entry], hs: Option<&HardState>) -> Vec<u8> {
@@ -312,18 +272,8 @@ mod tests {
 
     #[test]
     fn later_entry_overwrites_conflicting_suffix() {
-        let hs = HardState {
-            term: 2,
-            commit: 3,
-            ..Default::default()
-        };
-        let ents = [
-            entry(1, 1, b"a"),
-            entry(2, 1, b"b"),
-            entry(3, 1, b"c"),
-            entry(3, 2, b"C"),
-            entry(4, 2, b"d"),
-        ];
+        let hs = HardState { term: 2, commit: 3, ..Default::default() };
+        let ents = [entry(1, 1, b"a"), entry(2, 1, b"b"), entry(3, 1, b"c"), entry(3, 2, b"C"), entry(4, 2, b"d")];
         let r = replay(&file(&ents, Some(&hs)), Path::new("t"), 0).expect("replay");
         assert_eq!(indexes_terms(&r), vec![(1, 1), (2, 1), (3, 2), (4, 2)]);
         assert_eq!(r.entries[2].get_data(), b"C");
@@ -358,9 +308,6 @@ mod tests {
         let mut bad = good.clone();
         bad[HEADER_LEN + RECORD_HEADER_LEN + 1] ^= 1;
         let err = replay(&bad, Path::new("t"), 0).expect_err("corrupt");
-        assert!(
-            matches!(err, RaftError::CorruptLog { offset: 8, .. }),
-            "{err}"
-        );
+        assert!(matches!(err, RaftError::CorruptLog { offset: 8, .. }), "{err}");
     }
 }

@@ -74,7 +74,11 @@ pub struct RaftStatus {
 #[derive(Debug, thiserror::Error)]
 pub enum RaftError {
     #[error("raft log i/o error path={path}: {source}")]
-    Io { path: String, #[source] source: std::io::Error },
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("corrupt raft log path={path} offset={offset}: {reason}")]
     CorruptLog { path: String, offset: u64, reason: String },
     #[error("unsupported raft log format version found={found} supported={supported}")]

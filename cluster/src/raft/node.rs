@@ -13,9 +13,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use protobuf::Message as _;
-use raft::eraftpb::{
-    ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot,
-};
+use raft::eraftpb::{ConfChange, ConfChangeV2, ConfState, Entry, EntryType, HardState, Message, Snapshot};
 use raft::{RawNode, StateRole, Storage};
 use tokio::sync::oneshot;
 
@@ -70,10 +68,7 @@ impl<S: StateMachine> Node<S> {
         state: Arc<RwLock<S>>,
         applied: u64,
     ) -> Node<S> {
-        let status = Arc::new(Mutex::new(RaftStatus {
-            node_id: opts.node_id,
-            ..Default::default()
-        }));
+        let status = Arc::new(Mutex::new(RaftStatus { node_id: opts.node_id, ..Default::default() }));
         Node {
             raw,
             dir,
@@ -107,9 +102,7 @@ impl<S: StateMachine> Node<S> {
     /// Proposes an encoded command; its reply is sent once the entry is applied.
     pub(crate) fn propose(&mut self, data: Vec<u8>, reply: Reply<S::Output>) {
         if self.raw.raft.state != StateRole::Leader {
-            let _ = reply.send(Err(RaftError::NotLeader {
-                leader_id: self.raw.raft.leader_id,
-            }));
+            let _ = reply.send(Err(RaftError::NotLeader { leader_id: self.raw.raft.leader_id }));
             return;
         }
         self.next_seq += 1;
@@ -122,9 +115,7 @@ impl<S: StateMachine> Node<S> {
                 self.pending.insert(index, Pending { context, reply });
             }
             Err(raft::Error::ProposalDropped) => {
-                let _ = reply.send(Err(RaftError::NotLeader {
-                    leader_id: self.raw.raft.leader_id,
-                }));
+                let _ = reply.send(Err(RaftError::NotLeader { leader_id: self.raw.raft.leader_id }));
             }
             Err(e) => {
                 let _ = reply.send(Err(RaftError::Raft(e)));
@@ -227,22 +218,15 @@ impl<S: StateMachine> Node<S> {
         Ok(())
     }
 
-    fn apply_normal(
-        &mut self,
-        state: &mut S,
-        e: &Entry,
-        waiter: Option<Pending<S::Output>>,
-    ) -> Result<(), RaftError> {
+    fn apply_normal(&mut self, state: &mut S, e: &Entry, waiter: Option<Pending<S::Output>>) -> Result<(), RaftError> {
         let (data, context) = (e.get_data(), e.get_context());
         if data.is_empty() && context.is_empty() {
             // A new leader's empty entry.
             self.reject(waiter);
             return Ok(());
         }
-        let cmd: S::Command = postcard::from_bytes(data).map_err(|err| RaftError::Decode {
-            index: e.index,
-            reason: err.to_string(),
-        })?;
+        let cmd: S::Command =
+            postcard::from_bytes(data).map_err(|err| RaftError::Decode { index: e.index, reason: err.to_string() })?;
         let output = state.apply(cmd);
         match waiter {
             Some(w) if w.context[..] == *context => self.answers.push((w.reply, Ok(output))),
@@ -255,16 +239,12 @@ impl<S: StateMachine> Node<S> {
     fn reject(&mut self, waiter: Option<Pending<S::Output>>) {
         if let Some(w) = waiter {
             let leader_id = self.raw.raft.leader_id;
-            self.answers
-                .push((w.reply, Err(RaftError::NotLeader { leader_id })));
+            self.answers.push((w.reply, Err(RaftError::NotLeader { leader_id })));
         }
     }
 
     fn apply_conf_change(&mut self, e: &Entry) -> Result<(), RaftError> {
-        let decode_err = |err: protobuf::ProtobufError| RaftError::Decode {
-            index: e.index,
-            reason: err.to_string(),
-        };
+        let decode_err = |err: protobuf::ProtobufError| RaftError::Decode { index: e.index, reason: err.to_string() };
         let cs = if e.get_entry_type() == EntryType::EntryConfChange {
             let cc = ConfChange::parse_from_bytes(e.get_data()).map_err(decode_err)?;
             self.raw.apply_conf_change(&cc)?
@@ -320,24 +300,12 @@ impl<S: StateMachine> Node<S> {
         let index = self.applied;
         let term = self.raw.store().term(index)?;
         let conf_state: ConfState = self.raw.raft.prs().conf().to_conf_state();
-        let data = self
-            .state
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .snapshot();
-        let file = SnapshotFile {
-            index,
-            term,
-            conf_state,
-            data,
-        };
+        let data = self.state.read().unwrap_or_else(PoisonError::into_inner).snapshot();
+        let file = SnapshotFile { index, term, conf_state, data };
         let snapshot_bytes = snapfile::write(&self.dir, &file)?;
-        self.raw
-            .mut_store()
-            .compact_to(index, term, file.conf_state);
+        self.raw.mut_store().compact_to(index, term, file.conf_state);
         let store = self.raw.store();
-        self.log
-            .rewrite(store.hard_state(), store.entries_after(index))?;
+        self.log.rewrite(store.hard_state(), store.entries_after(index))?;
         self.hs_dirty = false;
         self.log_bytes_since_snapshot = 0;
         self.snapshots_taken += 1;
@@ -381,8 +349,6 @@ impl<S: StateMachine> Node<S> {
 /// Distinct per process start with overwhelming likelihood: wall-clock nanoseconds mixed with
 /// the process id. Only used to tell proposal contexts of different incarnations apart.
 fn incarnation_nonce() -> u64 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos() as u64);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
     nanos ^ (u64::from(std::process::id()) << 40)
 }

@@ -36,10 +36,8 @@ pub(crate) struct SnapshotFile {
 impl SnapshotFile {
     /// Encodes the whole file.
     pub(crate) fn encode(&self) -> Result<Vec<u8>, RaftError> {
-        let conf = self
-            .conf_state
-            .write_to_bytes()
-            .map_err(|e| RaftError::Encode(format!("snapshot conf state: {e}")))?;
+        let conf =
+            self.conf_state.write_to_bytes().map_err(|e| RaftError::Encode(format!("snapshot conf state: {e}")))?;
         let mut buf = Vec::with_capacity(44 + conf.len() + self.data.len());
         buf.extend_from_slice(SNAPSHOT_MAGIC);
         buf.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
@@ -69,21 +67,13 @@ impl SnapshotFile {
         }
         let found = r.u32().ok_or_else(|| bad(4, "short snapshot header"))?;
         if found != SNAPSHOT_VERSION {
-            return Err(RaftError::UnsupportedVersion {
-                found,
-                supported: SNAPSHOT_VERSION,
-            });
+            return Err(RaftError::UnsupportedVersion { found, supported: SNAPSHOT_VERSION });
         }
         if buf.len() < 4 {
             return Err(bad(0, "short snapshot file"));
         }
         let body_len = buf.len() - 4;
-        let stored = u32::from_le_bytes([
-            buf[body_len],
-            buf[body_len + 1],
-            buf[body_len + 2],
-            buf[body_len + 3],
-        ]);
+        let stored = u32::from_le_bytes([buf[body_len], buf[body_len + 1], buf[body_len + 2], buf[body_len + 3]]);
         if crc32c::crc32c(&buf[..body_len]) != stored {
             return Err(bad(body_len, "snapshot checksum mismatch"));
         }
@@ -100,12 +90,7 @@ impl SnapshotFile {
         if r.off != body_len {
             return Err(bad(r.off, "snapshot length mismatch"));
         }
-        Ok(SnapshotFile {
-            index,
-            term,
-            conf_state,
-            data,
-        })
+        Ok(SnapshotFile { index, term, conf_state, data })
     }
 }
 
@@ -122,8 +107,7 @@ impl<'a> Reader<'a> {
         Some(s)
     }
     fn u32(&mut self) -> Option<u32> {
-        self.take(4)
-            .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+        self.take(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
     fn u64(&mut self) -> Option<u64> {
         let b = self.take(8)?;

@@ -116,10 +116,7 @@ fn store_err(e: StorageError) -> raft::Error {
 
 impl Storage for MemLog {
     fn initial_state(&self) -> raft::Result<RaftState> {
-        Ok(RaftState::new(
-            self.hard_state.clone(),
-            self.conf_state.clone(),
-        ))
+        Ok(RaftState::new(self.hard_state.clone(), self.conf_state.clone()))
     }
 
     fn entries(
@@ -166,16 +163,12 @@ impl Storage for MemLog {
     /// The snapshot file, for a follower too far behind (multi-node). If it is older than
     /// `request_index` raft retries later; the driver takes snapshots by log size.
     fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        let file = snapfile::read(&self.dir)
-            .map_err(|e| store_err(StorageError::Other(Box::new(e))))?
-            .unwrap_or_default();
+        let file =
+            snapfile::read(&self.dir).map_err(|e| store_err(StorageError::Other(Box::new(e))))?.unwrap_or_default();
         if file.index < request_index || file.index == 0 {
             return Err(store_err(StorageError::SnapshotTemporarilyUnavailable));
         }
-        let mut snap = Snapshot {
-            data: file.data.into(),
-            ..Default::default()
-        };
+        let mut snap = Snapshot { data: file.data.into(), ..Default::default() };
         let meta = snap.mut_metadata();
         meta.index = file.index;
         meta.term = file.term;
