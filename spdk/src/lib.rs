@@ -15,6 +15,6 @@ compile_error!(
      installed from the package registries this project builds from; use the io_uring engine"
 );
 
-pub use buf::AlignedBuf;
+pub use buf::{AlignedBuf, BufPool};
 pub use device::{BlockDevice, DeviceError, DeviceInfo, EngineKind, OpenOptions, open_device};
 pub use store::{BlockId, BlockStore, StoreError, StoreOptions, StoreStats};

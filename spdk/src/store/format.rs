@@ -233,17 +233,34 @@ impl EntryHead {
 }
 
 /// Build a data entry (generation 0, to be set with [`EntryHead::set_gen`]) and return its page crcs.
+#[cfg(test)]
 pub(super) fn build_data_entry(id: BlockId, data: &[u8], uuid: u64) -> (AlignedBuf, Vec<u32>) {
+    let mut b = AlignedBuf::zeroed(entry_bytes(data.len() as u32) as usize);
+    let crcs = fill_data_entry(&mut b, id, data, uuid);
+    (b, crcs)
+}
+
+/// Write a data entry for `data` into `b` (exactly `entry_bytes(data.len())` long, any prior
+/// contents) and return its page crcs. Every byte of `b` is written: header pages (zero padded),
+/// data, zero tail padding. One pass over the data: each page is copied, then its crc taken
+/// while it is still in cache.
+pub(super) fn fill_data_entry(b: &mut [u8], id: BlockId, data: &[u8], uuid: u64) -> Vec<u32> {
     let len = data.len() as u32;
     let hp = hdr_pages(len) as usize;
-    let mut b = AlignedBuf::zeroed(entry_bytes(len) as usize);
-    b[hp * PAGE..hp * PAGE + data.len()].copy_from_slice(data);
-    let crcs: Vec<u32> = b[hp * PAGE..].chunks(PAGE).map(crc32c::crc32c).collect();
-    for (p, c) in crcs.iter().enumerate() {
-        put_u32(&mut b, crc_at(p as u32), *c);
+    assert_eq!(b.len() as u64, entry_bytes(len), "entry buffer sized for the block");
+    let (hdr, body) = b.split_at_mut(hp * PAGE);
+    hdr.fill(0);
+    let mut crcs = Vec::with_capacity(data_pages(len) as usize);
+    for (dst, src) in body.chunks_exact_mut(PAGE).zip(data.chunks(PAGE)) {
+        dst[..src.len()].copy_from_slice(src);
+        dst[src.len()..].fill(0);
+        crcs.push(crc32c::crc32c(dst));
     }
-    EntryHead { kind: EntryKind::Data, id, len, body_crc: 0, generation: 0, uuid }.write(&mut b);
-    (b, crcs)
+    for (p, c) in crcs.iter().enumerate() {
+        put_u32(hdr, crc_at(p as u32), *c);
+    }
+    EntryHead { kind: EntryKind::Data, id, len, body_crc: 0, generation: 0, uuid }.write(hdr);
+    crcs
 }
 
 /// Build a one-page tombstone entry of `(block id, data generation)` records.
@@ -400,6 +417,16 @@ mod tests {
         let h = EntryHead::read(&b).unwrap();
         assert_eq!((h.kind, h.id, h.len, h.generation, h.uuid), (EntryKind::Data, 42, 5000, 11, 3));
         assert_eq!(get_u32(&b, crc_at(1)), crcs[1]);
+        // A reused buffer full of old bytes gives exactly the same entry as a fresh one.
+        for len in [1usize, 4095, 4096, 5000, 8192, 1 << 20, (4 << 20) - 1] {
+            let data: Vec<u8> = (0..len).map(|i| (i * 7 + 3) as u8).collect();
+            let (fresh, crcs) = build_data_entry(9, &data, 3);
+            let mut dirty = vec![0xA5u8; fresh.len()];
+            assert_eq!(fill_data_entry(&mut dirty, 9, &data, 3), crcs);
+            assert!(dirty == fresh[..], "len {len}: stale bytes survived in a reused entry buffer");
+            let want: Vec<u32> = fresh[hdr_pages(len as u32) as usize * PAGE..].chunks(PAGE).map(crc32c::crc32c).collect();
+            assert_eq!(crcs, want);
+        }
         let t = build_tomb_entry(&[(1, 2), (3, 4)], 3);
         let h = EntryHead::read(&t).unwrap();
         assert_eq!(read_tombs(&t, &h).unwrap(), vec![(1, 2), (3, 4)]);

@@ -12,16 +12,22 @@ use tokio::sync::Notify;
 
 use super::cache::CrcCache;
 use super::format::{
-    DATA_START, EntryHead, EntryKind, PAGE, PAGE_U64, Rec, SegHeader, TOMBS_PER_ENTRY, build_data_entry,
-    build_tomb_entry, crc_at, crc_page_span, data_pages, entry_bytes, get_u32, hdr_pages,
+    DATA_START, EntryHead, EntryKind, PAGE, PAGE_U64, Rec, SegHeader, TOMBS_PER_ENTRY, build_tomb_entry, crc_at, crc_page_span, data_pages, entry_bytes, fill_data_entry, get_u32, hdr_pages,
 };
 use super::state::{Loc, Reservation, SealJob, SegState, State};
 use super::{BlockId, CleanStats, StoreError, StoreOptions, StoreStats};
-use crate::buf::AlignedBuf;
+use crate::buf::{AlignedBuf, BufPool};
 use crate::device::BlockDevice;
 
 /// Header pages and data pages this far apart are fetched with one read instead of two.
 const MAX_GAP_PAGES: u32 = 8;
+
+/// Idle buffers the store keeps for reuse: enough for a full device queue of largest entries
+/// plus a few, at least 16 MiB. Only buffers that were in use at the same time are ever kept.
+fn pool_bytes(queue_depth: usize, max_block: usize) -> usize {
+    let entry = entry_bytes(max_block as u32) as usize;
+    (queue_depth.saturating_add(8)).saturating_mul(entry).clamp(16 << 20, 1 << 30)
+}
 
 /// Where things are on the device; fixed at format time.
 #[derive(Debug, Clone, Copy)]
@@ -43,6 +49,8 @@ pub(crate) struct Inner {
     pub(super) lay: Layout,
     st: Mutex<State>,
     cache: Mutex<CrcCache>,
+    /// Reused I/O buffers (entry buffers of puts, read buffers of gets).
+    pool: BufPool,
     /// Signalled whenever a write completes (for `flush` waiting on tickets).
     done: Notify,
     rotate_lock: tokio::sync::Mutex<()>,
@@ -67,6 +75,7 @@ enum Attempt {
 impl Inner {
     pub(super) fn new(dev: Arc<dyn BlockDevice>, lay: Layout, st: State, opts: &StoreOptions) -> Arc<Inner> {
         Arc::new(Inner {
+            pool: BufPool::new(pool_bytes(dev.info().queue_depth, lay.max_block)),
             dev,
             lay,
             st: Mutex::new(st),
@@ -88,13 +97,19 @@ impl Inner {
     }
 
     pub(super) async fn read_at(&self, addr: u64, len: usize) -> Result<AlignedBuf, StoreError> {
-        let (buf, r) = self.dev.read(addr, AlignedBuf::zeroed(len)).await;
-        r?;
+        // A pooled buffer's old bytes are all overwritten by a successful read; on an error
+        // the buffer goes back to the pool unseen.
+        let (buf, r) = self.dev.read(addr, self.pool.take(len)).await;
+        if let Err(e) = r {
+            self.pool.give(buf);
+            return Err(e.into());
+        }
         Ok(buf)
     }
 
     pub(super) async fn write_at(&self, addr: u64, buf: AlignedBuf) -> Result<(), StoreError> {
-        let (_buf, r) = self.dev.write(addr, buf).await;
+        let (buf, r) = self.dev.write(addr, buf).await;
+        self.pool.give(buf);
         Ok(r?)
     }
 
@@ -109,9 +124,16 @@ impl Inner {
             return Err(StoreError::Exists(id));
         }
         let len = data.len() as u32;
-        let (buf, crcs) = build_data_entry(id, data, self.lay.uuid);
+        let mut buf = self.pool.take(entry_bytes(len) as usize);
+        let crcs = fill_data_entry(&mut buf, id, data, self.lay.uuid);
         let req = Req::Put { id, len };
-        let r = self.reserve_put(&req).await?;
+        let r = match self.reserve_put(&req).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.pool.give(buf);
+                return Err(e);
+            }
+        };
         self.write_reserved(r, buf, req, Vec::new()).await?;
         self.cache_crcs(r.generation, (r.off / PAGE_U64) as u32, len, &crcs);
         Ok(())
@@ -247,7 +269,8 @@ impl Inner {
         tombs: Vec<(BlockId, u64)>,
     ) -> Result<(), StoreError> {
         EntryHead::set_gen(&mut buf, r.generation);
-        let (_buf, res) = self.dev.write(self.lay.seg_addr(r.seg) + r.off, buf).await;
+        let (buf, res) = self.dev.write(self.lay.seg_addr(r.seg) + r.off, buf).await;
+        self.pool.give(buf);
         let ok = res.is_ok();
         let off_pages = (r.off / PAGE_U64) as u32;
         let job = {
@@ -353,7 +376,9 @@ impl Inner {
             }
         }
         let start = data_off + (offset - first * PAGE as u32) as usize;
-        Ok(data[start..start + len as usize].to_vec())
+        let out = data[start..start + len as usize].to_vec();
+        self.pool.give(data);
+        Ok(out)
     }
 
     /// The crcs in header page `h` of the entry for `id`; `None` if page 0 is not that entry's
@@ -449,5 +474,66 @@ impl Inner {
 
     pub(crate) async fn open(dev: Arc<dyn BlockDevice>, opts: StoreOptions) -> Result<Arc<Inner>, StoreError> {
         super::recover::open(dev, opts).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::BlockStore;
+    use super::*;
+    use crate::device::mem::MemDevice;
+
+    fn pattern(id: u64, len: usize) -> Vec<u8> {
+        (0..len).map(|i| (id as usize * 131 + i * 7 + i / 4096) as u8).collect()
+    }
+
+    /// Pooled buffers carry old bytes; none may reach the device (padding) or a reader.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pooled_buffers_leak_no_old_bytes() {
+        let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(64 << 20));
+        let opts = StoreOptions { max_block_bytes: 1 << 20, segment_bytes: 8 << 20, crc_cache_bytes: 1 << 20 };
+        let s = Arc::new(BlockStore::format(Arc::clone(&dev), opts).await.unwrap());
+        // Big blocks first, so the pool fills with buffers full of their bytes.
+        let lens = [1 << 20, (1 << 20) - 1, 4096, 1, 5000, 8191, 4097, 100_000, 1 << 20, 12_345];
+        let mut set = tokio::task::JoinSet::new();
+        for (id, &len) in lens.iter().enumerate() {
+            let s = Arc::clone(&s);
+            set.spawn(async move { s.put(id as u64, &pattern(id as u64, len)).await });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap().unwrap();
+        }
+        for round in 0..3 {
+            for (id, &len) in lens.iter().enumerate() {
+                let id = id as u64;
+                assert_eq!(s.get(id, 0, len as u32).await.unwrap(), pattern(id, len), "round {round} block {id}");
+                let (off, n) = ((len / 3) as u32, (len - len / 3).min(9000) as u32);
+                let want = &pattern(id, len)[off as usize..(off + n) as usize];
+                assert_eq!(s.get(id, off, n).await.unwrap(), want, "round {round} block {id} range");
+            }
+        }
+        // On the device: every entry's tail padding and header padding are zeros.
+        let st = s.inner.st();
+        for (id, &len) in lens.iter().enumerate() {
+            let loc = st.index[&(id as u64)];
+            let addr = s.inner.lay.seg_addr(loc.seg) + loc.off_pages as u64 * PAGE_U64;
+            let bytes = entry_bytes(len as u32) as usize;
+            let (raw, r) = futures_lite_block(dev.read(addr, AlignedBuf::zeroed(bytes)));
+            r.unwrap();
+            let hp = hdr_pages(len as u32) as usize * PAGE;
+            assert!(raw[hp + len..].iter().all(|&b| b == 0), "block {id}: tail padding not zero");
+            let crc_end = crc_at(data_pages(len as u32));
+            assert!(raw[crc_end..hp].iter().all(|&b| b == 0), "block {id}: header padding not zero");
+        }
+    }
+
+    fn futures_lite_block<F: std::future::Future>(f: F) -> F::Output {
+        // MemDevice completes synchronously: one poll is enough.
+        let mut f = std::pin::pin!(f);
+        let waker = std::task::Waker::noop();
+        match f.as_mut().poll(&mut std::task::Context::from_waker(waker)) {
+            std::task::Poll::Ready(v) => v,
+            std::task::Poll::Pending => panic!("MemDevice I/O pending"),
+        }
     }
 }
