@@ -21,6 +21,7 @@ use tidepool_spdk::BlockStore;
 
 pub use error::{ErrorKind, FsError, Result};
 pub use metrics::{FsMetrics, MetricsSnapshot};
+pub use rw::Staged;
 pub use tidepool_cluster::meta::{Attr as FileAttr, InodeKind, NAME_MAX, ROOT_INO};
 
 /// Settings of the filesystem layer.

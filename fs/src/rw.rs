@@ -14,6 +14,24 @@ use tidepool_spdk::StoreError;
 use crate::metrics::Op;
 use crate::{Fs, FsError, Result};
 
+/// Blocks put by [`Fs::stage`] and not yet laid into a file. Several can be joined with
+/// [`Staged::append`] to commit a streamed body at once.
+#[derive(Debug, Default)]
+#[must_use = "staged blocks leak until the next open unless committed or discarded"]
+pub struct Staged {
+    blocks: Vec<NewBlock>,
+}
+
+impl Staged {
+    pub fn append(&mut self, mut other: Staged) {
+        self.blocks.append(&mut other.blocks);
+    }
+
+    pub fn len_bytes(&self) -> u64 {
+        self.blocks.iter().map(|b| b.len as u64).sum()
+    }
+}
+
 /// How often a read retries when a block it planned to read was freed under it by a
 /// concurrent overwrite (it then re-reads the extents, which name the new blocks).
 const READ_RETRIES: usize = 8;
@@ -23,29 +41,60 @@ impl Fs {
     pub async fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> Result<Attr> {
         self.metrics.op(Op::Write);
         self.check_writable()?;
-        let attr = self.getattr(ino)?;
-        match attr.kind {
-            InodeKind::File => {}
-            InodeKind::Dir => return Err(tidepool_cluster::MetaError::IsDir(ino).into()),
-            InodeKind::Symlink => return Err(FsError::NotFile(ino)),
-        }
+        let attr = self.check_file(ino)?;
         if data.is_empty() {
             return Ok(attr);
         }
-        offset.checked_add(data.len() as u64).ok_or(FsError::Invalid("write beyond the largest file offset"))?;
+        let staged = self.stage(data).await?;
+        self.commit_staged(ino, offset, staged).await
+    }
+
+    fn check_file(&self, ino: Ino) -> Result<Attr> {
+        let attr = self.getattr(ino)?;
+        match attr.kind {
+            InodeKind::File => Ok(attr),
+            InodeKind::Dir => Err(tidepool_cluster::MetaError::IsDir(ino).into()),
+            InodeKind::Symlink => Err(FsError::NotFile(ino)),
+        }
+    }
+
+    /// Put `data` into new blocks that no file references yet (a streamed upload stages its
+    /// body piece by piece, then commits once). Staged blocks are not durable until
+    /// [`Fs::commit_staged`]; if the process dies first, the next open frees them.
+    pub async fn stage(&self, data: &[u8]) -> Result<Staged> {
+        self.check_writable()?;
         let chunks: Vec<&[u8]> = data.chunks(self.opts.block_size).collect();
         let first = self.alloc_ids(chunks.len() as u64).await?;
         let blocks: Vec<NewBlock> =
             chunks.iter().enumerate().map(|(i, c)| NewBlock { id: first + i as u64, len: c.len() as u32 }).collect();
-        if let Err(e) = self.put_blocks(&blocks, &chunks).await {
+        let puts = blocks.iter().zip(&chunks).map(|(b, c)| self.store.put(b.id, c));
+        if let Err(e) = try_join_all(puts).await {
             self.discard(&blocks).await;
-            return Err(e);
+            return Err(e.into());
         }
-        let cmd = Command::Write { ino, offset, blocks: blocks.clone(), now: self.now() };
-        match self.commit(cmd).await {
-            Ok(applied) => {
-                self.metrics.bytes_written(data.len() as u64);
-                applied.attr.ok_or(FsError::Invalid("write returned no inode"))
+        Ok(Staged { blocks })
+    }
+
+    /// Lay staged blocks end to end at `offset` of file `ino` in one metadata commit:
+    /// durable and visible together when this returns, or not at all.
+    pub async fn commit_staged(&self, ino: Ino, offset: u64, staged: Staged) -> Result<Attr> {
+        let Staged { blocks } = staged;
+        let total: u64 = blocks.iter().map(|b| b.len as u64).sum();
+        let res = async {
+            self.check_writable()?;
+            offset.checked_add(total).ok_or(FsError::Invalid("write beyond the largest file offset"))?;
+            if blocks.is_empty() {
+                return self.check_file(ino);
+            }
+            self.store.flush().await?;
+            let applied = self.commit(Command::Write { ino, offset, blocks: blocks.clone(), now: self.now() }).await?;
+            applied.attr.ok_or(FsError::Invalid("write returned no inode"))
+        }
+        .await;
+        match res {
+            Ok(attr) => {
+                self.metrics.bytes_written(total);
+                Ok(attr)
             }
             Err(e) => {
                 self.discard(&blocks).await;
@@ -54,11 +103,9 @@ impl Fs {
         }
     }
 
-    async fn put_blocks(&self, blocks: &[NewBlock], chunks: &[&[u8]]) -> Result<()> {
-        let puts = blocks.iter().zip(chunks).map(|(b, c)| self.store.put(b.id, c));
-        try_join_all(puts).await?;
-        self.store.flush().await?;
-        Ok(())
+    /// Drop staged blocks that will not be committed (an aborted upload).
+    pub async fn discard_staged(&self, staged: Staged) {
+        self.discard(&staged.blocks).await;
     }
 
     /// Remove blocks of a write that did not commit. Blocks that were never put are absent,

@@ -250,3 +250,34 @@ async fn enospc_when_full_loses_nothing_acknowledged() {
         assert_eq!(&fs.read(*ino, 0, data.len()).await.unwrap(), data);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_upload_commits_once_or_leaves_nothing() {
+    let e = env().await;
+    let fs = &e.fs;
+    let f = fs.create(ROOT_INO, b"up", 0o644, 0, 0).await.unwrap();
+    let parts: Vec<Vec<u8>> = (0..5).map(|i| bytes(i, 700_000)).collect();
+    let mut staged = tidepool_fs::Staged::default();
+    for p in &parts {
+        staged.append(fs.stage(p).await.unwrap());
+    }
+    assert_eq!(staged.len_bytes(), 3_500_000);
+    assert_eq!(fs.getattr(f.ino).unwrap().size, 0, "nothing visible before the commit");
+    let commits_before = fs.meta().status().commit_index;
+    let a = fs.commit_staged(f.ino, 0, staged).await.unwrap();
+    assert_eq!(fs.meta().status().commit_index, commits_before + 1, "one metadata commit for the whole body");
+    assert_eq!(a.size, 3_500_000);
+    assert_eq!(fs.read(f.ino, 0, 4_000_000).await.unwrap(), parts.concat());
+
+    // Aborted: the staged blocks go away and the file is untouched.
+    let blocks_before = fs.store().ids().len();
+    let s = fs.stage(&bytes(9, 2_000_000)).await.unwrap();
+    assert!(fs.store().ids().len() > blocks_before);
+    fs.discard_staged(s).await;
+    assert_eq!(fs.store().ids().len(), blocks_before);
+    // A commit to a file that is gone fails and frees its blocks.
+    let s = fs.stage(&bytes(3, 10_000)).await.unwrap();
+    fs.unlink(ROOT_INO, b"up").await.unwrap();
+    assert_eq!(fs.commit_staged(f.ino, 0, s).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(fs.store().ids().len(), 0);
+}
