@@ -1,34 +1,39 @@
-//! The engine thread of [`super::UringDevice`]: owns the ring, the file and every buffer the
-//! kernel may touch.
+//! The shared core of [`super::UringDevice`]: the ring, the file, and every buffer the kernel
+//! may touch, behind one short mutex.
 //!
-//! Loop: drain the request channel, turn queued requests into SQEs (up to the queue depth,
-//! plus one poll on the wake eventfd), submit them all with one `io_uring_enter` that also waits
-//! for at least one completion, then handle every completion. With nothing in flight the only
-//! armed entry is the eventfd poll, so the thread sleeps in the kernel until a request arrives.
+//! Submission happens on the caller's thread: under the mutex a request takes a slot (up to the
+//! queue depth; beyond it, it waits in a FIFO) and its SQE is pushed; after the mutex is released
+//! one `io_uring_enter` hands the pushed SQEs to the kernel (no GETEVENTS: it never waits).
+//! Several threads may do this at once; the kernel serialises submission itself.
 //!
-//! Ordering: a flush is a barrier in the queue. It is submitted only once every write submitted
-//! before it has completed, and requests queued behind it wait until it is submitted.
+//! Completions are reaped by [`Core::reap`] under the mutex, by whoever gets there first: the
+//! reaper (see `super`), woken through an eventfd registered with the ring, or a submitter that
+//! finds completions waiting. Reaping resubmits short transfers and EAGAIN/EINTR, promotes waiting
+//! requests into freed slots, and answers finished requests after the mutex is released.
+//!
+//! Ordering: a flush is an fdatasync SQE submitted when `flush` is called. Every write that
+//! completed (was answered) before that call had finished in the kernel before the fsync was
+//! submitted, so the fsync covers it.
 
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
-use std::os::fd::AsRawFd;
-use std::sync::Arc;
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use io_uring::{IoUring, opcode, squeue, types};
 use tokio::sync::oneshot;
 
-use super::Wake;
 use crate::buf::AlignedBuf;
 use crate::device::{DeviceError, IoResult};
 
-/// `user_data` of the eventfd poll; slots use their index, which never gets this large.
-const WAKE_TOKEN: u64 = u64::MAX;
 /// Largest transfer per SQE (aligned to any block size); a larger buffer continues like a short I/O.
 const MAX_SQE_BYTES: usize = 1 << 30;
 /// How often one request is resubmitted after EAGAIN/EINTR before the error is reported.
 const MAX_RETRIES: u32 = 64;
+/// How often a failing `io_uring_enter` is retried (EINTR/EAGAIN/EBUSY) before the ring is
+/// declared unusable.
+const MAX_ENTER_RETRIES: u32 = 10_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Op {
@@ -45,7 +50,7 @@ impl Op {
     }
 }
 
-/// What callers send to the engine thread.
+/// A request from a caller.
 pub(crate) enum Request {
     Io {
         op: Op,
@@ -56,10 +61,9 @@ pub(crate) enum Request {
     Flush {
         done: oneshot::Sender<Result<(), DeviceError>>,
     },
-    Stop,
 }
 
-/// A submitted request. It stays in [`Engine::slots`] (and so keeps its buffer alive) until
+/// A submitted request. It stays in [`State::slots`] (and so keeps its buffer alive) until
 /// its final completion has been reaped.
 enum Slot {
     Io {
@@ -76,161 +80,207 @@ enum Slot {
     },
 }
 
-pub(crate) struct Engine {
-    // Field order matters: the ring is dropped (and torn down) before the file it reads.
-    ring: IoUring,
-    file: File,
-    wake: Arc<Wake>,
-    rx: Receiver<Request>,
-    /// Received, not yet submitted (`Io` or `Flush`), in arrival order.
-    queued: VecDeque<Request>,
+/// An answer to send once the mutex is released (sending wakes a task).
+enum Answer {
+    Io(oneshot::Sender<IoResult>, IoResult),
+    Flush(oneshot::Sender<Result<(), DeviceError>>, Result<(), DeviceError>),
+}
+
+impl Answer {
+    fn send(self) {
+        // A send error only means the caller dropped its future; the buffer is freed here,
+        // after the kernel is done with it.
+        match self {
+            Answer::Io(tx, r) => {
+                let _ = tx.send(r);
+            }
+            Answer::Flush(tx, r) => {
+                let _ = tx.send(r);
+            }
+        }
+    }
+}
+
+struct State {
     slots: Vec<Option<Slot>>,
     free: Vec<usize>,
     in_flight: usize,
-    writes_in_flight: usize,
-    wake_armed: bool,
-    stopping: bool,
-    queue_depth: usize,
-    /// Reused scratch space for the completions of one round.
+    /// Arrived while the queue was full, in arrival order.
+    waiting: VecDeque<Request>,
+    /// SQEs pushed and maybe not yet consumed by the kernel.
+    unsubmitted: bool,
+    /// The ring failed: every request is answered with `Stopped`.
+    broken: bool,
+    /// Scratch space for one round of completions.
     cqes: Vec<(u64, i32)>,
 }
 
-impl Engine {
-    pub(crate) fn new(
-        ring: IoUring,
-        file: File,
-        wake: Arc<Wake>,
-        rx: Receiver<Request>,
-        queue_depth: usize,
-    ) -> Self {
-        Engine {
+pub(crate) struct Core {
+    // Field order matters: the ring is dropped (and torn down) before the file it reads.
+    ring: IoUring,
+    file: File,
+    /// Registered with the ring: signalled whenever a completion is posted.
+    pub(crate) efd: OwnedFd,
+    sq_entries: u32,
+    queue_depth: usize,
+    st: Mutex<State>,
+}
+
+impl Core {
+    pub(crate) fn new(ring: IoUring, file: File, efd: OwnedFd, queue_depth: usize) -> Self {
+        let sq_entries = ring.params().sq_entries();
+        Core {
             ring,
             file,
-            wake,
-            rx,
-            queued: VecDeque::new(),
-            slots: Vec::with_capacity(queue_depth),
-            free: Vec::new(),
-            in_flight: 0,
-            writes_in_flight: 0,
-            wake_armed: false,
-            stopping: false,
+            efd,
+            sq_entries,
             queue_depth,
-            cqes: Vec::with_capacity(queue_depth + 1),
+            st: Mutex::new(State {
+                slots: Vec::with_capacity(queue_depth),
+                free: Vec::new(),
+                in_flight: 0,
+                waiting: VecDeque::new(),
+                unsubmitted: false,
+                broken: false,
+                cqes: Vec::with_capacity(queue_depth),
+            }),
         }
     }
 
-    /// The thread body. Returns after a stop request once nothing is in flight any more.
-    pub(crate) fn run(mut self) {
-        loop {
-            self.wake.rearm();
-            self.drain_channel();
-            if self.stopping {
-                while let Some(req) = self.queued.pop_front() {
-                    fail(req);
-                }
-                if self.in_flight == 0 {
-                    return;
-                }
-            }
-            self.fill();
-            if let Err(e) = self.enter() {
-                tracing::error!(error = %e, in_flight = self.in_flight, "io_uring_enter failed; stopping the engine");
-                self.abandon();
+    /// Critical sections never panic while the state is inconsistent.
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.st.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    pub(crate) fn in_flight(&self) -> usize {
+        let st = self.lock();
+        st.in_flight + st.waiting.len()
+    }
+
+    /// Take a request: submit it now if the queue has room, else queue it. Also reaps any
+    /// completions already posted (cheap, and saves the reaper a wake-up).
+    pub(crate) fn submit(&self, req: Request) {
+        let mut answers = Vec::new();
+        {
+            let mut st = self.lock();
+            if st.broken {
+                drop(st);
+                fail(req);
                 return;
             }
-            self.reap();
+            if st.in_flight < self.queue_depth && st.waiting.is_empty() {
+                let id = insert(&mut st, slot_of(req));
+                self.start(&mut st, id, &mut answers);
+            } else {
+                st.waiting.push_back(req);
+            }
+            self.reap_locked(&mut st, &mut answers);
+        }
+        answers.into_iter().for_each(Answer::send);
+        self.enter_submit();
+    }
+
+    /// Handle every posted completion, then hand any new SQEs to the kernel.
+    pub(crate) fn reap(&self) {
+        let mut answers = Vec::new();
+        {
+            let mut st = self.lock();
+            self.reap_locked(&mut st, &mut answers);
+        }
+        answers.into_iter().for_each(Answer::send);
+        self.enter_submit();
+    }
+
+    fn reap_locked(&self, st: &mut State, answers: &mut Vec<Answer>) {
+        let mut cqes = std::mem::take(&mut st.cqes);
+        // SAFETY: the completion queue is only ever accessed under the state mutex.
+        cqes.extend(unsafe { self.ring.completion_shared() }.map(|c| (c.user_data(), c.result())));
+        for &(user_data, res) in &cqes {
+            self.on_cqe(st, user_data as usize, res, answers);
+        }
+        cqes.clear();
+        st.cqes = cqes;
+        // Freed slots go to waiting requests, in order.
+        while st.in_flight < self.queue_depth && !st.broken {
+            let Some(req) = st.waiting.pop_front() else { break };
+            let id = insert(st, slot_of(req));
+            self.start(st, id, answers);
         }
     }
 
-    fn drain_channel(&mut self) {
+    /// `io_uring_enter` for the SQEs pushed so far (by anyone), without waiting. Retries
+    /// transient failures; a ring that keeps failing is declared broken.
+    fn enter_submit(&self) {
+        let mut tries = 0;
         loop {
-            match self.rx.try_recv() {
-                Ok(Request::Stop) => self.stopping = true,
-                Ok(req) if self.stopping => fail(req),
-                Ok(req) => self.queued.push_back(req),
-                Err(TryRecvError::Empty) => return,
-                Err(TryRecvError::Disconnected) => {
-                    self.stopping = true;
+            {
+                let mut st = self.lock();
+                // SAFETY: the submission queue is only ever accessed under the state mutex.
+                if !st.unsubmitted || unsafe { self.ring.submission_shared() }.is_empty() {
+                    st.unsubmitted = false;
+                    return;
+                }
+                st.unsubmitted = false;
+            }
+            // SAFETY: no GETEVENTS, no signal mask: a plain submission of whatever the SQ holds
+            // (the kernel submits at most what is there).
+            let r = unsafe { self.ring.submitter().enter::<libc::sigset_t>(self.sq_entries, 0, 0, None) };
+            let mut st = self.lock();
+            // SAFETY: as above.
+            let left = !unsafe { self.ring.submission_shared() }.is_empty();
+            match r {
+                Ok(_) if !left => return,
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, "io_uring_enter failed; the io_uring device stops");
+                    abandon(&mut st);
                     return;
                 }
             }
-        }
-    }
-
-    /// Arm the wake poll and move queued requests into SQEs, up to the queue depth.
-    fn fill(&mut self) {
-        if !self.wake_armed && !self.stopping {
-            let poll = opcode::PollAdd::new(types::Fd(self.wake.raw_fd()), libc::POLLIN as u32)
-                .build()
-                .user_data(WAKE_TOKEN);
-            // SAFETY: a poll references no memory of ours.
-            self.wake_armed = unsafe { self.push(&poll) };
-        }
-        while self.in_flight < self.queue_depth {
-            match self.queued.front() {
-                None => return,
-                Some(Request::Flush { .. }) if self.writes_in_flight > 0 => return,
-                Some(_) => {}
+            st.unsubmitted = true;
+            tries += 1;
+            if tries > MAX_ENTER_RETRIES {
+                tracing::error!("io_uring_enter keeps failing; the io_uring device stops");
+                abandon(&mut st);
+                return;
             }
-            let slot = match self.queued.pop_front() {
-                Some(Request::Io {
-                    op,
-                    offset,
-                    buf,
-                    done,
-                }) => Slot::Io {
-                    op,
-                    offset,
-                    buf,
-                    done_bytes: 0,
-                    retries: 0,
-                    done,
-                },
-                Some(Request::Flush { done }) => Slot::Fsync { retries: 0, done },
-                Some(Request::Stop) | None => continue,
-            };
-            let id = self.insert(slot);
-            self.start(id);
+            drop(st);
+            // Maybe completions must be reaped first (EBUSY: CQ full); then try again.
+            self.reap_no_enter();
+            std::thread::yield_now();
         }
     }
 
-    /// Submit (or resubmit) the SQE for slot `id`.
-    fn start(&mut self, id: usize) {
-        let Some(entry) = self.sqe(id) else { return };
+    fn reap_no_enter(&self) {
+        let mut answers = Vec::new();
+        {
+            let mut st = self.lock();
+            self.reap_locked(&mut st, &mut answers);
+        }
+        answers.into_iter().for_each(Answer::send);
+    }
+
+    /// Push the SQE for slot `id` (first submission or resubmission).
+    fn start(&self, st: &mut State, id: usize, answers: &mut Vec<Answer>) {
+        let Some(entry) = self.sqe(st, id) else { return };
         // SAFETY: the entry points into the buffer owned by slot `id`, which stays in `slots`
-        // until its final completion is reaped (see `on_cqe`/`finish`).
-        if !unsafe { self.push(&entry) } {
-            // Not in the kernel, so the buffer can go back to the caller with the error.
-            self.finish(id, -libc::EBUSY);
+        // until its final completion is reaped (see `on_cqe`/`finish`); the submission queue is
+        // only accessed under the state mutex.
+        let pushed = unsafe { self.ring.submission_shared().push(&entry) }.is_ok();
+        if pushed {
+            st.unsubmitted = true;
+        } else {
+            // Cannot happen (the SQ holds the queue depth and each slot has at most one SQE
+            // outstanding); not in the kernel, so the buffer can go back with an error.
+            finish(st, id, -libc::EBUSY, answers);
         }
     }
 
-    /// Push one SQE, submitting first if the queue is full (it cannot be: it has room for the
-    /// queue depth plus the poll, and each slot has at most one SQE outstanding).
-    ///
-    /// # Safety
-    /// Memory the entry points to must stay valid until its completion is reaped.
-    unsafe fn push(&mut self, entry: &squeue::Entry) -> bool {
-        // SAFETY: forwarded to the caller.
-        if unsafe { self.ring.submission().push(entry) }.is_ok() {
-            return true;
-        }
-        let _ = self.ring.submit();
-        // SAFETY: forwarded to the caller.
-        unsafe { self.ring.submission().push(entry) }.is_ok()
-    }
-
-    fn sqe(&mut self, id: usize) -> Option<squeue::Entry> {
+    fn sqe(&self, st: &mut State, id: usize) -> Option<squeue::Entry> {
         let fd = types::Fd(self.file.as_raw_fd());
-        let entry = match self.slots.get_mut(id)?.as_mut()? {
-            Slot::Io {
-                op,
-                offset,
-                buf,
-                done_bytes,
-                ..
-            } => {
+        let entry = match st.slots.get_mut(id)?.as_mut()? {
+            Slot::Io { op, offset, buf, done_bytes, .. } => {
                 // MAX_SQE_BYTES < u32::MAX, so the cast is exact.
                 let len = (buf.len() - *done_bytes).min(MAX_SQE_BYTES) as u32;
                 let at = *offset + *done_bytes as u64;
@@ -241,59 +291,20 @@ impl Engine {
                     Op::Write => opcode::Write::new(fd, ptr, len).offset(at).build(),
                 }
             }
-            Slot::Fsync { .. } => opcode::Fsync::new(fd)
-                .flags(types::FsyncFlags::DATASYNC)
-                .build(),
+            Slot::Fsync { .. } => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
         };
         Some(entry.user_data(id as u64))
     }
 
-    /// Submit everything pushed and sleep until at least one completion (or the wake poll) fires.
-    fn enter(&mut self) -> io::Result<()> {
-        match self.ring.submit_and_wait(1) {
-            Ok(_) => Ok(()),
-            // Interrupted, or the kernel is short of resources / the CQ is full: reap and retry.
-            Err(e)
-                if matches!(
-                    e.raw_os_error(),
-                    Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
-                ) =>
-            {
-                Ok(())
-            }
-            Err(e) => Err(e),
-        }
-    }
-
-    fn reap(&mut self) {
-        let mut cqes = std::mem::take(&mut self.cqes);
-        cqes.extend(self.ring.completion().map(|c| (c.user_data(), c.result())));
-        for &(user_data, res) in &cqes {
-            if user_data == WAKE_TOKEN {
-                self.wake_armed = false;
-                self.wake.clear();
-            } else {
-                self.on_cqe(user_data as usize, res);
-            }
-        }
-        cqes.clear();
-        self.cqes = cqes;
-    }
-
     /// One completion: resubmit the rest of a short transfer or a retryable error, else finish.
-    fn on_cqe(&mut self, id: usize, res: i32) {
+    fn on_cqe(&self, st: &mut State, id: usize, res: i32, answers: &mut Vec<Answer>) {
         let retryable = res == -libc::EAGAIN || res == -libc::EINTR;
-        let again = match self.slots.get_mut(id).and_then(Option::as_mut) {
+        let again = match st.slots.get_mut(id).and_then(Option::as_mut) {
             None => {
                 tracing::error!(id, res, "io_uring completion for an unknown request");
                 return;
             }
-            Some(Slot::Io {
-                buf,
-                done_bytes,
-                retries,
-                ..
-            }) => {
+            Some(Slot::Io { buf, done_bytes, retries, .. }) => {
                 if retryable {
                     *retries += 1;
                     *retries <= MAX_RETRIES
@@ -309,107 +320,104 @@ impl Engine {
                 retryable && *retries <= MAX_RETRIES
             }
         };
-        if again {
-            self.start(id)
-        } else {
-            self.finish(id, res)
-        }
+        if again { self.start(st, id, answers) } else { finish(st, id, res, answers) }
     }
 
-    /// Remove slot `id` and answer its caller. `res` is the last CQE result (negative errno).
-    fn finish(&mut self, id: usize, res: i32) {
-        let Some(slot) = self.remove(id) else { return };
-        // A send error only means the caller dropped its future; the buffer is freed here,
-        // after the kernel is done with it.
+    /// Shutdown, from the last owner: fail what never reached the kernel, then wait (blocking)
+    /// until the kernel is done with every submitted request, so no buffer is freed under it.
+    pub(crate) fn shutdown(&mut self) {
+        let st = self.st.get_mut().unwrap_or_else(PoisonError::into_inner);
+        st.broken = true;
+        st.waiting.drain(..).for_each(fail);
+        let mut errors = 0;
+        while st.in_flight > 0 {
+            // Submits whatever is still queued, and waits for at least one completion.
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
+                Err(e) => {
+                    errors += 1;
+                    if errors > 1000 {
+                        tracing::error!(error = %e, in_flight = st.in_flight, "io_uring_enter failed at shutdown; leaking in-flight buffers");
+                        abandon(st);
+                        return;
+                    }
+                }
+            }
+            let mut answers = Vec::new();
+            for c in self.ring.completion() {
+                // Shutting down: no resubmission of short I/O, just answer.
+                finish(st, c.user_data() as usize, c.result(), &mut answers);
+            }
+            answers.into_iter().for_each(Answer::send);
+        }
+    }
+}
+
+/// The ring is unusable: answer everyone with `Stopped`. Buffers the kernel may still hold
+/// are leaked on purpose, never freed under it; callers get a fresh buffer instead.
+fn abandon(st: &mut State) {
+    st.broken = true;
+    for slot in st.slots.iter_mut().filter_map(Option::take) {
         match slot {
-            Slot::Io {
-                op,
-                offset,
-                buf,
-                done_bytes,
-                done,
-                ..
-            } => {
-                let result = if res < 0 {
-                    Err(DeviceError::Io {
-                        op: op.name(),
-                        offset,
-                        source: io::Error::from_raw_os_error(-res),
-                    })
-                } else if done_bytes < buf.len() {
-                    Err(DeviceError::Short {
-                        offset,
-                        want: buf.len(),
-                        got: done_bytes,
-                    })
-                } else {
-                    Ok(())
-                };
-                let _ = done.send((buf, result));
+            Slot::Io { buf, done, .. } => {
+                let len = buf.len();
+                std::mem::forget(buf);
+                let _ = done.send((AlignedBuf::zeroed(len), Err(DeviceError::Stopped)));
             }
             Slot::Fsync { done, .. } => {
-                let result = if res < 0 {
-                    Err(DeviceError::Io {
-                        op: "flush",
-                        offset: 0,
-                        source: io::Error::from_raw_os_error(-res),
-                    })
-                } else {
-                    Ok(())
-                };
-                let _ = done.send(result);
+                let _ = done.send(Err(DeviceError::Stopped));
             }
         }
     }
+    st.in_flight = 0;
+    st.waiting.drain(..).for_each(fail);
+}
 
-    fn insert(&mut self, slot: Slot) -> usize {
-        self.in_flight += 1;
-        if matches!(slot, Slot::Io { op: Op::Write, .. }) {
-            self.writes_in_flight += 1;
+fn slot_of(req: Request) -> Slot {
+    match req {
+        Request::Io { op, offset, buf, done } => Slot::Io { op, offset, buf, done_bytes: 0, retries: 0, done },
+        Request::Flush { done } => Slot::Fsync { retries: 0, done },
+    }
+}
+
+fn insert(st: &mut State, slot: Slot) -> usize {
+    st.in_flight += 1;
+    match st.free.pop() {
+        Some(id) => {
+            st.slots[id] = Some(slot);
+            id
         }
-        match self.free.pop() {
-            Some(id) => {
-                self.slots[id] = Some(slot);
-                id
-            }
-            None => {
-                self.slots.push(Some(slot));
-                self.slots.len() - 1
-            }
+        None => {
+            st.slots.push(Some(slot));
+            st.slots.len() - 1
         }
     }
+}
 
-    fn remove(&mut self, id: usize) -> Option<Slot> {
-        let slot = self.slots.get_mut(id)?.take()?;
-        self.in_flight -= 1;
-        if matches!(slot, Slot::Io { op: Op::Write, .. }) {
-            self.writes_in_flight -= 1;
+/// Remove slot `id` and queue the answer to its caller. `res` is the last CQE result (negative errno).
+fn finish(st: &mut State, id: usize, res: i32, answers: &mut Vec<Answer>) {
+    let Some(slot) = st.slots.get_mut(id).and_then(Option::take) else { return };
+    st.in_flight -= 1;
+    st.free.push(id);
+    match slot {
+        Slot::Io { op, offset, buf, done_bytes, done, .. } => {
+            let result = if res < 0 {
+                Err(DeviceError::Io { op: op.name(), offset, source: io::Error::from_raw_os_error(-res) })
+            } else if done_bytes < buf.len() {
+                Err(DeviceError::Short { offset, want: buf.len(), got: done_bytes })
+            } else {
+                Ok(())
+            };
+            answers.push(Answer::Io(done, (buf, result)));
         }
-        self.free.push(id);
-        Some(slot)
-    }
-
-    /// The ring is unusable: answer everyone with `Stopped`. Buffers the kernel may still hold
-    /// are leaked on purpose, never freed under it; callers get a fresh buffer instead.
-    fn abandon(&mut self) {
-        for slot in self.slots.iter_mut().filter_map(Option::take) {
-            match slot {
-                Slot::Io { buf, done, .. } => {
-                    let len = buf.len();
-                    std::mem::forget(buf);
-                    let _ = done.send((AlignedBuf::zeroed(len), Err(DeviceError::Stopped)));
-                }
-                Slot::Fsync { done, .. } => {
-                    let _ = done.send(Err(DeviceError::Stopped));
-                }
-            }
-        }
-        self.in_flight = 0;
-        self.writes_in_flight = 0;
-        self.stopping = true;
-        self.drain_channel();
-        while let Some(req) = self.queued.pop_front() {
-            fail(req);
+        Slot::Fsync { done, .. } => {
+            let result = if res < 0 {
+                Err(DeviceError::Io { op: "flush", offset: 0, source: io::Error::from_raw_os_error(-res) })
+            } else {
+                Ok(())
+            };
+            answers.push(Answer::Flush(done, result));
         }
     }
 }
@@ -423,6 +431,5 @@ fn fail(req: Request) {
         Request::Flush { done } => {
             let _ = done.send(Err(DeviceError::Stopped));
         }
-        Request::Stop => {}
     }
 }

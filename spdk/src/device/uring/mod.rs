@@ -1,149 +1,203 @@
 //! The fast engine: io_uring with O_DIRECT on a regular file or a raw block device.
 //!
-//! One dedicated thread owns the ring ([`engine`]). Callers hand it requests through a channel
-//! and wake it through an eventfd that the ring itself polls, so a new request is picked up at
-//! once even while the thread is blocked waiting for completions; results come back on a
-//! oneshot. The thread batches: it drains every queued request into SQEs, then submits once.
+//! No engine thread sits between callers and the kernel ([`engine`]): a caller's task pushes its
+//! SQE under a short mutex and submits it with one non-waiting `io_uring_enter` on its own
+//! thread. Completions are reaped by a reaper task on the caller's tokio runtime, woken through
+//! an eventfd registered with the ring and watched by tokio's reactor: a completion wakes the
+//! worker that is parked in the reactor (or is picked up by a busy one), which answers the
+//! waiting tasks on that worker, with no hop through another thread. Submitters also reap
+//! completions they find posted. Outside a tokio runtime with I/O enabled, or if that runtime
+//! shuts down while I/O is in flight, a fallback thread reaps instead.
 //!
 //! Buffers are owned by the request until its completion arrives: the kernel may write into
-//! them until then, so a caller that drops its future only gives up the result, never the memory.
+//! them until then, so a caller that drops its future only gives up the result, never the
+//! memory. Dropping the device waits for every submitted I/O to complete.
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, mpsc};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::time::Duration;
 
 use io_uring::{IoUring, opcode, types};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::oneshot;
 
 use super::posix::{Backing, open_backing};
-use super::{
-    BlockDevice, DeviceError, DeviceInfo, EngineKind, IoFuture, IoResult, OpenOptions, check_io,
-};
+use super::{BlockDevice, DeviceError, DeviceInfo, EngineKind, IoFuture, IoResult, OpenOptions, check_io};
 use crate::buf::AlignedBuf;
 
 mod engine;
 
-use engine::{Engine, Op, Request};
+use engine::{Core, Op, Request};
 
 /// Largest queue depth we ask the kernel for (its own limit is 32768 SQ entries).
 const MAX_QUEUE_DEPTH: usize = 4096;
+/// How long the fallback reaper thread sleeps between checks that the device still exists.
+const THREAD_REAPER_TICK: Duration = Duration::from_millis(100);
 
-/// io_uring + O_DIRECT device. Dropping it stops the engine thread after every in-flight I/O
-/// has completed; requests not yet submitted fail with [`DeviceError::Stopped`].
+/// io_uring + O_DIRECT device. Dropping it waits until every submitted I/O has completed.
 pub struct UringDevice {
     info: DeviceInfo,
-    tx: mpsc::Sender<Request>,
-    wake: Arc<Wake>,
-    thread: Option<JoinHandle<()>>,
+    shared: Arc<Shared>,
 }
 
-/// The doorbell: an eventfd the ring polls, plus a flag so that a burst of requests costs one
-/// eventfd write rather than one each.
-pub(crate) struct Wake {
-    fd: OwnedFd,
-    rung: AtomicBool,
+struct Shared {
+    core: Core,
+    /// A reaper task is running on some tokio runtime.
+    tokio_reaper: AtomicBool,
+    /// The fallback reaper thread is running.
+    thread_reaper: AtomicBool,
+    /// Serialises starting reapers.
+    starting: Mutex<()>,
 }
 
-impl Wake {
-    fn new() -> io::Result<Self> {
-        // SAFETY: plain syscall; on success we own the returned fd.
-        let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.core.shutdown();
+        // Wake the reapers so they see the device is gone and exit.
+        signal(&self.core.efd);
+    }
+}
+
+fn new_eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; on success we own the returned fd.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor nobody else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn signal(fd: &OwnedFd) {
+    let one: u64 = 1;
+    // SAFETY: writes 8 bytes from a valid u64 to an eventfd. It can only fail with EAGAIN when the
+    // counter is saturated, in which case it is signalled anyway.
+    unsafe { libc::write(fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+}
+
+/// Reset an eventfd's counter (non-blocking; EAGAIN when it was zero is harmless).
+fn clear(fd: i32) {
+    let mut v: u64 = 0;
+    // SAFETY: reads 8 bytes into a valid u64.
+    unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+}
+
+impl Shared {
+    /// Make sure some reaper will see completions: a task on the current tokio runtime if there
+    /// is one with I/O enabled, else the fallback thread.
+    fn ensure_reaper(self: &Arc<Self>) {
+        if self.tokio_reaper.load(Ordering::Acquire) || self.thread_reaper.load(Ordering::Acquire) {
+            return;
         }
-        // SAFETY: fd is a fresh, valid descriptor nobody else owns.
-        Ok(Wake {
-            fd: unsafe { OwnedFd::from_raw_fd(fd) },
-            rung: AtomicBool::new(false),
-        })
+        let _g = self.starting.lock().unwrap_or_else(PoisonError::into_inner);
+        if self.tokio_reaper.load(Ordering::Acquire) || self.thread_reaper.load(Ordering::Acquire) {
+            return;
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            match self.core.efd.try_clone() {
+                Ok(fd) => {
+                    let _enter = handle.enter();
+                    // Registering panics (rather than failing) on a runtime without I/O enabled.
+                    let afd = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        // SAFETY: `fd` is an OwnedFd: open, and owned by the AsyncFd for its whole life.
+                        unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| e.to_string())
+                    }));
+                    match afd {
+                        Ok(Ok(afd)) => {
+                            self.tokio_reaper.store(true, Ordering::Release);
+                            let guard = ReaperGuard(Arc::downgrade(self));
+                            handle.spawn(reaper_task(Arc::downgrade(self), afd, guard));
+                            return;
+                        }
+                        Ok(Err(e)) => tracing::debug!(error = %e, "io_uring reaper: cannot register with tokio; using a thread"),
+                        Err(_) => tracing::debug!("io_uring reaper: tokio runtime without I/O; using a thread"),
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "io_uring reaper: cannot dup eventfd; using a thread"),
+            }
+        }
+        self.start_thread_reaper();
     }
 
-    /// Caller side, after sending a request: ring unless someone rang since the engine last looked.
-    fn ring(&self) {
-        if !self.rung.swap(true, Ordering::SeqCst) {
-            let one: u64 = 1;
-            // SAFETY: writes 8 bytes from a valid u64 to our eventfd. It can only fail with
-            // EAGAIN when the counter is saturated, in which case the engine is awake anyway.
-            unsafe { libc::write(self.fd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    fn start_thread_reaper(self: &Arc<Self>) {
+        if self.thread_reaper.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let weak = Arc::downgrade(self);
+        let spawned = self.core.efd.try_clone().and_then(|fd| {
+            std::thread::Builder::new().name("tidepool-uring-reap".into()).spawn(move || thread_reaper(weak, fd))
+        });
+        if let Err(e) = spawned {
+            // Nothing else can reap: the next submission tries again.
+            tracing::error!(error = %e, "io_uring: cannot start the reaper thread");
+            self.thread_reaper.store(false, Ordering::Release);
         }
     }
+}
 
-    /// Engine side, before draining the channel: later requests must ring again.
-    pub(crate) fn rearm(&self) {
-        self.rung.store(false, Ordering::SeqCst);
+/// Marks the tokio reaper gone when its task ends or is dropped (its runtime shut down). If
+/// I/O is still in flight then, the fallback thread takes over so it still completes.
+struct ReaperGuard(Weak<Shared>);
+
+impl Drop for ReaperGuard {
+    fn drop(&mut self) {
+        if let Some(sh) = self.0.upgrade() {
+            sh.tokio_reaper.store(false, Ordering::Release);
+            if sh.core.in_flight() > 0 {
+                sh.start_thread_reaper();
+            }
+        }
     }
+}
 
-    /// Engine side, after the ring's poll on the eventfd fired: reset the counter.
-    pub(crate) fn clear(&self) {
-        let mut v: u64 = 0;
-        // SAFETY: reads 8 bytes into a valid u64; the fd is non-blocking, EAGAIN is harmless.
-        unsafe { libc::read(self.fd.as_raw_fd(), (&mut v as *mut u64).cast(), 8) };
+async fn reaper_task(weak: Weak<Shared>, afd: AsyncFd<OwnedFd>, _guard: ReaperGuard) {
+    loop {
+        let Ok(mut ready) = afd.readable().await else { return };
+        clear(afd.get_ref().as_raw_fd());
+        // Cleared only if no new event arrived since `readable` returned (tokio checks that).
+        ready.clear_ready();
+        let Some(sh) = weak.upgrade() else { return };
+        sh.core.reap();
     }
+}
 
-    pub(crate) fn raw_fd(&self) -> i32 {
-        self.fd.as_raw_fd()
+fn thread_reaper(weak: Weak<Shared>, fd: OwnedFd) {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    loop {
+        // SAFETY: one valid pollfd.
+        unsafe { libc::poll(&mut pfd, 1, THREAD_REAPER_TICK.as_millis() as i32) };
+        clear(fd.as_raw_fd());
+        let Some(sh) = weak.upgrade() else { return };
+        sh.core.reap();
     }
 }
 
 impl UringDevice {
-    /// Open a file (created and sized per `opts`) or a raw block device with O_DIRECT and start
-    /// the engine thread. Fails with [`DeviceError::Open`] when O_DIRECT is refused or io_uring
+    /// Open a file (created and sized per `opts`) or a raw block device with O_DIRECT and set
+    /// up the ring. Fails with [`DeviceError::Open`] when O_DIRECT is refused or io_uring
     /// does not work here, which is what makes [`super::open_device`] fall back to posix.
     pub fn open(path: &Path, opts: &OpenOptions) -> Result<Self, DeviceError> {
-        let open_err = |source: io::Error| DeviceError::Open {
-            path: path.display().to_string(),
-            source,
-        };
+        let open_err = |source: io::Error| DeviceError::Open { path: path.display().to_string(), source };
         let backing = open_backing(path, opts, true)?;
         let queue_depth = opts.queue_depth.clamp(1, MAX_QUEUE_DEPTH);
-        // One extra entry for the eventfd poll that is always armed.
-        let entries = u32::try_from((queue_depth + 1).next_power_of_two())
-            .map_err(|_| open_err(io::ErrorKind::InvalidInput.into()))?;
-        let wake = Arc::new(Wake::new().map_err(open_err)?);
-        let info = DeviceInfo {
-            size_bytes: backing.size_bytes,
-            align_bytes: backing.align_bytes,
-            queue_depth,
-            engine: EngineKind::Uring,
-        };
-        let (tx, rx) = mpsc::channel();
-        let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        let engine_wake = Arc::clone(&wake);
-        let thread = std::thread::Builder::new()
-            .name("tidepool-uring".into())
-            .spawn(move || {
-                // The ring is created on its own thread: with SINGLE_ISSUER only the creator submits.
-                let ring = match new_ring(entries)
-                    .and_then(|mut ring| probe(&mut ring, &backing).map(|()| ring))
-                {
-                    Ok(ring) => ring,
-                    Err(e) => {
-                        let _ = ready_tx.send(Err(e));
-                        return;
-                    }
-                };
-                let _ = ready_tx.send(Ok(()));
-                Engine::new(ring, backing.file, engine_wake, rx, queue_depth).run();
-            })
-            .map_err(open_err)?;
-        let setup = ready_rx
-            .recv()
-            .unwrap_or_else(|_| Err(io::Error::other("io_uring engine thread died during setup")));
-        match setup {
-            Ok(()) => Ok(UringDevice {
-                info,
-                tx,
-                wake,
-                thread: Some(thread),
-            }),
-            Err(e) => {
-                let _ = thread.join();
-                Err(open_err(e))
-            }
-        }
+        // At least 2: the probe at open pushes two entries.
+        let entries = u32::try_from(queue_depth.next_power_of_two().max(2)).map_err(|_| open_err(io::ErrorKind::InvalidInput.into()))?;
+        let info = DeviceInfo { size_bytes: backing.size_bytes, align_bytes: backing.align_bytes, queue_depth, engine: EngineKind::Uring };
+        let mut ring = new_ring(entries).map_err(open_err)?;
+        probe(&mut ring, &backing).map_err(open_err)?;
+        let efd = new_eventfd().map_err(open_err)?;
+        ring.submitter().register_eventfd(efd.as_raw_fd()).map_err(open_err)?;
+        let shared = Arc::new(Shared {
+            core: Core::new(ring, backing.file, efd, queue_depth),
+            tokio_reaper: AtomicBool::new(false),
+            thread_reaper: AtomicBool::new(false),
+            starting: Mutex::new(()),
+        });
+        Ok(UringDevice { info, shared })
     }
 
     async fn submit_io(&self, op: Op, offset: u64, buf: AlignedBuf) -> IoResult {
@@ -155,33 +209,18 @@ impl UringDevice {
         }
         let len = buf.len();
         let (done, rx) = oneshot::channel();
-        if let Err(mpsc::SendError(req)) = self.tx.send(Request::Io {
-            op,
-            offset,
-            buf,
-            done,
-        }) {
-            return match req {
-                Request::Io { buf, .. } => (buf, Err(DeviceError::Stopped)),
-                _ => (AlignedBuf::zeroed(len), Err(DeviceError::Stopped)),
-            };
-        }
-        self.wake.ring();
-        // The engine only drops `done` unanswered if it died; the buffer is then gone with it.
-        rx.await
-            .unwrap_or_else(|_| (AlignedBuf::zeroed(len), Err(DeviceError::Stopped)))
+        self.shared.ensure_reaper();
+        self.shared.core.submit(Request::Io { op, offset, buf, done });
+        // The core answers every request (with `Stopped` if the ring broke); a dropped sender
+        // would mean a bug, and the buffer is then gone with it.
+        rx.await.unwrap_or_else(|_| (AlignedBuf::zeroed(len), Err(DeviceError::Stopped)))
     }
 }
 
-/// A ring tuned for one submitting thread (completions run when that thread waits, fewer
-/// interrupts), or a plain one on kernels older than 6.1 that lack those flags.
+/// A plain ring (callers on any thread submit, so no SINGLE_ISSUER / DEFER_TASKRUN), that
+/// keeps submitting past an SQE that fails to start when the kernel supports it.
 fn new_ring(entries: u32) -> io::Result<IoUring> {
-    let tuned = IoUring::builder()
-        .setup_single_issuer()
-        .setup_coop_taskrun()
-        .setup_defer_taskrun()
-        .build(entries);
-    tuned.or_else(|_| IoUring::new(entries))
+    IoUring::builder().setup_submit_all().build(entries).or_else(|_| IoUring::new(entries))
 }
 
 /// Prove that the ring works on this file before committing to it: a NOP round trip, then a
@@ -254,24 +293,9 @@ impl BlockDevice for UringDevice {
     fn flush(&self) -> IoFuture<'_, Result<(), DeviceError>> {
         Box::pin(async move {
             let (done, rx) = oneshot::channel();
-            self.tx
-                .send(Request::Flush { done })
-                .map_err(|_| DeviceError::Stopped)?;
-            self.wake.ring();
+            self.shared.ensure_reaper();
+            self.shared.core.submit(Request::Flush { done });
             rx.await.unwrap_or(Err(DeviceError::Stopped))
         })
-    }
-}
-
-impl Drop for UringDevice {
-    fn drop(&mut self) {
-        // A send error means the engine already exited; joining is still right.
-        let _ = self.tx.send(Request::Stop);
-        self.wake.ring();
-        if let Some(t) = self.thread.take()
-            && t.join().is_err()
-        {
-            tracing::error!("io_uring engine thread panicked");
-        }
     }
 }
