@@ -136,6 +136,7 @@ impl Inner {
         };
         self.write_reserved(r, buf, req, Vec::new()).await?;
         self.cache_crcs(r.generation, (r.off / PAGE_U64) as u32, len, &crcs);
+        self.prepare_next().await;
         Ok(())
     }
 
@@ -203,10 +204,11 @@ impl Inner {
 
     /// Open the next free segment as the active one, unless another task already replaced
     /// the active segment we saw full. Normal puts leave the last free segment to the cleaner.
+    /// A segment prepared ahead (see [`Inner::prepare_next`]) is taken first, with no I/O.
     async fn rotate(&self, seen: Option<u64>, use_reserve: bool) -> Result<(), StoreError> {
         let _g = self.rotate_lock.lock().await;
         let is_reserve;
-        let (seg, generation) = {
+        let (seg, generation, prepared) = {
             let mut st = self.st();
             if st.active_gen() != seen {
                 return Ok(());
@@ -216,14 +218,31 @@ impl Inner {
                 let need = self.lay.max_block as u64;
                 return Err(StoreError::NoSpace { need, free: st.free_bytes() });
             }
-            let seg = st.segs.iter().position(|s| s.state == SegState::Free).expect("free > 0") as u32;
             is_reserve = free == 1;
-            let generation = st.next_gen;
-            st.next_gen += 1;
-            let meta = &mut st.segs[seg as usize];
-            (meta.state, meta.generation, meta.live_bytes) = (SegState::Open, generation, 0);
-            (seg, generation)
+            if let Some((seg, generation)) = st.prepared.take() {
+                (seg, generation, true)
+            } else {
+                let seg = st.segs.iter().position(|s| s.state == SegState::Free).expect("free > 0") as u32;
+                let generation = st.next_gen;
+                st.next_gen += 1;
+                let meta = &mut st.segs[seg as usize];
+                (meta.state, meta.generation, meta.live_bytes) = (SegState::Open, generation, 0);
+                (seg, generation, false)
+            }
         };
+        if !prepared {
+            self.open_segment(seg, generation).await?;
+        }
+        let job = self.st().activate(seg, generation, is_reserve);
+        if let Some(job) = job {
+            self.seal(job).await;
+        }
+        Ok(())
+    }
+
+    /// Write the in-use header of `seg` (already marked Open with `generation`) and make it
+    /// durable; on failure the segment is free again.
+    async fn open_segment(&self, seg: u32, generation: u64) -> Result<(), StoreError> {
         // The header must be durable before any entry of this generation is: recovery derives the
         // next generation from headers, and must never reuse a generation that entries on the device carry.
         let hdr = SegHeader { in_use: true, generation }.encode(self.lay.uuid);
@@ -231,15 +250,39 @@ impl Inner {
             Ok(()) => self.dev.flush().await.map_err(StoreError::from),
             Err(e) => Err(e),
         };
-        if let Err(e) = res {
+        if res.is_err() {
             self.st().segs[seg as usize].state = SegState::Free;
-            return Err(e);
         }
-        let job = self.st().activate(seg, generation, is_reserve);
-        if let Some(job) = job {
-            self.seal(job).await;
+        res
+    }
+
+    /// Open the next segment ahead of need, so that the rotation when the active one fills costs
+    /// no I/O: its header write would otherwise queue behind a device queue full of large
+    /// entry writes (tens of ms) while every put waits. Only when two or more segments are free
+    /// (the last one stays the cleaner's reserve, opened only on demand), none is prepared yet
+    /// and no rotation is under way. A failure is only logged: the rotation then opens one itself.
+    async fn prepare_next(&self) {
+        let want = |st: &State| st.prepared.is_none() && st.active.is_some() && st.unprepared_free_segments() >= 2;
+        if !want(&self.st()) {
+            return;
         }
-        Ok(())
+        let Ok(_g) = self.rotate_lock.try_lock() else { return };
+        let (seg, generation) = {
+            let mut st = self.st();
+            if !want(&st) {
+                return;
+            }
+            let seg = st.segs.iter().position(|s| s.state == SegState::Free).expect("free >= 2") as u32;
+            let generation = st.next_gen;
+            st.next_gen += 1;
+            let meta = &mut st.segs[seg as usize];
+            (meta.state, meta.generation, meta.live_bytes) = (SegState::Open, generation, 0);
+            (seg, generation)
+        };
+        match self.open_segment(seg, generation).await {
+            Ok(()) => self.st().prepared = Some((seg, generation)),
+            Err(e) => tracing::warn!(segment = seg, error = %e, "opening the next segment ahead failed"),
+        }
     }
 
     /// Write the summary of a segment whose writes have all finished. Entries are flushed
@@ -481,6 +524,7 @@ impl Inner {
 mod tests {
     use super::super::BlockStore;
     use super::*;
+    use crate::store::StoreError;
     use crate::device::mem::MemDevice;
 
     fn pattern(id: u64, len: usize) -> Vec<u8> {
@@ -524,6 +568,44 @@ mod tests {
             assert!(raw[hp + len..].iter().all(|&b| b == 0), "block {id}: tail padding not zero");
             let crc_end = crc_at(data_pages(len as u32));
             assert!(raw[crc_end..hp].iter().all(|&b| b == 0), "block {id}: header padding not zero");
+        }
+    }
+
+    /// The next segment is opened ahead; rotations use it; the cleaner's reserve is never
+    /// prepared; everything survives a reopen.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn next_segment_is_prepared_ahead_but_never_the_reserve() {
+        let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new((1 << 20) + 6 * (1 << 20)));
+        let opts = StoreOptions { max_block_bytes: 64 << 10, segment_bytes: 1 << 20, crc_cache_bytes: 1 << 20 };
+        let s = BlockStore::format(Arc::clone(&dev), opts.clone()).await.unwrap();
+        let mut ids = Vec::new();
+        let mut seen_prepared = std::collections::HashSet::new();
+        for id in 0.. {
+            match s.put(id, &pattern(id, 60_000)).await {
+                Ok(()) => ids.push(id),
+                Err(StoreError::NoSpace { .. }) => break,
+                Err(e) => panic!("put {id}: {e}"),
+            }
+            let st = s.inner.st();
+            if let Some((seg, generation)) = st.prepared {
+                assert_eq!(st.segs[seg as usize].state, SegState::Open);
+                assert_eq!(st.segs[seg as usize].generation, generation);
+                assert_ne!(st.active, Some(seg));
+                assert!(st.unprepared_free_segments() >= 1, "the reserve was prepared");
+                seen_prepared.insert(seg);
+            }
+            assert!(st.free_segments() >= 1);
+        }
+        assert!(seen_prepared.len() >= 3, "segments prepared ahead: {seen_prepared:?}");
+        {
+            let st = s.inner.st();
+            assert_eq!((st.free_segments(), st.unprepared_free_segments()), (1, 1), "only the reserve is left, unopened");
+        }
+        s.flush().await.unwrap();
+        drop(s);
+        let s = BlockStore::open(dev, opts).await.unwrap();
+        for &id in &ids {
+            assert_eq!(s.get(id, 0, 60_000).await.unwrap(), pattern(id, 60_000), "block {id} after reopen");
         }
     }
 

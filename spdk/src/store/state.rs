@@ -94,6 +94,9 @@ pub(super) struct State {
     pub segs: Vec<SegMeta>,
     pub open: HashMap<u32, OpenSeg>,
     pub active: Option<u32>,
+    /// The next segment, opened ahead of need: marked Open with its generation, its header
+    /// durable, no entries yet. The next rotation activates it without any I/O. Counted as free.
+    pub prepared: Option<(u32, u64)>,
     /// The active segment was the last free one (the cleaner's reserve): puts may not use it,
     /// or they would eat the space that lets cleaning make progress.
     active_is_reserve: bool,
@@ -117,6 +120,7 @@ impl State {
             segs,
             open: HashMap::new(),
             active: None,
+            prepared: None,
             active_is_reserve: false,
             next_gen,
             next_ticket: 0,
@@ -161,7 +165,7 @@ impl State {
     /// Bytes still free: free segments (entry space) plus what is left in the active one.
     pub(super) fn free_bytes(&self) -> u64 {
         let usable = self.seg_bytes - 2 * PAGE_U64;
-        let free_segs = self.segs.iter().filter(|s| s.state == SegState::Free).count() as u64;
+        let free_segs = self.free_segments() as u64;
         let active = self.active.and_then(|s| self.open.get(&s)).map_or(0, |o| {
             let used = o.next_off + summary_pages(o.reserved_recs + 1) * PAGE_U64;
             self.seg_bytes.saturating_sub(used)
@@ -169,7 +173,13 @@ impl State {
         free_segs * usable + active
     }
 
+    /// Free segments, counting the prepared one (it holds nothing yet).
     pub(super) fn free_segments(&self) -> usize {
+        self.unprepared_free_segments() + usize::from(self.prepared.is_some())
+    }
+
+    /// Segments in state Free (not counting the prepared one).
+    pub(super) fn unprepared_free_segments(&self) -> usize {
         self.segs.iter().filter(|s| s.state == SegState::Free).count()
     }
 
