@@ -1,0 +1,730 @@
+//! Object operations: PUT (staged, then renamed over the key), GET / HEAD (ranges,
+//! conditionals), DELETE (pruning empty parents), DeleteObjects, CopyObject.
+//!
+//! The path of a PUT: the body streams into `Fs::stage` in `block_size` pieces (MD5 and size on
+//! the way) -> a temporary file in `/.tidepool/tmp/` gets them in one `commit_staged` -> its
+//! xattr map gets the metadata -> parents are created -> `rename` over the key (the commit
+//! point: before it nothing is visible, after it the whole object is). Multipart Complete will
+//! reuse [`TidepoolS3::publish`].
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::task::{Context, Poll};
+
+use futures_util::StreamExt;
+use hyper::body::Bytes;
+use md5::{Digest, Md5};
+use s3s::dto::*;
+use s3s::{S3Error, S3Request, S3Response, S3Result, s3_error};
+use tidepool_fs::{ErrorKind, FileAttr, Fs, InodeKind, Staged};
+
+use crate::error::{conflict, fs_error, invalid_key, no_such_key};
+use crate::meta::{self, SystemHeaders};
+use crate::names::{KeyPath, parse_key};
+use crate::{TidepoolS3, lookup_opt};
+
+/// Largest single PUT / CopyObject, as S3.
+const MAX_OBJECT_BYTES: u64 = 5 << 30;
+/// Times a PUT retries when a concurrent DELETE pruned the parent folder it just created.
+const PUBLISH_ATTEMPTS: usize = 4;
+
+impl TidepoolS3 {
+    pub(crate) async fn op_put_object(&self, req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
+        let input = req.input;
+        let bucket = self.require_bucket(&input.bucket)?;
+        let key = parse_key(&input.key)?;
+        if let Some(len) = input.content_length
+            && len as u64 > MAX_OBJECT_BYTES
+        {
+            return Err(s3_error!(EntityTooLarge, "a single PUT is at most 5 GiB; use multipart upload"));
+        }
+        self.check_put_conditions(&input.bucket, &input.key, input.if_match.as_ref(), input.if_none_match.as_ref())?;
+        let sys = SystemHeaders {
+            content_type: input.content_type.clone(),
+            content_encoding: input.content_encoding.clone(),
+            content_disposition: input.content_disposition.clone(),
+            cache_control: input.cache_control.clone(),
+            content_language: input.content_language.clone(),
+            expires: input.expires.clone(),
+        };
+        let xattrs = meta::to_xattrs(input.metadata.as_ref(), &sys);
+        let (staged, md5, size) = match input.body {
+            Some(body) => self.stage_body(body).await?,
+            None => (Staged::default(), hex(&Md5::digest(b"")), 0),
+        };
+        if let Some(want) = &input.content_md5
+            && *want != base64(&from_hex(&md5))
+        {
+            self.fs.discard_staged(staged).await;
+            return Err(s3_error!(BadDigest, "the Content-MD5 you specified did not match what was received"));
+        }
+        let attr = if key.folder {
+            if size > 0 {
+                self.fs.discard_staged(staged).await;
+                return Err(invalid_key(&input.key, "a key ending in '/' is a folder and takes an empty body"));
+            }
+            self.publish_folder(bucket.ino, &input.key, &key, xattrs, &md5).await?
+        } else {
+            self.publish(bucket.ino, &input.key, &key, staged, &md5, xattrs).await?
+        };
+        self.metrics.bytes_in(size);
+        tracing::debug!(bucket = input.bucket, key = input.key, size, ino = attr.ino, "put");
+        Ok(S3Response::new(PutObjectOutput {
+            e_tag: Some(ETag::Strong(md5)),
+            size: Some(size as i64),
+            ..Default::default()
+        }))
+    }
+
+    /// PUT with If-None-Match: * (create only) or If-Match (replace only that version).
+    fn check_put_conditions(
+        &self,
+        bucket: &str,
+        key: &str,
+        if_match: Option<&ETagCondition>,
+        if_none_match: Option<&ETagCondition>,
+    ) -> S3Result<()> {
+        if if_match.is_none() && if_none_match.is_none() {
+            return Ok(());
+        }
+        let current = match self.find_object(bucket, key) {
+            Ok((a, x)) => Some(meta::etag(&a, &x)),
+            Err(e) if *e.code() == s3s::S3ErrorCode::NoSuchKey => None,
+            Err(e) => return Err(e),
+        };
+        if let Some(cond) = if_none_match
+            && let Some(cur) = &current
+            && etag_matches(cond, cur)
+        {
+            return Err(s3_error!(PreconditionFailed, "the object exists (If-None-Match)"));
+        }
+        if let Some(cond) = if_match {
+            match &current {
+                None => return Err(no_such_key(key)),
+                Some(cur) if !etag_matches(cond, cur) => {
+                    return Err(s3_error!(PreconditionFailed, "the object's ETag differs (If-Match)"));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Stream a request body into staged blocks of `block_size`, computing MD5 and size. One
+    /// block is written while the next is received.
+    async fn stage_body(&self, mut body: StreamingBlob) -> S3Result<(Staged, String, u64)> {
+        let bs = self.fs.options().block_size;
+        let mut md5 = Md5::new();
+        let mut size = 0u64;
+        let mut staged = Staged::default();
+        let mut buf: Vec<u8> = Vec::with_capacity(bs);
+        let mut inflight: Option<tokio::task::JoinHandle<tidepool_fs::Result<Staged>>> = None;
+        let result: S3Result<()> = async {
+            loop {
+                let chunk = match body.next().await {
+                    None => break,
+                    Some(Ok(c)) => c,
+                    Some(Err(e)) => return Err(s3_error!(IncompleteBody, "reading the request body failed: {e}")),
+                };
+                md5.update(&chunk);
+                size += chunk.len() as u64;
+                if size > MAX_OBJECT_BYTES {
+                    return Err(s3_error!(EntityTooLarge, "a single PUT is at most 5 GiB; use multipart upload"));
+                }
+                let mut rest: &[u8] = &chunk;
+                while !rest.is_empty() {
+                    let take = rest.len().min(bs - buf.len());
+                    buf.extend_from_slice(&rest[..take]);
+                    rest = &rest[take..];
+                    if buf.len() == bs {
+                        let full = std::mem::replace(&mut buf, Vec::with_capacity(bs));
+                        if let Some(prev) = inflight.take() {
+                            staged.append(join_stage(prev).await?);
+                        }
+                        let fs = self.fs.clone();
+                        inflight = Some(tokio::spawn(async move { fs.stage(&full).await }));
+                    }
+                }
+            }
+            if let Some(prev) = inflight.take() {
+                staged.append(join_stage(prev).await?);
+            }
+            if !buf.is_empty() {
+                staged.append(self.fs.stage(&buf).await.map_err(|e| fs_error(e, "upload"))?);
+            }
+            Ok(())
+        }
+        .await;
+        match result {
+            Ok(()) => Ok((staged, hex(&md5.finalize()), size)),
+            Err(e) => {
+                if let Some(prev) = inflight.take()
+                    && let Ok(s) = join_stage(prev).await
+                {
+                    staged.append(s);
+                }
+                self.fs.discard_staged(staged).await;
+                Err(e)
+            }
+        }
+    }
+
+    fn tmp_name(&self) -> Vec<u8> {
+        let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n}", self.tmp_prefix).into_bytes()
+    }
+
+    /// Make `staged` the object `key`: a temporary file gets the blocks (one commit) and the
+    /// xattrs (ETag added), then is renamed over the key. On failure nothing is visible and
+    /// the temporary file is removed.
+    pub(crate) async fn publish(
+        &self,
+        bucket_ino: u64,
+        key_str: &str,
+        key: &KeyPath<'_>,
+        staged: Staged,
+        md5: &str,
+        mut xattrs: BTreeMap<String, String>,
+    ) -> S3Result<FileAttr> {
+        let fs = &self.fs;
+        let tmp = self.tmp_name();
+        let file = match fs.create(self.staging_ino, &tmp, 0o644, 0, 0).await {
+            Ok(f) => f,
+            Err(e) => {
+                fs.discard_staged(staged).await;
+                return Err(fs_error(e, key_str));
+            }
+        };
+        let res = async {
+            let attr = fs.commit_staged(file.ino, 0, staged).await.map_err(|e| fs_error(e, key_str))?;
+            meta::set_etag(&mut xattrs, md5, attr.mtime);
+            fs.replace_xattrs(file.ino, xattrs).await.map_err(|e| fs_error(e, key_str))?;
+            let (parents, name) = key.split_last();
+            for attempt in 1..=PUBLISH_ATTEMPTS {
+                let parent = self.make_parents(bucket_ino, parents, key_str).await?;
+                if let Some(existing) = lookup_opt(fs, parent, name).map_err(|e| fs_error(e, key_str))?
+                    && existing.kind != InodeKind::File
+                {
+                    return Err(conflict(key_str, "a folder of that name holds other keys"));
+                }
+                match fs.rename(self.staging_ino, &tmp, parent, name).await {
+                    Ok(()) => return Ok(attr),
+                    // A concurrent DELETE pruned the parent we just made: make it again.
+                    Err(e) if e.kind() == ErrorKind::NotFound && attempt < PUBLISH_ATTEMPTS => continue,
+                    Err(e) if e.kind() == ErrorKind::IsDir => {
+                        return Err(conflict(key_str, "a folder of that name holds other keys"));
+                    }
+                    Err(e) => return Err(fs_error(e, key_str)),
+                }
+            }
+            Err(s3_error!(OperationAborted, "{key_str:?}: parent folders kept being removed; retry"))
+        }
+        .await;
+        if res.is_err() {
+            if let Err(e) = fs.unlink(self.staging_ino, &tmp).await {
+                tracing::warn!(error = %e, "cannot remove a failed upload's temporary file; removed at next start");
+            }
+            self.prune(bucket_ino, key.split_last().0).await;
+        }
+        res
+    }
+
+    /// A folder marker: the directory (created as needed) carries the object's xattrs.
+    async fn publish_folder(
+        &self,
+        bucket_ino: u64,
+        key_str: &str,
+        key: &KeyPath<'_>,
+        mut xattrs: BTreeMap<String, String>,
+        md5: &str,
+    ) -> S3Result<FileAttr> {
+        let dir = self.make_parents(bucket_ino, &key.segments, key_str).await?;
+        let attr = self.fs.getattr(dir).map_err(|e| fs_error(e, key_str))?;
+        meta::set_etag(&mut xattrs, md5, attr.mtime);
+        self.fs.replace_xattrs(dir, xattrs).await.map_err(|e| fs_error(e, key_str))?;
+        Ok(attr)
+    }
+
+    /// `mkdir -p` of `segments` below the bucket; a segment that is an object is a conflict.
+    async fn make_parents(&self, bucket_ino: u64, segments: &[&[u8]], key: &str) -> S3Result<u64> {
+        let mut cur = bucket_ino;
+        for seg in segments {
+            cur = match lookup_opt(&self.fs, cur, seg).map_err(|e| fs_error(e, key))? {
+                Some(a) if a.kind == InodeKind::Dir => a.ino,
+                Some(_) => {
+                    let prefix = String::from_utf8_lossy(seg);
+                    return Err(conflict(key, &format!("{prefix:?} is an object, so it cannot hold keys")));
+                }
+                None => match self.fs.mkdir(cur, seg, 0o755, 0, 0).await {
+                    Ok(a) => a.ino,
+                    Err(e) if e.kind() == ErrorKind::Exists => match lookup_opt(&self.fs, cur, seg) {
+                        Ok(Some(a)) if a.kind == InodeKind::Dir => a.ino,
+                        _ => return Err(conflict(key, "a parent was created as an object concurrently")),
+                    },
+                    Err(e) => return Err(fs_error(e, key)),
+                },
+            };
+        }
+        Ok(cur)
+    }
+
+    /// Remove the empty directories of `segments` (deepest first) that are not folder
+    /// markers, up to (not including) the bucket. Best effort: stops at the first that stays.
+    async fn prune(&self, bucket_ino: u64, segments: &[&[u8]]) {
+        let mut inos = vec![bucket_ino];
+        for seg in segments {
+            match lookup_opt(&self.fs, *inos.last().unwrap_or(&bucket_ino), seg) {
+                Ok(Some(a)) if a.kind == InodeKind::Dir => inos.push(a.ino),
+                _ => break,
+            }
+        }
+        for i in (1..inos.len()).rev() {
+            let dir = inos[i];
+            let marker = self.fs.get_xattrs(dir).map(|x| x.contains_key(meta::ETAG)).unwrap_or(true);
+            let empty = self.fs.readdir(dir, None, 1).map(|(e, _)| e.is_empty()).unwrap_or(false);
+            if marker || !empty || self.fs.rmdir(inos[i - 1], segments[i - 1]).await.is_err() {
+                return;
+            }
+        }
+    }
+
+    /// The object at `key`: a file, or a folder-marker directory for a key ending in `/`.
+    pub(crate) fn find_object(&self, bucket: &str, key: &str) -> S3Result<(FileAttr, BTreeMap<String, String>)> {
+        let b = self.require_bucket(bucket)?;
+        let kp = parse_key(key)?;
+        let mut cur = b;
+        for seg in &kp.segments {
+            if cur.kind != InodeKind::Dir {
+                return Err(no_such_key(key));
+            }
+            cur = lookup_opt(&self.fs, cur.ino, seg).map_err(|e| fs_error(e, key))?.ok_or_else(|| no_such_key(key))?;
+        }
+        let x = self.fs.get_xattrs(cur.ino).map_err(|e| fs_error(e, key))?;
+        let ok = match cur.kind {
+            InodeKind::File => !kp.folder,
+            InodeKind::Dir => kp.folder && x.contains_key(meta::ETAG),
+            InodeKind::Symlink => false,
+        };
+        if !ok {
+            return Err(no_such_key(key));
+        }
+        Ok((cur, x))
+    }
+
+    pub(crate) async fn op_get_object(&self, req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
+        let input = req.input;
+        let (attr, x) = self.find_object(&input.bucket, &input.key)?;
+        let etag = meta::etag(&attr, &x);
+        check_read_conditions(
+            &etag,
+            attr.mtime,
+            input.if_match.as_ref(),
+            input.if_none_match.as_ref(),
+            input.if_modified_since.as_ref(),
+            input.if_unmodified_since.as_ref(),
+        )?;
+        if input.part_number.is_some_and(|p| p != 1) {
+            return Err(s3_error!(InvalidRange, "the object has one part; partNumber must be 1"));
+        }
+        let size = if attr.kind == InodeKind::File { attr.size } else { 0 };
+        let (start, len, content_range) = match &input.range {
+            None => (0, size, None),
+            Some(r) => {
+                let span = r.check(size)?;
+                (span.start, span.end - span.start, Some(format!("bytes {}-{}/{size}", span.start, span.end - 1)))
+            }
+        };
+        let body = (len > 0).then(|| body_stream(self.fs.clone(), attr.ino, start, len));
+        self.metrics.bytes_out(len);
+        let sys = SystemHeaders::from_xattrs(&x);
+        let output = GetObjectOutput {
+            body,
+            content_length: Some(len as i64),
+            content_range,
+            accept_ranges: Some("bytes".into()),
+            e_tag: Some(ETag::Strong(etag)),
+            last_modified: Some(meta::timestamp(attr.mtime)),
+            metadata: meta::user_metadata(&x),
+            content_type: sys.content_type.or_else(|| Some("binary/octet-stream".into())),
+            content_encoding: sys.content_encoding,
+            content_disposition: sys.content_disposition,
+            cache_control: sys.cache_control,
+            content_language: sys.content_language,
+            expires: sys.expires,
+            ..Default::default()
+        };
+        Ok(S3Response::new(output))
+    }
+
+    pub(crate) async fn op_head_object(
+        &self,
+        req: S3Request<HeadObjectInput>,
+    ) -> S3Result<S3Response<HeadObjectOutput>> {
+        let input = req.input;
+        let (attr, x) = self.find_object(&input.bucket, &input.key)?;
+        let etag = meta::etag(&attr, &x);
+        check_read_conditions(
+            &etag,
+            attr.mtime,
+            input.if_match.as_ref(),
+            input.if_none_match.as_ref(),
+            input.if_modified_since.as_ref(),
+            input.if_unmodified_since.as_ref(),
+        )?;
+        let size = if attr.kind == InodeKind::File { attr.size } else { 0 };
+        let (len, content_range) = match &input.range {
+            None => (size, None),
+            Some(r) => {
+                let span = r.check(size)?;
+                (span.end - span.start, Some(format!("bytes {}-{}/{size}", span.start, span.end - 1)))
+            }
+        };
+        let sys = SystemHeaders::from_xattrs(&x);
+        Ok(S3Response::new(HeadObjectOutput {
+            content_length: Some(len as i64),
+            content_range,
+            accept_ranges: Some("bytes".into()),
+            e_tag: Some(ETag::Strong(etag)),
+            last_modified: Some(meta::timestamp(attr.mtime)),
+            metadata: meta::user_metadata(&x),
+            content_type: sys.content_type.or_else(|| Some("binary/octet-stream".into())),
+            content_encoding: sys.content_encoding,
+            content_disposition: sys.content_disposition,
+            cache_control: sys.cache_control,
+            content_language: sys.content_language,
+            expires: sys.expires,
+            ..Default::default()
+        }))
+    }
+
+    pub(crate) async fn op_delete_object(
+        &self,
+        req: S3Request<DeleteObjectInput>,
+    ) -> S3Result<S3Response<DeleteObjectOutput>> {
+        self.delete_key(&req.input.bucket, &req.input.key).await?;
+        Ok(S3Response::new(DeleteObjectOutput::default()))
+    }
+
+    /// Delete one key; a missing key is success (as S3). Empty parents are pruned.
+    async fn delete_key(&self, bucket: &str, key_str: &str) -> S3Result<()> {
+        let b = self.require_bucket(bucket)?;
+        let key = parse_key(key_str)?;
+        let (parents, name) = key.split_last();
+        let mut parent = b.ino;
+        for seg in parents {
+            match lookup_opt(&self.fs, parent, seg).map_err(|e| fs_error(e, key_str))? {
+                Some(a) if a.kind == InodeKind::Dir => parent = a.ino,
+                _ => return Ok(()),
+            }
+        }
+        let Some(target) = lookup_opt(&self.fs, parent, name).map_err(|e| fs_error(e, key_str))? else {
+            return Ok(());
+        };
+        match (target.kind, key.folder) {
+            (InodeKind::File, false) => match self.fs.unlink(parent, name).await {
+                Ok(()) => {}
+                Err(e) if e.kind() == ErrorKind::NotFound => return Ok(()),
+                Err(e) => return Err(fs_error(e, key_str)),
+            },
+            (InodeKind::Dir, true) => {
+                let x = self.fs.get_xattrs(target.ino).map_err(|e| fs_error(e, key_str))?;
+                if !x.contains_key(meta::ETAG) {
+                    return Ok(());
+                }
+                // The marker goes; the folder stays while it holds other keys.
+                let rest: BTreeMap<String, String> = x.into_iter().filter(|(k, _)| !k.starts_with(':')).collect();
+                self.fs.replace_xattrs(target.ino, rest).await.map_err(|e| fs_error(e, key_str))?;
+                self.prune(b.ino, &key.segments).await;
+                return Ok(());
+            }
+            _ => return Ok(()),
+        }
+        self.prune(b.ino, parents).await;
+        Ok(())
+    }
+
+    pub(crate) async fn op_delete_objects(
+        &self,
+        req: S3Request<DeleteObjectsInput>,
+    ) -> S3Result<S3Response<DeleteObjectsOutput>> {
+        let input = req.input;
+        self.require_bucket(&input.bucket)?;
+        let quiet = input.delete.quiet.unwrap_or(false);
+        let (mut deleted, mut errors) = (Vec::new(), Vec::new());
+        for obj in input.delete.objects {
+            match self.delete_key(&input.bucket, &obj.key).await {
+                Ok(()) if quiet => {}
+                Ok(()) => deleted.push(DeletedObject { key: Some(obj.key), ..Default::default() }),
+                Err(e) => errors.push(Error {
+                    code: Some(e.code().as_str().to_owned()),
+                    message: e.message().map(str::to_owned),
+                    key: Some(obj.key),
+                    version_id: None,
+                }),
+            }
+        }
+        Ok(S3Response::new(DeleteObjectsOutput {
+            deleted: Some(deleted),
+            errors: (!errors.is_empty()).then_some(errors),
+            ..Default::default()
+        }))
+    }
+
+    pub(crate) async fn op_copy_object(
+        &self,
+        req: S3Request<CopyObjectInput>,
+    ) -> S3Result<S3Response<CopyObjectOutput>> {
+        let input = req.input;
+        let (src_bucket, src_key) = match &input.copy_source {
+            CopySource::Bucket { bucket, key, version_id: None } => (bucket.to_string(), key.to_string()),
+            CopySource::Bucket { .. } => return Err(s3_error!(NotImplemented, "versions are not supported")),
+            _ => return Err(s3_error!(NotImplemented, "access point and outpost copy sources are not supported")),
+        };
+        let (sattr, sx) = self.find_object(&src_bucket, &src_key)?;
+        let src_etag = meta::etag(&sattr, &sx);
+        check_copy_conditions(&src_etag, sattr.mtime, &input)?;
+        let replace = input.metadata_directive.as_ref().is_some_and(|d| d.as_str() == MetadataDirective::REPLACE);
+        if src_bucket == input.bucket && src_key == input.key && !replace {
+            return Err(s3_error!(
+                InvalidRequest,
+                "This copy request is illegal because it is trying to copy an object to itself without changing the object's metadata, storage class, website redirect location or encryption attributes."
+            ));
+        }
+        let dst_bucket = self.require_bucket(&input.bucket)?;
+        let key = parse_key(&input.key)?;
+        let size = if sattr.kind == InodeKind::File { sattr.size } else { 0 };
+        if size > MAX_OBJECT_BYTES {
+            return Err(s3_error!(InvalidRequest, "a copy source is at most 5 GiB; use UploadPartCopy"));
+        }
+        let xattrs = if replace {
+            let sys = SystemHeaders {
+                content_type: input.content_type.clone(),
+                content_encoding: input.content_encoding.clone(),
+                content_disposition: input.content_disposition.clone(),
+                cache_control: input.cache_control.clone(),
+                content_language: input.content_language.clone(),
+                expires: input.expires.clone(),
+            };
+            meta::to_xattrs(input.metadata.as_ref(), &sys)
+        } else {
+            sx.into_iter().filter(|(k, _)| k != meta::ETAG && k != meta::ETAG_MTIME).collect()
+        };
+        let (staged, md5) = self.stage_copy(sattr.ino, size, &src_key).await?;
+        let attr = if key.folder {
+            if size > 0 {
+                self.fs.discard_staged(staged).await;
+                return Err(invalid_key(&input.key, "a key ending in '/' is a folder and takes an empty body"));
+            }
+            self.publish_folder(dst_bucket.ino, &input.key, &key, xattrs, &md5).await?
+        } else {
+            self.publish(dst_bucket.ino, &input.key, &key, staged, &md5, xattrs).await?
+        };
+        Ok(S3Response::new(CopyObjectOutput {
+            copy_object_result: Some(CopyObjectResult {
+                e_tag: Some(ETag::Strong(md5)),
+                last_modified: Some(meta::timestamp(attr.mtime)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+    }
+
+    /// Read `size` bytes of file `ino` into staged blocks, with their MD5.
+    async fn stage_copy(&self, ino: u64, size: u64, what: &str) -> S3Result<(Staged, String)> {
+        let bs = self.fs.options().block_size;
+        let mut md5 = Md5::new();
+        let mut staged = Staged::default();
+        let mut off = 0u64;
+        while off < size {
+            let n = (size - off).min(bs as u64) as usize;
+            let res = async {
+                let data = self.fs.read(ino, off, n).await?;
+                if data.len() != n {
+                    return Err(tidepool_fs::FsError::Invalid("copy source changed while it was read"));
+                }
+                md5.update(&data);
+                self.fs.stage(&data).await
+            }
+            .await;
+            match res {
+                Ok(s) => staged.append(s),
+                Err(e) => {
+                    self.fs.discard_staged(staged).await;
+                    return Err(fs_error(e, what));
+                }
+            }
+            off += n as u64;
+        }
+        Ok((staged, hex(&md5.finalize())))
+    }
+}
+
+async fn join_stage(h: tokio::task::JoinHandle<tidepool_fs::Result<Staged>>) -> S3Result<Staged> {
+    match h.await {
+        Ok(r) => r.map_err(|e| fs_error(e, "upload")),
+        Err(e) => Err(s3_error!(InternalError, "staging task failed: {e}")),
+    }
+}
+
+fn etag_matches(cond: &ETagCondition, etag: &str) -> bool {
+    match cond {
+        ETagCondition::Any => true,
+        ETagCondition::ETag(e) => e.value() == etag,
+    }
+}
+
+/// GET / HEAD conditionals as S3 (RFC 9110): If-Match wins over If-Unmodified-Since (412),
+/// If-None-Match wins over If-Modified-Since (304). HTTP dates have whole seconds.
+fn check_read_conditions(
+    etag: &str,
+    mtime: i64,
+    if_match: Option<&ETagCondition>,
+    if_none_match: Option<&ETagCondition>,
+    if_modified_since: Option<&Timestamp>,
+    if_unmodified_since: Option<&Timestamp>,
+) -> S3Result<()> {
+    let secs = mtime.div_euclid(1_000_000_000);
+    if let Some(c) = if_match {
+        if !etag_matches(c, etag) {
+            return Err(s3_error!(PreconditionFailed, "If-Match: the ETag differs"));
+        }
+    } else if let Some(t) = if_unmodified_since
+        && secs > meta::unix_secs(t)
+    {
+        return Err(s3_error!(PreconditionFailed, "If-Unmodified-Since: modified since"));
+    }
+    if let Some(c) = if_none_match {
+        if etag_matches(c, etag) {
+            return Err(not_modified(etag));
+        }
+    } else if let Some(t) = if_modified_since
+        && secs <= meta::unix_secs(t)
+    {
+        return Err(not_modified(etag));
+    }
+    Ok(())
+}
+
+fn not_modified(etag: &str) -> S3Error {
+    let mut e = S3Error::new(s3s::S3ErrorCode::NotModified);
+    let mut h = hyper::HeaderMap::new();
+    if let Ok(v) = hyper::header::HeaderValue::from_str(&format!("\"{etag}\"")) {
+        h.insert(hyper::header::ETAG, v);
+    }
+    e.set_headers(h);
+    e
+}
+
+/// CopyObject's x-amz-copy-source-if-* headers: every failure is 412.
+fn check_copy_conditions(etag: &str, mtime: i64, input: &CopyObjectInput) -> S3Result<()> {
+    let secs = mtime.div_euclid(1_000_000_000);
+    let failed = || s3_error!(PreconditionFailed, "a copy-source condition failed");
+    if let Some(c) = &input.copy_source_if_match {
+        if !etag_matches(c, etag) {
+            return Err(failed());
+        }
+    } else if let Some(t) = &input.copy_source_if_unmodified_since
+        && secs > meta::unix_secs(t)
+    {
+        return Err(failed());
+    }
+    if let Some(c) = &input.copy_source_if_none_match {
+        if etag_matches(c, etag) {
+            return Err(failed());
+        }
+    } else if let Some(t) = &input.copy_source_if_modified_since
+        && secs <= meta::unix_secs(t)
+    {
+        return Err(failed());
+    }
+    Ok(())
+}
+
+/// The bytes `[start, start + len)` of file `ino` as a response body. A task reads ahead one
+/// block while the previous one is sent; reads are aligned to blocks.
+fn body_stream(fs: Arc<Fs>, ino: u64, start: u64, len: u64) -> StreamingBlob {
+    let bs = fs.options().block_size as u64;
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+    tokio::spawn(async move {
+        let end = start + len;
+        let mut off = start;
+        while off < end {
+            let n = (bs - off % bs).min(end - off);
+            let item = match fs.read(ino, off, n as usize).await {
+                Ok(d) if d.len() as u64 == n => Ok(Bytes::from(d)),
+                Ok(_) => Err(std::io::Error::other("object was replaced or truncated while it was read")),
+                Err(e) => Err(std::io::Error::other(e.to_string())),
+            };
+            let failed = item.is_err();
+            if tx.send(item).await.is_err() || failed {
+                return;
+            }
+            off += n;
+        }
+    });
+    StreamingBlob::new(RxStream { rx, remaining: len as usize })
+}
+
+struct RxStream {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    remaining: usize,
+}
+
+impl futures_util::Stream for RxStream {
+    type Item = Result<Bytes, s3s::StdError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(Ok(b))) => {
+                self.remaining = self.remaining.saturating_sub(b.len());
+                Poll::Ready(Some(Ok(b)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl s3s::stream::ByteStream for RxStream {
+    fn remaining_length(&self) -> s3s::stream::RemainingLength {
+        s3s::stream::RemainingLength::new_exact(self.remaining)
+    }
+}
+
+pub(crate) fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn from_hex(s: &str) -> Vec<u8> {
+    (0..s.len() / 2).filter_map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()).collect()
+}
+
+fn base64(b: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_of_md5() {
+        assert_eq!(super::base64(b"f"), "Zg==");
+        assert_eq!(super::base64(b"fo"), "Zm8=");
+        assert_eq!(super::base64(b"foo"), "Zm9v");
+        assert_eq!(super::base64(&super::from_hex("d41d8cd98f00b204e9800998ecf8427e")), "1B2M2Y8AsgTpgAmY7PhCfg==");
+    }
+}
