@@ -1,0 +1,192 @@
+"""S3 API checks with boto3 (the real client) against a tidepool S3 endpoint.
+
+usage: boto3_api.py ENDPOINT ACCESS_KEY SECRET_KEY
+Prints one line per check; exits non-zero at the first failure.
+"""
+
+import hashlib
+import sys
+import time
+
+import boto3
+import botocore
+from botocore.config import Config
+from botocore.exceptions import ClientError
+
+endpoint, access, secret = sys.argv[1:4]
+
+
+def client(secret_key=secret, **cfg):
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=access,
+        aws_secret_access_key=secret_key,
+        region_name="us-east-1",
+        config=Config(signature_version="s3v4", retries={"max_attempts": 1}, s3={"addressing_style": "path"}, **cfg),
+    )
+
+
+s3 = client()
+
+
+def err(fn, **kw):
+    try:
+        fn(**kw)
+    except ClientError as e:
+        return e.response["Error"]["Code"], e.response["ResponseMetadata"]["HTTPStatusCode"]
+    raise AssertionError(f"{fn.__name__}({kw}) succeeded; an error was expected")
+
+
+def check(name, cond, detail=""):
+    if not cond:
+        print(f"FAIL {name} {detail}")
+        sys.exit(1)
+    print(f"ok {name}")
+
+
+# Buckets
+s3.create_bucket(Bucket="data")
+check("create existing bucket", err(s3.create_bucket, Bucket="data") == ("BucketAlreadyOwnedByYou", 409))
+s3.head_bucket(Bucket="data")
+check("head missing bucket", err(s3.head_bucket, Bucket="nope")[1] == 404)
+names = [b["Name"] for b in s3.list_buckets()["Buckets"]]
+check("list buckets hides .tidepool", names == ["data"], names)
+
+# PUT / GET, metadata, ETag
+body = bytes(range(256)) * 1000  # 256 KB: several 64 KiB blocks
+r = s3.put_object(
+    Bucket="data", Key="dir/sub/obj.bin", Body=body, ContentType="application/x-test",
+    Metadata={"Owner": "alice", "k2": "v2"}, CacheControl="max-age=60", ContentDisposition="inline",
+)
+md5 = hashlib.md5(body).hexdigest()
+check("put etag is md5", r["ETag"] == f'"{md5}"', r["ETag"])
+g = s3.get_object(Bucket="data", Key="dir/sub/obj.bin")
+check("get body", g["Body"].read() == body)
+check("get metadata", g["Metadata"] == {"owner": "alice", "k2": "v2"}, g["Metadata"])
+check("get content-type", g["ContentType"] == "application/x-test")
+check("get cache-control", g["CacheControl"] == "max-age=60")
+h = s3.head_object(Bucket="data", Key="dir/sub/obj.bin")
+check("head size and etag", h["ContentLength"] == len(body) and h["ETag"] == f'"{md5}"')
+
+# Ranges
+g = s3.get_object(Bucket="data", Key="dir/sub/obj.bin", Range="bytes=65530-65545")
+check("range body", g["Body"].read() == body[65530:65546])
+check("range header", g["ContentRange"] == f"bytes 65530-65545/{len(body)}", g["ContentRange"])
+g = s3.get_object(Bucket="data", Key="dir/sub/obj.bin", Range="bytes=-10")
+check("suffix range", g["Body"].read() == body[-10:])
+check("unsatisfiable range", err(s3.get_object, Bucket="data", Key="dir/sub/obj.bin", Range="bytes=999999999-") == ("InvalidRange", 416))
+
+# Conditionals
+etag = f'"{md5}"'
+check("if-match ok", s3.get_object(Bucket="data", Key="dir/sub/obj.bin", IfMatch=etag)["ETag"] == etag)
+check("if-match fails", err(s3.get_object, Bucket="data", Key="dir/sub/obj.bin", IfMatch='"00"')[1] == 412)
+check("if-none-match 304", err(s3.get_object, Bucket="data", Key="dir/sub/obj.bin", IfNoneMatch=etag)[1] == 304)
+check("head if-none-match 304", err(s3.head_object, Bucket="data", Key="dir/sub/obj.bin", IfNoneMatch=etag)[1] == 304)
+future = h["LastModified"].timestamp() + 3600
+past = h["LastModified"].timestamp() - 3600
+check("if-modified-since 304", err(s3.get_object, Bucket="data", Key="dir/sub/obj.bin", IfModifiedSince=future)[1] == 304)
+s3.get_object(Bucket="data", Key="dir/sub/obj.bin", IfModifiedSince=past)
+check("if-unmodified-since 412", err(s3.get_object, Bucket="data", Key="dir/sub/obj.bin", IfUnmodifiedSince=past)[1] == 412)
+check("put if-none-match * on existing", err(s3.put_object, Bucket="data", Key="dir/sub/obj.bin", Body=b"x", IfNoneMatch="*")[1] == 412)
+
+# Overwrite replaces whole object
+s3.put_object(Bucket="data", Key="dir/sub/obj.bin", Body=b"small")
+check("overwrite", s3.get_object(Bucket="data", Key="dir/sub/obj.bin")["Body"].read() == b"small")
+check("overwrite drops old metadata", s3.head_object(Bucket="data", Key="dir/sub/obj.bin")["Metadata"] == {})
+
+# Empty object and folder marker
+s3.put_object(Bucket="data", Key="empty", Body=b"")
+check("empty object", s3.get_object(Bucket="data", Key="empty")["Body"].read() == b"")
+s3.put_object(Bucket="data", Key="folder/", Body=b"")
+check("folder marker head", s3.head_object(Bucket="data", Key="folder/")["ContentLength"] == 0)
+keys = [o["Key"] for o in s3.list_objects_v2(Bucket="data")["Contents"]]
+check("folder marker listed", keys == ["dir/sub/obj.bin", "empty", "folder/"], keys)
+
+# Names
+check("file where a folder is needed", err(s3.put_object, Bucket="data", Key="empty/x", Body=b"1") == ("KeyConflict", 409))
+check("folder where a file is", err(s3.put_object, Bucket="data", Key="dir/sub", Body=b"1") == ("KeyConflict", 409))
+check("empty segment", err(s3.put_object, Bucket="data", Key="a//b", Body=b"1") == ("InvalidArgument", 400))
+check("dot segment", err(s3.put_object, Bucket="data", Key="a/./b", Body=b"1") == ("InvalidArgument", 400))
+check("long segment", err(s3.put_object, Bucket="data", Key="x" * 300, Body=b"1")[0] == "KeyTooLongError")
+check("long key", err(s3.put_object, Bucket="data", Key="a/" * 600, Body=b"1")[0] in ("KeyTooLongError", "InvalidURI"))
+check("missing key", err(s3.get_object, Bucket="data", Key="nope") == ("NoSuchKey", 404))
+check("missing bucket", err(s3.get_object, Bucket="nobucket", Key="x") == ("NoSuchBucket", 404))
+s3.put_object(Bucket="data", Key="unicode/ä b+c%d", Body=b"u")
+check("odd characters", s3.get_object(Bucket="data", Key="unicode/ä b+c%d")["Body"].read() == b"u")
+
+# Copy
+s3.put_object(Bucket="data", Key="src", Body=b"copy me", Metadata={"m": "1"}, ContentType="text/plain")
+s3.create_bucket(Bucket="other")
+r = s3.copy_object(Bucket="other", Key="c/dst", CopySource={"Bucket": "data", "Key": "src"})
+check("copy etag", r["CopyObjectResult"]["ETag"] == f'"{hashlib.md5(b"copy me").hexdigest()}"')
+h = s3.head_object(Bucket="other", Key="c/dst")
+check("copy keeps metadata", h["Metadata"] == {"m": "1"} and h["ContentType"] == "text/plain", h)
+s3.copy_object(Bucket="data", Key="src2", CopySource="data/src", MetadataDirective="REPLACE", Metadata={"n": "2"}, ContentType="a/b")
+h = s3.head_object(Bucket="data", Key="src2")
+check("copy replace metadata", h["Metadata"] == {"n": "2"} and h["ContentType"] == "a/b", h)
+check("copy onto itself", err(s3.copy_object, Bucket="data", Key="src", CopySource="data/src") == ("InvalidRequest", 400))
+s3.copy_object(Bucket="data", Key="src", CopySource="data/src", MetadataDirective="REPLACE", Metadata={"x": "y"})
+check("copy onto itself with replace", s3.head_object(Bucket="data", Key="src")["Metadata"] == {"x": "y"})
+check("copy missing source", err(s3.copy_object, Bucket="data", Key="x", CopySource="data/none")[0] == "NoSuchKey")
+
+# Listing: prefix, delimiter, paging, url encoding
+for i in range(25):
+    s3.put_object(Bucket="other", Key=f"p/{i:03d}", Body=b"")
+s3.put_object(Bucket="other", Key="p-x", Body=b"")
+s3.put_object(Bucket="other", Key="p0", Body=b"")
+r = s3.list_objects_v2(Bucket="other", Delimiter="/")
+check("delimiter", [c["Prefix"] for c in r["CommonPrefixes"]] == ["c/", "p/"] and [o["Key"] for o in r["Contents"]] == ["p-x", "p0"], r)
+keys, token, pages = [], None, 0
+while True:
+    kw = {"ContinuationToken": token} if token else {}
+    r = s3.list_objects_v2(Bucket="other", Prefix="p/", MaxKeys=10, **kw)
+    keys += [o["Key"] for o in r["Contents"]]
+    pages += 1
+    check(f"page {pages} key count", r["KeyCount"] == len(r["Contents"]))
+    if not r["IsTruncated"]:
+        break
+    token = r["NextContinuationToken"]
+check("paging", keys == [f"p/{i:03d}" for i in range(25)] and pages == 3, (keys, pages))
+r = s3.list_objects_v2(Bucket="other", StartAfter="p/020")
+check("start-after", [o["Key"] for o in r["Contents"]] == ["p/021", "p/022", "p/023", "p/024", "p0"])
+r = s3.list_objects(Bucket="other", Delimiter="/", MaxKeys=1)
+check("v1 next marker", r["IsTruncated"] and r["NextMarker"] == "c/", r)
+r = s3.list_objects(Bucket="other", Delimiter="/", Marker="c/")
+check("v1 after marker", [c["Prefix"] for c in r["CommonPrefixes"]] == ["p/"], r)
+keys = [o["Key"] for o in s3.list_objects_v2(Bucket="data", Prefix="unicode/")["Contents"]]
+check("url-encoded keys decoded by boto3", keys == ["unicode/ä b+c%d"], keys)
+check("bad continuation token", err(s3.list_objects_v2, Bucket="data", ContinuationToken="zz")[0] == "InvalidArgument")
+
+# Delete: missing key is success, parents pruned, DeleteObjects
+s3.delete_object(Bucket="data", Key="never-existed")
+s3.delete_object(Bucket="data", Key="dir/sub/obj.bin")
+r = s3.list_objects_v2(Bucket="data", Delimiter="/")
+check("empty parents pruned", "dir/" not in [c["Prefix"] for c in r.get("CommonPrefixes", [])], r)
+r = s3.delete_objects(Bucket="other", Delete={"Objects": [{"Key": f"p/{i:03d}"} for i in range(25)] + [{"Key": "zz"}]})
+check("delete objects", len(r["Deleted"]) == 26 and "Errors" not in r, r)
+r = s3.delete_objects(Bucket="other", Delete={"Objects": [{"Key": "p-x"}, {"Key": "p0"}], "Quiet": True})
+check("delete objects quiet", not r.get("Deleted"), r)
+check("delete non-empty bucket", err(s3.delete_bucket, Bucket="other") == ("BucketNotEmpty", 409))
+s3.delete_object(Bucket="other", Key="c/dst")
+s3.delete_bucket(Bucket="other")
+check("bucket deleted", err(s3.head_bucket, Bucket="other")[1] == 404)
+s3.delete_object(Bucket="data", Key="folder/")
+check("folder marker deleted", err(s3.head_object, Bucket="data", Key="folder/")[1] == 404)
+
+# Not implemented stays NotImplemented
+check("multipart not implemented", err(s3.create_multipart_upload, Bucket="data", Key="mp")[0] == "NotImplemented")
+
+# Auth
+bad = client(secret_key="wrong-secret")
+check("wrong secret", err(bad.list_objects_v2, Bucket="data")[0] == "SignatureDoesNotMatch")
+unknown = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="NOSUCHKEY", aws_secret_access_key="x",
+                       region_name="us-east-1", config=Config(signature_version="s3v4"))
+check("unknown key", err(unknown.list_buckets)[1] == 403)
+anon = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                    config=Config(signature_version=botocore.UNSIGNED))
+check("anonymous", err(anon.list_objects_v2, Bucket="data") == ("AccessDenied", 403))
+url = s3.generate_presigned_url("get_object", Params={"Bucket": "data", "Key": "src"}, ExpiresIn=60)
+import urllib.request
+check("presigned url", urllib.request.urlopen(url).read() == b"copy me")
+print("all checks passed")

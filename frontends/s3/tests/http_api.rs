@@ -1,0 +1,84 @@
+//! The S3 service in-process on a loopback port over a real `Fs`, driven by boto3 (the real
+//! client, `boto3_api.py`) and by raw HTTP for what a client library would not send; then the
+//! filesystem is checked directly (staging folder empty, metadata in the xattr map).
+
+mod common;
+
+use std::io::{Read, Write};
+
+use tidepool_fs::ROOT_INO;
+
+fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+fn raw(port: u16, request: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(request.as_bytes()).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn boto3_drives_every_supported_operation() {
+    let srv = common::start().await;
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/boto3_api.py");
+    let endpoint = srv.endpoint();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python())
+            .arg(script)
+            .args([&endpoint, common::ACCESS_KEY, common::SECRET_KEY])
+            .env_remove("AWS_PROFILE")
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|e| panic!("cannot run {} (python3 with boto3 is needed; ./test.sh installs it): {e}", python()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("all checks passed"),
+        "boto3 checks failed (is boto3 installed? ./test.sh installs it)\n{stdout}\n{stderr}"
+    );
+
+    let fs = &srv.env.fs;
+    let staging = fs.resolve(b"/.tidepool/tmp").unwrap();
+    assert!(fs.readdir(staging.ino, None, 10).unwrap().0.is_empty(), "no upload left in the staging folder");
+    let src = fs.resolve(b"/data/src").unwrap();
+    let x = fs.get_xattrs(src.ino).unwrap();
+    assert_eq!(x.get("x").map(String::as_str), Some("y"), "user metadata is the xattr map: {x:?}");
+    assert!(x.contains_key(":etag") && !x.contains_key("x-amz-meta-x"), "{x:?}");
+    assert!(fs.resolve(b"/data/dir").is_err(), "empty parents were pruned");
+
+    let reqs = srv.metrics.requests();
+    assert!(reqs.get(&("PutObject".to_string(), 200)).is_some_and(|n| *n > 20), "{reqs:?}");
+    assert!(reqs.get(&("GetObject".to_string(), 304)).is_some(), "{reqs:?}");
+    srv.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_and_malformed_requests_are_refused_without_harm() {
+    let srv = common::start().await;
+    let port = srv.port;
+    let resp = tokio::task::spawn_blocking(move || {
+        let a = raw(port, "GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        let b = raw(port, "PUT /data/k HTTP/1.1\r\nhost: x\r\ncontent-length: 3\r\nconnection: close\r\n\r\nabc");
+        let c = raw(
+            port,
+            "GET /data/k HTTP/1.1\r\nhost: x\r\nauthorization: AWS4-HMAC-SHA256 Credential=garbage\r\nconnection: close\r\n\r\n",
+        );
+        let d = raw(port, "GET /%FF%FE/x HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n");
+        (a, b, c, d)
+    })
+    .await
+    .unwrap();
+    assert!(resp.0.starts_with("HTTP/1.1 403") && resp.0.contains("AccessDenied"), "{}", resp.0);
+    assert!(resp.1.starts_with("HTTP/1.1 403") && resp.1.contains("AccessDenied"), "{}", resp.1);
+    assert!(resp.2.starts_with("HTTP/1.1 4"), "{}", resp.2);
+    assert!(resp.3.starts_with("HTTP/1.1 4"), "{}", resp.3);
+    let (entries, _) = srv.env.fs.readdir(ROOT_INO, None, 10).unwrap();
+    let names: Vec<String> = entries.iter().map(|e| String::from_utf8_lossy(&e.name).into_owned()).collect();
+    assert_eq!(names, vec![".tidepool"], "nothing was created");
+    srv.stop().await;
+}
