@@ -109,6 +109,10 @@ struct State {
     waiting: VecDeque<Request>,
     /// SQEs pushed and maybe not yet consumed by the kernel.
     unsubmitted: bool,
+    /// Slots whose SQE found the ring full (see `start`).
+    repush: VecDeque<usize>,
+    /// A thread is in [`Core::enter_submit`]'s loop: it will submit what others push.
+    submitting: bool,
     /// The ring failed: every request is answered with `Stopped`.
     broken: bool,
     /// Scratch space for one round of completions.
@@ -141,6 +145,8 @@ impl Core {
                 in_flight: 0,
                 waiting: VecDeque::new(),
                 unsubmitted: false,
+                submitting: false,
+                repush: VecDeque::new(),
                 broken: false,
                 cqes: Vec::with_capacity(queue_depth),
             }),
@@ -208,16 +214,26 @@ impl Core {
         }
     }
 
-    /// `io_uring_enter` for the SQEs pushed so far (by anyone), without waiting. Retries
-    /// transient failures; a ring that keeps failing is declared broken.
+    /// `io_uring_enter` for the SQEs pushed so far (by anyone), without waiting. One thread
+    /// submits at a time: a caller that finds another one submitting leaves its SQE to it (that
+    /// one loops until nothing is left unsubmitted), so threads never queue on the kernel's ring
+    /// lock and SQEs pushed meanwhile go in one batch. Transient failures are retried; a ring
+    /// that keeps failing is declared broken.
     fn enter_submit(&self) {
+        {
+            let mut st = self.lock();
+            if st.submitting || !st.unsubmitted {
+                return;
+            }
+            st.submitting = true;
+        }
         let mut tries = 0;
         loop {
             {
                 let mut st = self.lock();
-                // SAFETY: the submission queue is only ever accessed under the state mutex.
-                if !st.unsubmitted || unsafe { self.ring.submission_shared() }.is_empty() {
-                    st.unsubmitted = false;
+                self.repush(&mut st);
+                if !st.unsubmitted && st.repush.is_empty() {
+                    st.submitting = false;
                     return;
                 }
                 st.unsubmitted = false;
@@ -226,15 +242,16 @@ impl Core {
             // (the kernel submits at most what is there).
             let r = unsafe { self.ring.submitter().enter::<libc::sigset_t>(self.sq_entries, 0, 0, None) };
             let mut st = self.lock();
-            // SAFETY: as above.
-            let left = !unsafe { self.ring.submission_shared() }.is_empty();
+            // SAFETY: the submission queue is only ever accessed under the state mutex.
+            let left = !unsafe { self.ring.submission_shared() }.is_empty() || !st.repush.is_empty();
             match r {
-                Ok(_) if !left => return,
+                Ok(_) if !left => continue,
                 Ok(_) => {}
                 Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)) => {}
                 Err(e) => {
                     tracing::error!(error = %e, "io_uring_enter failed; the io_uring device stops");
                     abandon(&mut st);
+                    st.submitting = false;
                     return;
                 }
             }
@@ -243,6 +260,7 @@ impl Core {
             if tries > MAX_ENTER_RETRIES {
                 tracing::error!("io_uring_enter keeps failing; the io_uring device stops");
                 abandon(&mut st);
+                st.submitting = false;
                 return;
             }
             drop(st);
@@ -271,9 +289,28 @@ impl Core {
         if pushed {
             st.unsubmitted = true;
         } else {
-            // Cannot happen (the SQ holds the queue depth and each slot has at most one SQE
-            // outstanding); not in the kernel, so the buffer can go back with an error.
-            finish(st, id, -libc::EBUSY, answers);
+            // The SQ has room for twice the queue depth, and each slot has at most one SQE
+            // outstanding; but the kernel posts inline completions of a submission batch before
+            // it publishes the SQ head, so a slot can be reused while its old SQE still seems
+            // to occupy the ring. The submitter pushes it once the head moves.
+            st.repush.push_back(id);
+            st.unsubmitted = true;
+        }
+    }
+
+    /// Push SQEs that found the ring full earlier, in order, while there is room.
+    fn repush(&self, st: &mut State) {
+        while let Some(&id) = st.repush.front() {
+            let Some(entry) = self.sqe(st, id) else {
+                st.repush.pop_front();
+                continue;
+            };
+            // SAFETY: as in `start`.
+            if unsafe { self.ring.submission_shared().push(&entry) }.is_err() {
+                return;
+            }
+            st.repush.pop_front();
+            st.unsubmitted = true;
         }
     }
 
@@ -329,6 +366,12 @@ impl Core {
         let st = self.st.get_mut().unwrap_or_else(PoisonError::into_inner);
         st.broken = true;
         st.waiting.drain(..).for_each(fail);
+        // Never reached the kernel: answer them now (their callers are gone anyway).
+        let mut answers = Vec::new();
+        while let Some(id) = st.repush.pop_front() {
+            finish(st, id, -libc::ECANCELED, &mut answers);
+        }
+        answers.into_iter().for_each(Answer::send);
         let mut errors = 0;
         while st.in_flight > 0 {
             // Submits whatever is still queued, and waits for at least one completion.
@@ -371,6 +414,7 @@ fn abandon(st: &mut State) {
         }
     }
     st.in_flight = 0;
+    st.repush.clear();
     st.waiting.drain(..).for_each(fail);
 }
 

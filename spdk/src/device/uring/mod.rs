@@ -184,8 +184,8 @@ impl UringDevice {
         let open_err = |source: io::Error| DeviceError::Open { path: path.display().to_string(), source };
         let backing = open_backing(path, opts, true)?;
         let queue_depth = opts.queue_depth.clamp(1, MAX_QUEUE_DEPTH);
-        // At least 2: the probe at open pushes two entries.
-        let entries = u32::try_from(queue_depth.next_power_of_two().max(2)).map_err(|_| open_err(io::ErrorKind::InvalidInput.into()))?;
+        // Twice the queue depth: see `engine::Core::start` for why one per slot is not enough.
+        let entries = u32::try_from((2 * queue_depth).next_power_of_two()).map_err(|_| open_err(io::ErrorKind::InvalidInput.into()))?;
         let info = DeviceInfo { size_bytes: backing.size_bytes, align_bytes: backing.align_bytes, queue_depth, engine: EngineKind::Uring };
         let mut ring = new_ring(entries).map_err(open_err)?;
         probe(&mut ring, &backing).map_err(open_err)?;
