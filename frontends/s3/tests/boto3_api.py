@@ -189,4 +189,15 @@ check("anonymous", err(anon.list_objects_v2, Bucket="data") == ("AccessDenied", 
 url = s3.generate_presigned_url("get_object", Params={"Bucket": "data", "Key": "src"}, ExpiresIn=60)
 import urllib.request
 check("presigned url", urllib.request.urlopen(url).read() == b"copy me")
+
+# An upload cut off mid-body leaves nothing visible (the test then checks the staging folder).
+import socket
+from urllib.parse import urlparse
+put_url = urlparse(s3.generate_presigned_url("put_object", Params={"Bucket": "data", "Key": "cut/off"}, ExpiresIn=60))
+sock = socket.create_connection((put_url.hostname, put_url.port))
+sock.sendall(f"PUT {put_url.path}?{put_url.query} HTTP/1.1\r\nhost: {put_url.netloc}\r\ncontent-length: 1000000\r\n\r\n".encode() + b"x" * 200000)
+sock.close()
+time.sleep(0.5)
+check("aborted upload invisible", err(s3.head_object, Bucket="data", Key="cut/off")[1] == 404)
+check("aborted upload made no folder", "cut/" not in [c["Prefix"] for c in s3.list_objects_v2(Bucket="data", Delimiter="/").get("CommonPrefixes", [])])
 print("all checks passed")
