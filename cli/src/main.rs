@@ -6,6 +6,7 @@ mod datadir;
 mod http;
 mod node;
 mod offline;
+mod s3keys;
 mod settings;
 mod up;
 mod workload;
@@ -36,7 +37,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Start a node: a file as the NVMe device, a folder as the object store, the status endpoint.
+    /// Start a node: a file as the NVMe device, a folder as the object store, the S3 endpoint, the status endpoint.
     Up,
     /// Show what a running node is doing.
     Status {
@@ -59,8 +60,9 @@ enum Cmd {
 
 fn main() {
     let cli = Cli::parse();
-    // A server logs what it does; a one-shot command only what went wrong.
-    let default = if matches!(cli.cmd, Cmd::Up) { "info" } else { "warn" };
+    // A server logs what it does; a one-shot command only what went wrong. s3s logs every
+    // S3 error answer (a 404 included) at error level: the S3 front end logs its own failures.
+    let default = if matches!(cli.cmd, Cmd::Up) { "info,s3s=off" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEPOOL_LOG").unwrap_or_else(|_| default.into());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     if let Err(e) = run(cli) {

@@ -80,9 +80,17 @@ impl Node {
         &self.data.path
     }
 
-    /// Flush the block store and stop the meta group.
+    /// Flush the block store and stop the meta group. Waits (up to 5 s) for the last users of
+    /// the filesystem, such as a response body still being read, to let go of it.
     pub async fn shutdown(self) -> Result<()> {
-        let fs = Arc::try_unwrap(self.fs).map_err(|_| "fs still in use at shutdown")?;
+        let fs = self.fs;
+        for _ in 0..100 {
+            if Arc::strong_count(&fs) == 1 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let fs = Arc::try_unwrap(fs).map_err(|_| "fs still in use at shutdown")?;
         fs.shutdown().await?;
         Ok(())
     }

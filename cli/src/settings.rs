@@ -117,6 +117,10 @@ pub struct Settings {
     pub http_listen: String,
     /// Snapshot the metadata and compact the Raft log once the log passes this. Default 64MiB.
     pub snapshot_log_size: ByteSize,
+    /// S3 endpoint. Default `127.0.0.1:9000`.
+    pub s3_listen: String,
+    /// Region the S3 endpoint reports (GetBucketLocation, HeadBucket). Default `us-east-1`.
+    pub s3_region: String,
 }
 
 impl Default for Settings {
@@ -132,12 +136,16 @@ impl Default for Settings {
             object_store: None,
             http_listen: "127.0.0.1:9100".into(),
             snapshot_log_size: ByteSize(64 << 20),
+            s3_listen: "127.0.0.1:9000".into(),
+            s3_region: "us-east-1".into(),
         }
     }
 }
 
-/// Environment variables with the prefix that are not settings (read elsewhere).
-const NOT_SETTINGS: &[&str] = &["TIDEPOOL_LOG", "TIDEPOOL_BIN"];
+/// Environment variables with the prefix that are not settings (read elsewhere; the S3 key
+/// pair is a secret, read by `up` and never part of the settings).
+const NOT_SETTINGS: &[&str] =
+    &["TIDEPOOL_LOG", "TIDEPOOL_BIN", "TIDEPOOL_S3_ACCESS_KEY_ID", "TIDEPOOL_S3_SECRET_ACCESS_KEY"];
 
 impl Settings {
     /// Load `file` (if given, it must exist; else `./tidepool.toml` if present), then overlay
@@ -157,7 +165,7 @@ impl Settings {
         }
         for (k, v) in env {
             let Some(key) = k.strip_prefix("TIDEPOOL_") else { continue };
-            if NOT_SETTINGS.contains(&k.as_str()) || key.starts_with("S3_") || key.starts_with("NFS_") {
+            if NOT_SETTINGS.contains(&k.as_str()) || key.starts_with("NFS_") {
                 continue;
             }
             // A value that parses as TOML (a number, a quoted string) is taken as such; else it is a string.
@@ -204,6 +212,14 @@ impl Settings {
         }
         if self.http_listen.parse::<std::net::SocketAddr>().is_err() {
             return bad("http_listen", self.http_listen.clone(), "must be an address like 127.0.0.1:9100");
+        }
+        if self.s3_listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad("s3_listen", self.s3_listen.clone(), "must be an address like 127.0.0.1:9000");
+        }
+        let r = &self.s3_region;
+        if r.is_empty() || r.len() > 32 || !r.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
+        {
+            return bad("s3_region", r.clone(), "must be a region name like us-east-1");
         }
         if self.snapshot_log_size.0 < 4096 {
             return bad("snapshot_log_size", self.snapshot_log_size.to_string(), "must be at least 4KiB");
@@ -260,6 +276,16 @@ mod tests {
         assert!(e.to_string().contains("bananas"), "{e}");
         let e = Settings::load(Some(&f), env(&[("TIDEPOOL_QUEUE_DEPTH", "0")])).unwrap_err();
         assert!(e.to_string().contains("queue_depth"), "{e}");
+        let s = Settings::load(
+            Some(&f),
+            env(&[("TIDEPOOL_S3_LISTEN", "127.0.0.1:9999"), ("TIDEPOOL_S3_SECRET_ACCESS_KEY", "not a setting")]),
+        )
+        .unwrap();
+        assert_eq!((s.s3_listen.as_str(), s.s3_region.as_str()), ("127.0.0.1:9999", "us-east-1"));
+        let e = Settings::load(Some(&f), env(&[("TIDEPOOL_S3_LISTEN", "port 9000")])).unwrap_err();
+        assert!(e.to_string().contains("s3_listen"), "{e}");
+        let e = Settings::load(Some(&f), env(&[("TIDEPOOL_S3_REGION", "Mars 1")])).unwrap_err();
+        assert!(e.to_string().contains("s3_region"), "{e}");
         let e = Settings::load(Some(&f), env(&[("TIDEPOOL_NO_SUCH_THING", "1")])).unwrap_err();
         assert!(e.to_string().contains("no_such_thing"), "{e}");
         std::fs::write(&f, "block_size = \"3KiB\"\n").unwrap();

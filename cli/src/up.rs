@@ -3,11 +3,13 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use tidepool_s3::{S3Metrics, S3Options, StaticKeys, TidepoolS3};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::datadir::anyhow_free::Result;
 use crate::http::{self, StatusSource};
 use crate::node::Node;
+use crate::s3keys;
 use crate::settings::{Settings, human_bytes};
 
 pub async fn run(settings: Settings) -> Result<()> {
@@ -17,8 +19,19 @@ pub async fn run(settings: Settings) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(&settings.http_listen)
         .await
         .map_err(|e| format!("cannot listen on http_listen={}: {e}", settings.http_listen))?;
+    let s3_listener = tokio::net::TcpListener::bind(&settings.s3_listen)
+        .await
+        .map_err(|e| format!("cannot listen on s3_listen={}: {e}", settings.s3_listen))?;
     let node = Node::open(settings).await?;
     let s = &node.settings;
+    let key = s3keys::load_or_create(node.data_dir(), |k| std::env::var(k).ok())?;
+    let s3_metrics = Arc::new(S3Metrics::default());
+    let s3 = TidepoolS3::new(node.fs.clone(), S3Options { region: s.s3_region.clone() }, s3_metrics.clone()).await?;
+    let service = tidepool_s3::build_service(
+        s3,
+        Arc::new(StaticKeys::single(key.access_key_id.clone(), key.secret_access_key.clone())),
+    );
+    let s3_endpoint = format!("http://{}", s3_listener.local_addr()?);
     let src = Arc::new(StatusSource {
         fs: node.fs.clone(),
         started: Instant::now(),
@@ -27,6 +40,8 @@ pub async fn run(settings: Settings) -> Result<()> {
         engine: node.engine.to_string(),
         object_store: s.object_store_url(),
         http: format!("http://{}", listener.local_addr()?),
+        s3: s3_endpoint.clone(),
+        s3_metrics: s3_metrics.clone(),
     });
     let stat = node.fs.stat();
     println!(
@@ -45,7 +60,14 @@ pub async fn run(settings: Settings) -> Result<()> {
         stat.dirs,
         human_bytes(stat.file_bytes)
     );
-    println!("  front ends    S3 and NFS are not built yet; use `tidepool fs` on a stopped node");
+    println!("  S3            {s3_endpoint} (region {})", s.s3_region);
+    println!("  S3 key        access key id {}  secret {}", key.access_key_id, key.secret_access_key);
+    println!("                (from {})", key.source);
+    println!(
+        "  try           AWS_ACCESS_KEY_ID={} AWS_SECRET_ACCESS_KEY={} aws --endpoint-url {s3_endpoint} s3 ls",
+        key.access_key_id, key.secret_access_key
+    );
+    println!("  NFS           not built yet");
     if node.report.orphans_freed > 0 || node.report.missing_blocks > 0 {
         println!(
             "  recovery      freed {} orphaned blocks; {} blocks missing",
@@ -54,10 +76,17 @@ pub async fn run(settings: Settings) -> Result<()> {
     }
     println!("Ctrl-C to stop.");
     let server = tokio::spawn(http::serve(listener, src));
+    let (stop_s3, s3_stopped) = tokio::sync::oneshot::channel::<()>();
+    let s3_server = tokio::spawn(tidepool_s3::serve(s3_listener, service, s3_metrics, async {
+        let _ = s3_stopped.await;
+    }));
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
+    // S3 requests in flight finish (up to 10 s) before the filesystem stops.
+    let _ = stop_s3.send(());
+    let _ = s3_server.await;
     server.abort();
     let _ = server.await;
     node.shutdown().await?;

@@ -14,6 +14,7 @@ fn cmd(data: &Path, port: u16) -> Command {
     c.arg("--data-dir").arg(data);
     c.env("TIDEPOOL_DEVICE_SIZE", "128MiB").env("TIDEPOOL_SEGMENT_SIZE", "16MiB");
     c.env("TIDEPOOL_HTTP_LISTEN", format!("127.0.0.1:{port}"));
+    c.env("TIDEPOOL_S3_LISTEN", format!("127.0.0.1:{}", free_port()));
     c
 }
 
@@ -152,6 +153,7 @@ fn bad_settings_are_refused_with_the_setting_named() {
         ("TIDEPOOL_BLOCK_SIZE", "3KiB", "block_size"),
         ("TIDEPOOL_DEVICE_ENGINE", "floppy", "floppy"),
         ("TIDEPOOL_HTTP_LISTEN", "nowhere", "http_listen"),
+        ("TIDEPOOL_S3_LISTEN", "nowhere", "s3_listen"),
         ("TIDEPOOL_FROBNICATE", "1", "frobnicate"),
     ] {
         let out = cmd(&data, port).env(var, value).arg("up").output().unwrap();
