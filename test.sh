@@ -12,6 +12,18 @@ fi
 if ! command -v losetup >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
     apt-get update -qq && apt-get install -y -qq util-linux >/dev/null
 fi
+# The S3 tests drive the real clients: the aws CLI and boto3 (PyPI), rclone and curl (Debian).
+# A client that is missing fails its test with a message, so install them here.
+if ! aws --version >/dev/null 2>&1 || ! python3 -c "import boto3" 2>/dev/null; then
+    python3 -m pip install --quiet awscli boto3
+fi
+if ! command -v rclone >/dev/null || ! command -v curl >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && apt-get install -y -qq rclone curl >/dev/null
+    else
+        echo "test.sh: rclone and curl are needed (apt-get install rclone curl)" >&2
+    fi
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi

@@ -1,0 +1,291 @@
+//! The real S3 clients against a real `tidepool up`: the aws CLI (`s3` and `s3api`), boto3
+//! (`tests/clients/boto3_e2e.py`), rclone, and curl (a presigned URL; anonymous and wrongly
+//! signed requests). ./test.sh installs the clients; a missing client fails the test.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use tidepool_e2e::{free_port, tidepool_bin};
+
+const KEY: &str = "TPE2EACCESSKEY";
+const SECRET: &str = "e2e-secret-key-abcdefghijklmnop";
+
+struct Up {
+    child: Child,
+    endpoint: String,
+    http_port: u16,
+    _dir: tempfile::TempDir,
+    work: PathBuf,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start() -> Up {
+    let dir = tempfile::tempdir().unwrap();
+    let (http_port, s3_port) = (free_port(), free_port());
+    let mut child = Command::new(tidepool_bin())
+        .arg("--data-dir")
+        .arg(dir.path().join("data"))
+        .arg("up")
+        .env("TIDEPOOL_DEVICE_SIZE", "256MiB")
+        .env("TIDEPOOL_SEGMENT_SIZE", "16MiB")
+        .env("TIDEPOOL_HTTP_LISTEN", format!("127.0.0.1:{http_port}"))
+        .env("TIDEPOOL_S3_LISTEN", format!("127.0.0.1:{s3_port}"))
+        .env("TIDEPOOL_S3_ACCESS_KEY_ID", KEY)
+        .env("TIDEPOOL_S3_SECRET_ACCESS_KEY", SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start tidepool up");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut banner = String::new();
+    for l in lines.by_ref() {
+        let l = l.unwrap();
+        banner.push_str(&l);
+        banner.push('\n');
+        if l.starts_with("Ctrl-C") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    let endpoint = format!("http://127.0.0.1:{s3_port}");
+    assert!(banner.contains(&format!("S3            {endpoint}")), "{banner}");
+    assert!(banner.contains(KEY) && banner.contains(SECRET) && banner.contains("aws --endpoint-url"), "{banner}");
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    Up { child, endpoint, http_port, _dir: dir, work }
+}
+
+/// Run a client; a client that is not installed fails the test with what to do.
+fn run(mut c: Command) -> Output {
+    let name = c.get_program().to_string_lossy().into_owned();
+    let out = c.output().unwrap_or_else(|e| {
+        panic!("cannot run {name}: {e}. The S3 client tests need the aws CLI, boto3, rclone and curl: ./test.sh installs them")
+    });
+    out
+}
+
+fn ok(c: Command) -> String {
+    let desc = format!("{c:?}");
+    let out = run(c);
+    assert!(
+        out.status.success(),
+        "{desc} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn aws(up: &Up, args: &[&str]) -> Command {
+    let mut c = Command::new("aws");
+    c.arg("--endpoint-url").arg(&up.endpoint).args(args);
+    c.env("AWS_ACCESS_KEY_ID", KEY).env("AWS_SECRET_ACCESS_KEY", SECRET).env("AWS_DEFAULT_REGION", "us-east-1");
+    c.env("AWS_CONFIG_FILE", "/dev/null").env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null").env_remove("AWS_PROFILE");
+    c
+}
+
+fn json(s: &str) -> serde_json::Value {
+    serde_json::from_str(s).unwrap_or_else(|e| panic!("not JSON ({e}): {s}"))
+}
+
+fn write(path: &Path, data: &[u8]) {
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    std::fs::write(path, data).unwrap();
+}
+
+#[test]
+fn aws_cli_s3_and_s3api() {
+    let up = start();
+    let w = &up.work;
+    ok(aws(&up, &["s3", "mb", "s3://cli"]));
+    // 5 MB: below the CLI's multipart threshold (multipart upload is not built yet).
+    let big: Vec<u8> = (0..5_000_000u32).map(|i| (i * 31 % 253) as u8).collect();
+    write(&w.join("big.bin"), &big);
+    ok(aws(&up, &["s3", "cp", w.join("big.bin").to_str().unwrap(), "s3://cli/data/big.bin"]));
+    ok(aws(&up, &["s3", "cp", "s3://cli/data/big.bin", w.join("back.bin").to_str().unwrap()]));
+    assert!(std::fs::read(w.join("back.bin")).unwrap() == big, "round trip through aws s3 cp");
+
+    for (p, d) in [("tree/a.txt", "a"), ("tree/sub/b.txt", "b"), ("tree/sub/deeper/c.txt", "c"), ("tree/a-b.txt", "ab")]
+    {
+        write(&w.join(p), d.as_bytes());
+    }
+    ok(aws(&up, &["s3", "sync", w.join("tree").to_str().unwrap(), "s3://cli/sync"]));
+    let ls = ok(aws(&up, &["s3", "ls", "--recursive", "s3://cli/sync/"]));
+    let keys: Vec<&str> = ls.lines().filter_map(|l| l.split_whitespace().last()).collect();
+    assert_eq!(keys, ["sync/a-b.txt", "sync/a.txt", "sync/sub/b.txt", "sync/sub/deeper/c.txt"], "{ls}");
+    let ls = ok(aws(&up, &["s3", "ls", "s3://cli/sync/"]));
+    assert!(ls.contains("PRE sub/") && ls.contains("a.txt"), "{ls}");
+    // A second sync uploads nothing.
+    let again = ok(aws(&up, &["s3", "sync", w.join("tree").to_str().unwrap(), "s3://cli/sync"]));
+    assert!(again.trim().is_empty(), "{again}");
+
+    let put = json(&ok(aws(
+        &up,
+        &[
+            "s3api",
+            "put-object",
+            "--bucket",
+            "cli",
+            "--key",
+            "m/obj",
+            "--body",
+            w.join("tree/a.txt").to_str().unwrap(),
+            "--metadata",
+            "color=blue",
+            "--content-type",
+            "text/x-test",
+        ],
+    )));
+    let etag = put["ETag"].as_str().unwrap().to_owned();
+    let head = json(&ok(aws(&up, &["s3api", "head-object", "--bucket", "cli", "--key", "m/obj", "--if-match", &etag])));
+    assert_eq!((head["Metadata"]["color"].as_str(), head["ContentType"].as_str()), (Some("blue"), Some("text/x-test")));
+    let out = run(aws(&up, &["s3api", "head-object", "--bucket", "cli", "--key", "m/obj", "--if-match", "\"nope\""]));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("412"), "{out:?}");
+    let get = json(&ok(aws(
+        &up,
+        &[
+            "s3api",
+            "get-object",
+            "--bucket",
+            "cli",
+            "--key",
+            "data/big.bin",
+            "--range",
+            "bytes=1000-1999",
+            w.join("range.bin").to_str().unwrap(),
+        ],
+    )));
+    assert_eq!(get["ContentRange"].as_str(), Some("bytes 1000-1999/5000000"));
+    assert!(std::fs::read(w.join("range.bin")).unwrap() == big[1000..2000]);
+
+    let list = json(&ok(aws(
+        &up,
+        &["s3api", "list-objects-v2", "--bucket", "cli", "--prefix", "sync/", "--delimiter", "/", "--max-keys", "2"],
+    )));
+    let keys: Vec<&str> = list["Contents"].as_array().unwrap().iter().map(|o| o["Key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["sync/a-b.txt", "sync/a.txt"], "{list}");
+    assert_eq!(list["IsTruncated"], true);
+
+    ok(aws(
+        &up,
+        &[
+            "s3api",
+            "copy-object",
+            "--bucket",
+            "cli",
+            "--key",
+            "m/copy",
+            "--copy-source",
+            "cli/m/obj",
+            "--metadata-directive",
+            "REPLACE",
+            "--metadata",
+            "color=red",
+        ],
+    ));
+    let head = json(&ok(aws(&up, &["s3api", "head-object", "--bucket", "cli", "--key", "m/copy"])));
+    assert_eq!(head["Metadata"]["color"].as_str(), Some("red"));
+    let del = json(&ok(aws(
+        &up,
+        &[
+            "s3api",
+            "delete-objects",
+            "--bucket",
+            "cli",
+            "--delete",
+            r#"{"Objects":[{"Key":"m/obj"},{"Key":"m/copy"}]}"#,
+        ],
+    )));
+    assert_eq!(del["Deleted"].as_array().map(Vec::len), Some(2), "{del}");
+
+    ok(aws(&up, &["s3", "rm", "--recursive", "s3://cli/"]));
+    let ls = ok(aws(&up, &["s3", "ls", "--recursive", "s3://cli/"]));
+    assert!(ls.trim().is_empty(), "{ls}");
+    ok(aws(&up, &["s3", "rb", "s3://cli"]));
+
+    // The requests were counted.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", up.http_port)).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n").unwrap();
+    let mut m = String::new();
+    s.read_to_string(&mut m).unwrap();
+    assert!(m.contains("tidepool_s3_requests_total{op=\"PutObject\",status=\"200\"}"), "{m}");
+    assert!(m.contains("tidepool_s3_bytes_total{dir=\"in\"}"), "{m}");
+}
+
+#[test]
+fn boto3_rclone_and_curl() {
+    let up = start();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/clients/boto3_e2e.py");
+    let out = ok({
+        let mut c = Command::new("python3");
+        c.args([script, &up.endpoint, KEY, SECRET]);
+        c
+    });
+    assert!(out.contains("boto3 ok"), "{out}");
+    let url = out.lines().find_map(|l| l.strip_prefix("presigned ")).unwrap().to_owned();
+
+    // curl: the presigned URL works; no signature, or a wrong one, is refused.
+    let body = ok({
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--fail", &url]);
+        c
+    });
+    assert_eq!(body, "tidepool via boto3\n".repeat(1000));
+    let anon = ok({
+        let mut c = Command::new("curl");
+        c.args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", &format!("{}/boto/deep/path/to/obj.txt", up.endpoint)]);
+        c
+    });
+    assert_eq!(anon, "403");
+    let wrong = ok({
+        let mut c = Command::new("curl");
+        c.args(["-sS", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", &format!("{KEY}:not-the-secret")]);
+        c.args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"]);
+        c.arg(format!("{}/boto/deep/path/to/obj.txt", up.endpoint));
+        c
+    });
+    assert!(wrong.contains("SignatureDoesNotMatch"), "{wrong}");
+    let tampered = url.replace("obj.txt?", "obj.txT?");
+    let code = ok({
+        let mut c = Command::new("curl");
+        c.args(["-sS", "-o", "/dev/null", "-w", "%{http_code}", &tampered]);
+        c
+    });
+    assert_eq!(code, "403");
+
+    // rclone with an on-the-fly remote (Debian's rclone refuses to start with AWS_CA_BUNDLE set).
+    let rclone = |args: &[&str]| {
+        let mut c = Command::new("rclone");
+        c.args(args).env_remove("AWS_CA_BUNDLE");
+        c.env("RCLONE_CONFIG", "/dev/null");
+        c.env("RCLONE_CONFIG_TP_TYPE", "s3")
+            .env("RCLONE_CONFIG_TP_PROVIDER", "Other")
+            .env("RCLONE_CONFIG_TP_ACCESS_KEY_ID", KEY)
+            .env("RCLONE_CONFIG_TP_SECRET_ACCESS_KEY", SECRET)
+            .env("RCLONE_CONFIG_TP_ENDPOINT", &up.endpoint)
+            .env("RCLONE_CONFIG_TP_REGION", "us-east-1");
+        c
+    };
+    let src = up.work.join("rc");
+    for (p, d) in [("x.txt", "x"), ("d/y.txt", "yy"), ("d/e/z.txt", "zzz")] {
+        write(&src.join(p), d.as_bytes());
+    }
+    ok(rclone(&["mkdir", "tp:rcl"]));
+    ok(rclone(&["copy", src.to_str().unwrap(), "tp:rcl/in"]));
+    let lsf = ok(rclone(&["lsf", "-R", "--files-only", "tp:rcl"]));
+    let mut files: Vec<&str> = lsf.lines().collect();
+    files.sort();
+    assert_eq!(files, ["in/d/e/z.txt", "in/d/y.txt", "in/x.txt"], "{lsf}");
+    assert_eq!(ok(rclone(&["cat", "tp:rcl/in/d/e/z.txt"])), "zzz");
+    // rclone checks what it uploaded against the MD5 ETags.
+    ok(rclone(&["check", src.to_str().unwrap(), "tp:rcl/in"]));
+    // boto3's object is visible to rclone: one namespace.
+    assert_eq!(ok(rclone(&["cat", "tp:boto/deep/path/to/obj.txt"])).len(), 19_000);
+}
