@@ -6,7 +6,7 @@
 //! waits until all tickets taken before it have completed, so no acknowledged entry sits
 //! behind a hole that a recovery scan would stop at.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio::sync::Notify;
 
@@ -48,7 +48,8 @@ pub(crate) struct Inner {
     pub(super) dev: Arc<dyn BlockDevice>,
     pub(super) lay: Layout,
     st: Mutex<State>,
-    cache: Mutex<CrcCache>,
+    /// Read-mostly: every small get looks up here, so readers share the lock.
+    cache: RwLock<CrcCache>,
     /// Reused I/O buffers (entry buffers of puts, read buffers of gets).
     pool: BufPool,
     /// Signalled whenever a write completes (for `flush` waiting on tickets).
@@ -79,7 +80,7 @@ impl Inner {
             dev,
             lay,
             st: Mutex::new(st),
-            cache: Mutex::new(CrcCache::new(opts.crc_cache_bytes)),
+            cache: RwLock::new(CrcCache::new(opts.crc_cache_bytes)),
             done: Notify::new(),
             rotate_lock: tokio::sync::Mutex::new(()),
             clean_lock: tokio::sync::Mutex::new(()),
@@ -92,8 +93,12 @@ impl Inner {
         self.st.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn cache(&self) -> MutexGuard<'_, CrcCache> {
-        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    fn cache(&self) -> RwLockWriteGuard<'_, CrcCache> {
+        self.cache.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn cache_read(&self) -> RwLockReadGuard<'_, CrcCache> {
+        self.cache.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(super) async fn read_at(&self, addr: u64, len: usize) -> Result<AlignedBuf, StoreError> {
@@ -381,7 +386,7 @@ impl Inner {
         let (h_first, h_last) = ((crc_at(first) / PAGE) as u32, (crc_at(last) / PAGE) as u32);
         let entry = self.lay.seg_addr(loc.seg) + loc.off_pages as u64 * PAGE_U64;
         let mut slices: Vec<Option<Arc<[u32]>>> = {
-            let cache = self.cache();
+            let cache = self.cache_read();
             (h_first..=h_last).map(|h| cache.get(&(generation, loc.off_pages, h))).collect()
         };
         let missing: Vec<u32> = (h_first..=h_last).filter(|h| slices[(h - h_first) as usize].is_none()).collect();
