@@ -6,7 +6,7 @@
 //! waits until all tickets taken before it have completed, so no acknowledged entry sits
 //! behind a hole that a recovery scan would stop at.
 
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use tokio::sync::Notify;
 
@@ -47,7 +47,8 @@ impl Layout {
 pub(crate) struct Inner {
     pub(super) dev: Arc<dyn BlockDevice>,
     pub(super) lay: Layout,
-    st: Mutex<State>,
+    /// Read-write so that gets (index lookups) do not exclude each other.
+    st: RwLock<State>,
     /// Read-mostly: every small get looks up here, so readers share the lock.
     cache: RwLock<CrcCache>,
     /// Reused I/O buffers (entry buffers of puts, read buffers of gets).
@@ -79,7 +80,7 @@ impl Inner {
             pool: BufPool::new(pool_bytes(dev.info().queue_depth, lay.max_block)),
             dev,
             lay,
-            st: Mutex::new(st),
+            st: RwLock::new(st),
             cache: RwLock::new(CrcCache::new(opts.crc_cache_bytes)),
             done: Notify::new(),
             rotate_lock: tokio::sync::Mutex::new(()),
@@ -89,8 +90,13 @@ impl Inner {
 
     /// The state lock. Critical sections do not await and only panic on a broken invariant,
     /// so a poisoned lock still guards consistent data.
-    pub(super) fn st(&self) -> MutexGuard<'_, State> {
-        self.st.lock().unwrap_or_else(PoisonError::into_inner)
+    pub(super) fn st(&self) -> RwLockWriteGuard<'_, State> {
+        self.st.write().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The state lock, shared: for lookups that change nothing.
+    pub(super) fn st_read(&self) -> RwLockReadGuard<'_, State> {
+        self.st.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn cache(&self) -> RwLockWriteGuard<'_, CrcCache> {
@@ -358,7 +364,7 @@ impl Inner {
         let mut attempts = 0;
         loop {
             let (loc, generation) = {
-                let st = self.st();
+                let st = self.st_read();
                 let loc = *st.index.get(&id).ok_or(StoreError::NotFound(id))?;
                 (loc, st.segs[loc.seg as usize].generation)
             };
@@ -370,7 +376,7 @@ impl Inner {
             }
             match self.read_range(id, loc, generation, offset, len).await {
                 // The cleaner may have moved the block and reused its old segment meanwhile.
-                Err(StoreError::Checksum { .. }) if attempts < 3 && self.st().index.get(&id) != Some(&loc) => {
+                Err(StoreError::Checksum { .. }) if attempts < 3 && self.st_read().index.get(&id) != Some(&loc) => {
                     attempts += 1;
                 }
                 r => return r,
@@ -488,15 +494,15 @@ impl Inner {
     }
 
     pub(crate) fn block_len(&self, id: BlockId) -> Option<u32> {
-        self.st().index.get(&id).map(|l| l.len)
+        self.st_read().index.get(&id).map(|l| l.len)
     }
 
     pub(crate) fn ids(&self) -> Vec<BlockId> {
-        self.st().index.keys().copied().collect()
+        self.st_read().index.keys().copied().collect()
     }
 
     pub(crate) fn stats(&self) -> StoreStats {
-        let st = self.st();
+        let st = self.st_read();
         let free = st.free_segments() as u64;
         let total = self.lay.nsegs as u64;
         StoreStats {
