@@ -65,10 +65,9 @@ fn start() -> Up {
 /// Run a client; a client that is not installed fails the test with what to do.
 fn run(mut c: Command) -> Output {
     let name = c.get_program().to_string_lossy().into_owned();
-    let out = c.output().unwrap_or_else(|e| {
+    c.output().unwrap_or_else(|e| {
         panic!("cannot run {name}: {e}. The S3 client tests need the aws CLI, boto3, rclone and curl: ./test.sh installs them")
-    });
-    out
+    })
 }
 
 fn ok(c: Command) -> String {
