@@ -27,6 +27,7 @@ enum Op {
     ReplaceXattrs { ino: u8, keys: Vec<u8> },
     Alloc { count: u64 },
     SetBlockState { id: u8, cold: bool },
+    Concat { dst: u8, srcs: Vec<u8> },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -45,6 +46,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (sel(), proptest::collection::vec(sel(), 0..3)).prop_map(|(ino, keys)| Op::ReplaceXattrs { ino, keys }),
         2 => (0u64..10).prop_map(|count| Op::Alloc { count }),
         1 => (sel(), any::<bool>()).prop_map(|(id, cold)| Op::SetBlockState { id, cold }),
+        2 => (sel(), proptest::collection::vec(sel(), 0..4)).prop_map(|(dst, srcs)| Op::Concat { dst, srcs }),
     ]
 }
 
@@ -156,6 +158,16 @@ fn concrete(s: &MetaState, op: &Op, now: i64) -> Command {
             let loc = ObjectLocator { key: format!("seg/{id}"), offset: 0, len: 1, crc: 0 };
             let state = if cold { BlockState::Cold(loc) } else { BlockState::Clean(loc) };
             Command::SetBlockState { id, state }
+        }
+        Op::Concat { dst, srcs: sels } => {
+            let dst = pick_file(s, dst);
+            let mut srcs: Vec<Ino> = sels.iter().map(|&x| pick_file(s, x)).collect();
+            // Mostly valid source lists (distinct, not the destination); now and then as drawn.
+            if sels.first().is_none_or(|x| x % 8 != 7) {
+                let mut seen = BTreeSet::from([dst]);
+                srcs.retain(|i| seen.insert(*i));
+            }
+            Command::Concat { dst, srcs, now }
         }
     }
 }
@@ -364,6 +376,7 @@ fn generator_reaches_successful_commands() {
         "ReplaceXattrs",
         "AllocBlockIds",
         "SetBlockState",
+        "Concat",
     ] {
         assert!(ok.get(k).copied().unwrap_or(0) > 0, "no successful {k}: {ok:?}");
     }
@@ -383,5 +396,6 @@ fn cmd_kind(cmd: &Command) -> &'static str {
         Command::ReplaceXattrs { .. } => "ReplaceXattrs",
         Command::AllocBlockIds { .. } => "AllocBlockIds",
         Command::SetBlockState { .. } => "SetBlockState",
+        Command::Concat { .. } => "Concat",
     }
 }

@@ -91,6 +91,7 @@ impl MetaState {
             Command::ReplaceXattrs { ino, xattrs, now } => self.replace_xattrs(*ino, xattrs, *now),
             Command::AllocBlockIds { count } => self.alloc_block_ids(*count),
             Command::SetBlockState { id, state } => self.set_block_state(*id, state),
+            Command::Concat { dst, srcs, now } => self.concat(*dst, srcs, *now),
         }
     }
 
@@ -261,7 +262,7 @@ impl MetaState {
     }
 
     /// Sets a dir's size to its entry count and its mtime/ctime to `now`.
-    fn touch_dir(&mut self, dir: Ino, now: Nanos) {
+    pub(super) fn touch_dir(&mut self, dir: Ino, now: Nanos) {
         let count = self.entries.get(&dir).map_or(0, |e| e.len() as u64);
         let attr = &mut self.inode_mut(dir).attr;
         attr.size = count;

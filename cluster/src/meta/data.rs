@@ -1,7 +1,7 @@
 //! Commands on file contents, attributes, user metadata and the block table: SetAttr
 //! (truncate / extend), Write (copy-on-write extents), the xattr commands, AllocBlockIds and
-//! SetBlockState, plus the extent surgery they share. Like `apply.rs`: validate fully, then
-//! mutate.
+//! SetBlockState, Concat (extents moved from files to the end of another), plus the extent
+//! surgery they share. Like `apply.rs`: validate fully, then mutate.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -175,6 +175,75 @@ impl MetaState {
         let block = self.blocks.get_mut(&id).ok_or(MetaError::NoBlock(id))?;
         block.state = state.clone();
         Ok(Applied::default())
+    }
+}
+
+impl MetaState {
+    /// Concat: the sources' extents move to the end of `dst` (each source starts at the
+    /// previous end, so holes and sizes are kept); the sources' inodes and entries go. No
+    /// block changes hands outside the move, so no reference count changes and nothing is freed.
+    pub(super) fn concat(&mut self, dst: Ino, srcs: &[Ino], now: Nanos) -> Result<Applied, MetaError> {
+        let d = self.inodes.get(&dst).ok_or(MetaError::NoInode(dst))?;
+        match d.attr.kind {
+            InodeKind::File => {}
+            InodeKind::Dir => return Err(MetaError::IsDir(dst)),
+            InodeKind::Symlink => return Err(MetaError::Invalid("cannot concat into a symlink")),
+        }
+        if srcs.is_empty() {
+            return Err(MetaError::Invalid("concat without sources"));
+        }
+        let mut seen = BTreeSet::new();
+        let mut end = d.attr.size;
+        // Parent dir -> sources it holds, to find every source's entry in one pass per parent.
+        let mut by_parent: BTreeMap<Ino, BTreeSet<Ino>> = BTreeMap::new();
+        for &src in srcs {
+            let inode = self.inodes.get(&src).ok_or(MetaError::NoInode(src))?;
+            match inode.attr.kind {
+                InodeKind::File => {}
+                InodeKind::Dir => return Err(MetaError::IsDir(src)),
+                InodeKind::Symlink => return Err(MetaError::Invalid("cannot concat a symlink")),
+            }
+            if src == dst || !seen.insert(src) {
+                return Err(MetaError::Invalid("concat sources must be distinct and differ from the destination"));
+            }
+            end = match end.checked_add(inode.attr.size) {
+                Some(e) if e <= MAX_FILE_SIZE => e,
+                _ => return Err(MetaError::Invalid("concat ends beyond 2^63")),
+            };
+            by_parent.entry(inode.attr.parent).or_default().insert(src);
+        }
+        let mut names: Vec<(Ino, Vec<u8>)> = Vec::with_capacity(srcs.len());
+        for (parent, inos) in &by_parent {
+            let entries = self.dir_entries(*parent)?;
+            let found: Vec<(Ino, Vec<u8>)> =
+                entries.iter().filter(|(_, i)| inos.contains(i)).map(|(n, _)| (*parent, n.clone())).collect();
+            if found.len() != inos.len() {
+                return Err(MetaError::Invalid("concat source without its directory entry"));
+            }
+            names.extend(found);
+        }
+        // Validation done: mutate.
+        let mut base = self.inode_ref(dst).attr.size;
+        let mut moved: Vec<(u64, Extent)> = Vec::new();
+        for src in srcs {
+            let inode = self.inodes.remove(src).expect("source validated to exist");
+            moved.extend(inode.extents.iter().map(|(off, e)| (base + off, *e)));
+            base += inode.attr.size;
+        }
+        for (parent, name) in &names {
+            if let Some(e) = self.entries.get_mut(parent) {
+                e.remove(name);
+            }
+        }
+        for parent in by_parent.keys() {
+            self.touch_dir(*parent, now);
+        }
+        let inode = self.inode_mut(dst);
+        inode.extents.extend(moved);
+        inode.attr.size = end;
+        inode.attr.mtime = now;
+        inode.attr.ctime = now;
+        Ok(Applied { attr: Some(inode.attr.clone()), ..Applied::default() })
     }
 }
 

@@ -334,3 +334,79 @@ fn set_attr_errors_and_block_state() {
     assert_eq!(s.apply(&unlink(ROOT_INO, "f")).expect("unlink").freed, vec![id]);
     s.check_invariants().expect("invariants");
 }
+
+fn concat(dst: Ino, srcs: &[Ino]) -> Command {
+    Command::Concat { dst, srcs: srcs.to_vec(), now: 21 }
+}
+
+#[test]
+fn concat_errors() {
+    let mut s = MetaState::new();
+    let d = dir(&mut s, ROOT_INO, "d");
+    let f = file(&mut s, ROOT_INO, "f");
+    let g = file(&mut s, d, "g");
+    let l = create(&mut s, 1, "l", NewKind::Symlink { target: b"t".to_vec() }).expect("ln").attr.expect("attr").ino;
+    fails(&mut s, concat(99, &[g]), MetaError::NoInode(99));
+    fails(&mut s, concat(d, &[g]), MetaError::IsDir(d));
+    fails(&mut s, concat(l, &[g]), MetaError::Invalid("cannot concat into a symlink"));
+    fails(&mut s, concat(f, &[]), MetaError::Invalid("concat without sources"));
+    fails(&mut s, concat(f, &[g, 99]), MetaError::NoInode(99));
+    fails(&mut s, concat(f, &[g, d]), MetaError::IsDir(d));
+    fails(&mut s, concat(f, &[l]), MetaError::Invalid("cannot concat a symlink"));
+    let distinct = MetaError::Invalid("concat sources must be distinct and differ from the destination");
+    fails(&mut s, concat(f, &[g, g]), distinct.clone());
+    fails(&mut s, concat(f, &[f]), distinct);
+    size(&mut s, f, MAX_FILE_SIZE - 5).expect("extend");
+    size(&mut s, g, 6).expect("extend");
+    fails(&mut s, concat(f, &[g]), MetaError::Invalid("concat ends beyond 2^63"));
+    size(&mut s, g, 5).expect("shrink");
+    s.apply(&concat(f, &[g])).expect("concat up to the largest size");
+    assert_eq!(s.inodes[&f].attr.size, MAX_FILE_SIZE);
+    s.check_invariants().expect("invariants");
+}
+
+#[test]
+fn concat_moves_extents_without_copying() {
+    let mut s = MetaState::new();
+    let up = dir(&mut s, ROOT_INO, "up");
+    let other = dir(&mut s, ROOT_INO, "other");
+    let dst = file(&mut s, ROOT_INO, "dst");
+    let p1 = file(&mut s, up, "1");
+    let p2 = file(&mut s, up, "2");
+    let p3 = file(&mut s, other, "3");
+    let keep = file(&mut s, up, "keep");
+    let id = alloc(&mut s, 8);
+    write(&mut s, dst, 0, &[(id, 10)]).expect("write dst");
+    write(&mut s, p1, 0, &[(id + 1, 100), (id + 2, 50)]).expect("write p1");
+    write(&mut s, p2, 20, &[(id + 3, 30)]).expect("write p2 after a hole");
+    size(&mut s, p2, 60).expect("p2 ends in a hole");
+    write(&mut s, p3, 0, &[(id + 4, 40)]).expect("write p3");
+    write(&mut s, keep, 0, &[(id + 5, 8)]).expect("write keep");
+    let refs_before: BTreeMap<BlockId, u32> = s.blocks.iter().map(|(k, b)| (*k, b.refs)).collect();
+    let out = s.apply(&concat(dst, &[p2, p1, p3])).expect("concat");
+    let a = out.attr.expect("attr");
+    assert_eq!((a.ino, a.size, a.mtime, a.ctime), (dst, 10 + 60 + 150 + 40, 21, 21));
+    assert!(out.freed.is_empty());
+    let refs_after: BTreeMap<BlockId, u32> = s.blocks.iter().map(|(k, b)| (*k, b.refs)).collect();
+    assert_eq!(refs_before, refs_after, "blocks move, their counts stay");
+    let want = vec![
+        (0, Extent { len: 10, block: id, block_offset: 0 }),
+        (30, Extent { len: 30, block: id + 3, block_offset: 0 }),
+        (70, Extent { len: 100, block: id + 1, block_offset: 0 }),
+        (170, Extent { len: 50, block: id + 2, block_offset: 0 }),
+        (220, Extent { len: 40, block: id + 4, block_offset: 0 }),
+    ];
+    assert_eq!(s.extents_in(dst, 0, 260).expect("extents"), want);
+    for p in [p1, p2, p3] {
+        assert!(s.inode(p).is_none(), "source {p} removed");
+    }
+    assert_eq!(s.readdir(up, None, 10).expect("readdir").0.len(), 1, "only `keep` is left");
+    assert_eq!((s.inodes[&up].attr.size, s.inodes[&up].attr.mtime), (1, 21));
+    assert_eq!(s.inodes[&other].attr.size, 0);
+    s.check_invariants().expect("invariants");
+    // The moved blocks are freed when the destination goes.
+    let mut freed = s.apply(&unlink(ROOT_INO, "dst")).expect("unlink").freed;
+    freed.sort_unstable();
+    assert_eq!(freed, vec![id, id + 1, id + 2, id + 3, id + 4]);
+    s.check_invariants().expect("invariants");
+}

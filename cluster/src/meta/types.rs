@@ -185,6 +185,15 @@ pub enum Command {
         id: BlockId,
         state: BlockState,
     },
+    /// Append the contents of each file of `srcs`, in order, at the end of file `dst` (holes
+    /// kept), then remove the sources' entries. Extents move (shifted), blocks are not copied
+    /// and their reference counts do not change: S3 CompleteMultipartUpload joins its parts so.
+    /// `srcs` are distinct files, none is `dst`; at least one.
+    Concat {
+        dst: Ino,
+        srcs: Vec<Ino>,
+        now: Nanos,
+    },
 }
 
 /// What a successful apply returns.
