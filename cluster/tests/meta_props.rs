@@ -10,7 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use tidepool_cluster::meta::{
-    Applied, BlockId, BlockState, Command, Ino, InodeKind, MetaError, MetaState, NewBlock, NewKind, ObjectLocator,
+    AccessKey, Applied, BlockId, BlockState, Command, Ino, InodeKind, MetaError, MetaState, NewBlock, NewKind,
+    ObjectLocator,
 };
 
 /// An abstract command: selectors are resolved against the state in `concrete`.
@@ -28,6 +29,8 @@ enum Op {
     Alloc { count: u64 },
     SetBlockState { id: u8, cold: bool },
     Concat { dst: u8, srcs: Vec<u8> },
+    PutAccessKey { id: u8, seal: u8 },
+    DeleteAccessKey { id: u8 },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -47,6 +50,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u64..10).prop_map(|count| Op::Alloc { count }),
         1 => (sel(), any::<bool>()).prop_map(|(id, cold)| Op::SetBlockState { id, cold }),
         2 => (sel(), proptest::collection::vec(sel(), 0..4)).prop_map(|(dst, srcs)| Op::Concat { dst, srcs }),
+        1 => (sel(), sel()).prop_map(|(id, seal)| Op::PutAccessKey { id, seal }),
+        1 => sel().prop_map(|id| Op::DeleteAccessKey { id }),
     ]
 }
 
@@ -111,6 +116,16 @@ fn block_ids(s: &MetaState, n: usize, ids: u8) -> Vec<BlockId> {
     out
 }
 
+/// Access key ids: a few valid ones (so puts collide and deletes find something), now and
+/// then an invalid one (too short, lowercase).
+fn access_key_id(sel: u8) -> String {
+    match sel % 16 {
+        0 => "TPSHORT".into(),
+        1 => "tplowercase0000000000".into(),
+        n => format!("TPKEY{:015}", n % 5),
+    }
+}
+
 fn concrete(s: &MetaState, op: &Op, now: i64) -> Command {
     match op.clone() {
         Op::Create { parent, name: n, kind } => {
@@ -169,6 +184,13 @@ fn concrete(s: &MetaState, op: &Op, now: i64) -> Command {
             }
             Command::Concat { dst, srcs, now }
         }
+        Op::PutAccessKey { id, seal } => {
+            // An empty sealed secret now and then, which must be refused.
+            let secret_sealed = vec![seal; usize::from(seal % 64)];
+            let key = AccessKey { secret_sealed, created: now, name: format!("k{seal}") };
+            Command::PutAccessKey { id: access_key_id(id), key }
+        }
+        Op::DeleteAccessKey { id } => Command::DeleteAccessKey { id: access_key_id(id) },
     }
 }
 
@@ -377,6 +399,8 @@ fn generator_reaches_successful_commands() {
         "AllocBlockIds",
         "SetBlockState",
         "Concat",
+        "PutAccessKey",
+        "DeleteAccessKey",
     ] {
         assert!(ok.get(k).copied().unwrap_or(0) > 0, "no successful {k}: {ok:?}");
     }
@@ -397,5 +421,7 @@ fn cmd_kind(cmd: &Command) -> &'static str {
         Command::AllocBlockIds { .. } => "AllocBlockIds",
         Command::SetBlockState { .. } => "SetBlockState",
         Command::Concat { .. } => "Concat",
+        Command::PutAccessKey { .. } => "PutAccessKey",
+        Command::DeleteAccessKey { .. } => "DeleteAccessKey",
     }
 }

@@ -46,8 +46,11 @@ impl FsError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             FsError::Meta(e) => match e {
-                MetaError::NoInode(_) | MetaError::NoEntry { .. } | MetaError::NoBlock(_) => ErrorKind::NotFound,
-                MetaError::Exists { .. } => ErrorKind::Exists,
+                MetaError::NoInode(_)
+                | MetaError::NoEntry { .. }
+                | MetaError::NoBlock(_)
+                | MetaError::NoAccessKey(_) => ErrorKind::NotFound,
+                MetaError::Exists { .. } | MetaError::AccessKeyExists(_) => ErrorKind::Exists,
                 MetaError::NotDir(_) => ErrorKind::NotDir,
                 MetaError::IsDir(_) => ErrorKind::IsDir,
                 MetaError::NotEmpty(_) => ErrorKind::NotEmpty,

@@ -57,6 +57,7 @@ impl MetaState {
             next_ino: ROOT_INO + 1,
             next_block_id: 1,
             applied: 0,
+            access_keys: BTreeMap::new(),
         }
     }
 
@@ -92,6 +93,8 @@ impl MetaState {
             Command::AllocBlockIds { count } => self.alloc_block_ids(*count),
             Command::SetBlockState { id, state } => self.set_block_state(*id, state),
             Command::Concat { dst, srcs, now } => self.concat(*dst, srcs, *now),
+            Command::PutAccessKey { id, key } => self.put_access_key(id, key),
+            Command::DeleteAccessKey { id } => self.delete_access_key(id),
         }
     }
 

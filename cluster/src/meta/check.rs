@@ -10,7 +10,16 @@ impl MetaState {
     pub fn check_invariants(&self) -> Result<(), String> {
         self.check_extents()?;
         self.check_tree()?;
-        self.check_counters()
+        self.check_counters()?;
+        self.check_access_keys()
+    }
+
+    /// Access keys: every stored key has the shape PutAccessKey admits.
+    fn check_access_keys(&self) -> Result<(), String> {
+        for (id, key) in &self.access_keys {
+            super::keys::check_access_key(id, key).map_err(|e| format!("bad access key id={id:?}: {e}"))?;
+        }
+        Ok(())
     }
 
     /// Extents: disjoint, inside their block and the file size; block refs match; no block

@@ -5,6 +5,7 @@
 mod apply;
 mod check;
 mod data;
+mod keys;
 mod read;
 mod snapshot;
 #[cfg(test)]
@@ -13,11 +14,13 @@ mod types;
 
 pub use apply::SYMLINK_MAX;
 pub use data::{ALLOC_MAX, MAX_FILE_SIZE, XATTR_KEY_MAX, XATTR_VALUE_MAX};
+pub use keys::{ACCESS_KEY_ID_MAX, ACCESS_KEY_ID_MIN, ACCESS_KEY_NAME_MAX, SEALED_SECRET_MAX, is_access_key_id};
 pub use read::{DirPage, Totals};
 pub use types::*;
 
 /// Version of the snapshot encoding written by [`MetaState::encode_snapshot`].
-pub const SNAPSHOT_VERSION: u32 = 1;
+/// Version 2 added `access_keys`; version 1 snapshots are still read (no keys).
+pub const SNAPSHOT_VERSION: u32 = 2;
 
 use std::collections::BTreeMap;
 
@@ -35,4 +38,6 @@ pub struct MetaState {
     pub next_block_id: BlockId,
     /// Number of commands applied (successful or not): the generation source for new inodes.
     pub applied: u64,
+    /// S3 access key id -> the key (secret sealed). Snapshot version 2 on.
+    pub access_keys: BTreeMap<String, AccessKey>,
 }

@@ -1,10 +1,50 @@
 //! Snapshot encoding of a `MetaState`, and the `StateMachine` impl the Raft driver uses.
 //!
 //! Layout: magic `b"TPMS"`, format version (u32 LE), crc32c of the payload (u32 LE), then
-//! the postcard encoding of `MetaState`. Version 1 is the only one so far; a newer version
-//! is a clear error (this build cannot know its layout), never a panic.
+//! the postcard encoding of `MetaState`. Version 2 (written now) added the access keys;
+//! version 1 (no access keys) is still read and migrated with an empty key map. A newer
+//! version is a clear error (this build cannot know its layout), never a panic.
 
-use super::{Applied, Command, MetaError, MetaState, SNAPSHOT_VERSION};
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+
+use super::{Applied, BlockId, BlockMeta, Command, Ino, Inode, MetaError, MetaState, SNAPSHOT_VERSION};
+
+/// The version 1 layout of `MetaState`, kept to read old snapshots. Do not change it.
+#[derive(Deserialize)]
+struct MetaStateV1 {
+    inodes: BTreeMap<Ino, Inode>,
+    entries: BTreeMap<Ino, BTreeMap<Vec<u8>, Ino>>,
+    blocks: BTreeMap<BlockId, BlockMeta>,
+    next_ino: Ino,
+    next_block_id: BlockId,
+    applied: u64,
+}
+
+impl From<MetaStateV1> for MetaState {
+    fn from(v: MetaStateV1) -> Self {
+        MetaState {
+            inodes: v.inodes,
+            entries: v.entries,
+            blocks: v.blocks,
+            next_ino: v.next_ino,
+            next_block_id: v.next_block_id,
+            applied: v.applied,
+            access_keys: BTreeMap::new(),
+        }
+    }
+}
+
+/// Postcard-decode the whole payload as a `T` (no trailing bytes).
+fn decode_payload<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, String> {
+    let (value, rest): (T, _) =
+        postcard::take_from_bytes(payload).map_err(|e| format!("meta snapshot payload undecodable: {e}"))?;
+    if !rest.is_empty() {
+        return Err(format!("meta snapshot has {} trailing bytes", rest.len()));
+    }
+    Ok(value)
+}
 
 const MAGIC: &[u8; 4] = b"TPMS";
 const HEADER_LEN: usize = 12;
@@ -32,8 +72,8 @@ impl MetaState {
             return Err(format!("not a meta snapshot: bad magic {:02x?}", &header[0..4]));
         }
         let version = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if version != SNAPSHOT_VERSION {
-            return Err(format!("unsupported meta snapshot version found={version} supported={SNAPSHOT_VERSION}"));
+        if version != SNAPSHOT_VERSION && version != 1 {
+            return Err(format!("unsupported meta snapshot version found={version} supported=1..={SNAPSHOT_VERSION}"));
         }
         let want = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
         let got = crc32c::crc32c(payload);
@@ -43,11 +83,8 @@ impl MetaState {
                 payload.len()
             ));
         }
-        let (state, rest): (MetaState, _) =
-            postcard::take_from_bytes(payload).map_err(|e| format!("meta snapshot payload undecodable: {e}"))?;
-        if !rest.is_empty() {
-            return Err(format!("meta snapshot has {} trailing bytes", rest.len()));
-        }
+        let state: MetaState =
+            if version == 1 { decode_payload::<MetaStateV1>(payload)?.into() } else { decode_payload(payload)? };
         state.check_invariants().map_err(|e| format!("meta snapshot inconsistent: {e}"))?;
         Ok(state)
     }

@@ -194,6 +194,27 @@ pub enum Command {
         srcs: Vec<Ino>,
         now: Nanos,
     },
+    /// Add an S3 access key; `AccessKeyExists` if the id is taken. The secret arrives sealed
+    /// (encrypted outside the state machine); apply only checks the shape.
+    PutAccessKey {
+        id: String,
+        key: AccessKey,
+    },
+    /// Revoke an S3 access key; `NoAccessKey` if there is none with that id.
+    DeleteAccessKey {
+        id: String,
+    },
+}
+
+/// An S3 access key as the meta group keeps it: only what is needed to verify a signature.
+/// SigV4 needs the secret itself on the server, so it is kept sealed (AES-256-GCM under the
+/// node key, `nonce || ciphertext+tag`); the state machine never sees it in the clear.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AccessKey {
+    pub secret_sealed: Vec<u8>,
+    pub created: Nanos,
+    /// Optional label (`tidepool keys create --name`).
+    pub name: String,
 }
 
 /// What a successful apply returns.
@@ -229,4 +250,8 @@ pub enum MetaError {
     Invalid(&'static str),
     #[error("no such block block_id={0}")]
     NoBlock(BlockId),
+    #[error("no such access key access_key_id={0}")]
+    NoAccessKey(String),
+    #[error("access key exists access_key_id={0}")]
+    AccessKeyExists(String),
 }
