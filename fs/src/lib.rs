@@ -8,6 +8,7 @@
 //! together (the `tidepool` binary does).
 
 mod error;
+mod keys;
 mod metrics;
 mod namespace;
 mod rw;
@@ -20,6 +21,7 @@ use tidepool_cluster::{Applied, Clock, MetaGroup};
 use tidepool_spdk::BlockStore;
 
 pub use error::{ErrorKind, FsError, Result};
+pub use keys::AccessKeyInfo;
 pub use metrics::{FsMetrics, MetricsSnapshot};
 pub use rw::Staged;
 pub use tidepool_cluster::meta::{Attr as FileAttr, InodeKind, NAME_MAX, ROOT_INO};
