@@ -1,5 +1,5 @@
-//! File data: write (new immutable blocks, then one metadata commit) and read (extents,
-//! then block ranges in parallel).
+//! File data: write (new immutable blocks, then one metadata commit), concat (extents moved
+//! between files) and read (extents, then block ranges in parallel).
 //!
 //! Write order is the crash-safety argument: (1) put the new blocks, (2) flush the block
 //! store, (3) commit the extents through the meta group (fsync'd Raft log), (4) free the
@@ -101,6 +101,16 @@ impl Fs {
                 Err(e)
             }
         }
+    }
+
+    /// Append the contents of files `srcs`, in order, at the end of file `dst` and remove the
+    /// sources, in one metadata commit: the extents move, no byte is copied (S3 multipart
+    /// Complete). Sources are distinct files other than `dst`; their names go with them.
+    pub async fn concat(&self, dst: Ino, srcs: &[Ino]) -> Result<Attr> {
+        self.metrics.op(Op::Write);
+        self.check_writable()?;
+        let applied = self.commit(Command::Concat { dst, srcs: srcs.to_vec(), now: self.now() }).await?;
+        applied.attr.ok_or(FsError::Invalid("concat returned no inode"))
     }
 
     /// Drop staged blocks that will not be committed (an aborted upload).

@@ -281,3 +281,38 @@ async fn staged_upload_commits_once_or_leaves_nothing() {
     assert_eq!(fs.commit_staged(f.ino, 0, s).await.unwrap_err().kind(), ErrorKind::NotFound);
     assert_eq!(fs.store().ids().len(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concat_moves_parts_into_a_file_without_copying() {
+    let e = env().await;
+    let fs = &e.fs;
+    let up = fs.mkdir(ROOT_INO, b"up", 0o755, 0, 0).await.unwrap();
+    let parts: Vec<Vec<u8>> = vec![bytes(1, 1_500_000), bytes(2, 10), bytes(3, 2_100_000)];
+    let mut inos = Vec::new();
+    for (i, p) in parts.iter().enumerate() {
+        let f = fs.create(up.ino, format!("{}", i + 1).as_bytes(), 0o644, 0, 0).await.unwrap();
+        fs.write(f.ino, 0, p).await.unwrap();
+        inos.push(f.ino);
+    }
+    let dst = fs.create(ROOT_INO, b"obj", 0o644, 0, 0).await.unwrap();
+    let blocks_before = fs.store().ids();
+    let commits_before = fs.meta().status().commit_index;
+    // Out of order on purpose: the order given is the order of the bytes.
+    let a = fs.concat(dst.ino, &[inos[2], inos[0], inos[1]]).await.unwrap();
+    assert_eq!(fs.meta().status().commit_index, commits_before + 1, "one metadata commit");
+    assert_eq!(a.size, 3_600_010);
+    let want = [parts[2].clone(), parts[0].clone(), parts[1].clone()].concat();
+    assert_eq!(fs.read(dst.ino, 0, want.len() + 1).await.unwrap(), want);
+    assert_eq!(fs.store().ids(), blocks_before, "no block written or freed");
+    assert!(fs.readdir(up.ino, None, 10).unwrap().0.is_empty(), "sources removed");
+    assert_eq!(fs.getattr(inos[0]).unwrap_err().kind(), ErrorKind::NotFound);
+    // Misuse is refused and changes nothing.
+    let other = fs.create(up.ino, b"x", 0o644, 0, 0).await.unwrap();
+    assert_eq!(fs.concat(dst.ino, &[other.ino, other.ino]).await.unwrap_err().kind(), ErrorKind::Invalid);
+    assert_eq!(fs.concat(dst.ino, &[up.ino]).await.unwrap_err().kind(), ErrorKind::IsDir);
+    assert_eq!(fs.concat(dst.ino, &[]).await.unwrap_err().kind(), ErrorKind::Invalid);
+    assert_eq!(fs.getattr(dst.ino).unwrap().size, 3_600_010);
+    // The moved blocks belong to the destination now: removing it frees them all.
+    fs.unlink(ROOT_INO, b"obj").await.unwrap();
+    assert_eq!(fs.store().ids().len(), 0);
+}
