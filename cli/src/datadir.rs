@@ -14,11 +14,14 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::nodekey::NodeKey;
+
 pub const SUPERBLOCK: &str = "tidepool.super";
 const MAGIC: &str = "TIDEPOOL-DATA";
 pub const FORMAT_VERSION: u32 = 1;
 /// What an interrupted initialisation may leave behind (plus a user's settings file).
-const INIT_NAMES: &[&str] = &["nvme.img", "meta", "objects", "LOCK", "tidepool.toml", "tidepool.super.tmp"];
+const INIT_NAMES: &[&str] =
+    &["nvme.img", "meta", "objects", "node.key", "node.key.tmp", "LOCK", "tidepool.toml", "tidepool.super.tmp"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum DataDirError {
@@ -58,6 +61,8 @@ pub struct DataDir {
     pub superblock: Superblock,
     /// True when this open initialised the folder.
     pub fresh: bool,
+    /// `node.key`: seals the S3 secrets, derives the admin token (see `nodekey`).
+    pub node_key: std::sync::Arc<NodeKey>,
     _lock: File,
 }
 
@@ -74,10 +79,21 @@ impl DataDir {
         let lock = lock(path)?;
         if sb_path.exists() {
             let superblock = read_superblock(&sb_path)?;
-            return Ok(DataDir { path: path.to_path_buf(), superblock, fresh: false, _lock: lock });
+            // Folders made before node keys existed get one on their first open.
+            let (node_key, created) = NodeKey::load_or_create(path)?;
+            if created {
+                tracing::info!(path = %NodeKey::path(path).display(), "created the node key");
+            }
+            return Ok(DataDir {
+                path: path.to_path_buf(),
+                superblock,
+                fresh: false,
+                node_key: node_key.into(),
+                _lock: lock,
+            });
         }
         // Interrupted initialisation (or a new folder): start over.
-        for n in ["nvme.img", "meta", "objects"] {
+        for n in ["nvme.img", "meta", "objects", "node.key", "node.key.tmp"] {
             let p = path.join(n);
             if p.is_dir() {
                 std::fs::remove_dir_all(&p).map_err(io_err(&p))?;
@@ -86,6 +102,7 @@ impl DataDir {
             }
         }
         init(path)?;
+        let (node_key, _) = NodeKey::load_or_create(path)?;
         let superblock = Superblock {
             format_version: FORMAT_VERSION,
             node_id: 1,
@@ -96,7 +113,7 @@ impl DataDir {
                 .unwrap_or(0),
         };
         write_superblock(&sb_path, &superblock)?;
-        Ok(DataDir { path: path.to_path_buf(), superblock, fresh: true, _lock: lock })
+        Ok(DataDir { path: path.to_path_buf(), superblock, fresh: true, node_key: node_key.into(), _lock: lock })
     }
 }
 

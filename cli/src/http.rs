@@ -1,6 +1,9 @@
 //! The status and metrics endpoint: `GET /metrics` (Prometheus text format) and
-//! `GET /status` (JSON). Two read-only routes, so a few lines over tokio's TcpListener
-//! instead of a web framework in the dependency tree.
+//! `GET /status` (JSON), plus the admin routes of `tidepool keys` (`GET` / `POST /admin/keys`,
+//! `DELETE /admin/keys/ID`), which need `authorization: Bearer <admin token>` (derived from the
+//! node key, compared in constant time; 401 otherwise). A handful of routes, so a few lines
+//! over tokio's TcpListener instead of a web framework in the dependency tree: one request
+//! per connection, the head bounded to 8 KiB and a body (Content-Length only) to 4 KiB.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -10,6 +13,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
 use tidepool_fs::Fs;
+
+use crate::keys::Admin;
+
+/// Largest request head, and largest request body (admin JSON is tiny).
+const HEAD_MAX: usize = 8 << 10;
+const BODY_MAX: usize = 4 << 10;
 
 /// What the endpoint reports, besides the filesystem's own numbers.
 pub struct StatusSource {
@@ -22,6 +31,8 @@ pub struct StatusSource {
     pub http: String,
     pub s3: String,
     pub s3_metrics: Arc<tidepool_s3::S3Metrics>,
+    /// The admin routes (S3 keys); `None` answers them 404.
+    pub admin: Option<Arc<Admin>>,
 }
 
 impl StatusSource {
@@ -98,26 +109,9 @@ pub async fn serve(listener: TcpListener, src: Arc<StatusSource>) {
         let Ok((mut sock, _)) = listener.accept().await else { continue };
         let src = src.clone();
         tokio::spawn(async move {
-            let mut buf = vec![0u8; 4096];
-            let mut n = 0;
-            // Read the request head (bounded: 4 KiB is plenty for a GET).
-            while n < buf.len() {
-                match sock.read(&mut buf[n..]).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(k) => n += k,
-                }
-                if buf[..n].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let head = String::from_utf8_lossy(&buf[..n]);
-            let mut parts = head.split_whitespace();
-            let (method, path) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-            let (code, ctype, body) = match (method, path) {
-                ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", src.metrics_text()),
-                ("GET", "/status") => ("200 OK", "application/json", src.status_json().to_string()),
-                ("GET", _) => ("404 Not Found", "text/plain", "not found: try /status or /metrics\n".into()),
-                _ => ("405 Method Not Allowed", "text/plain", "only GET\n".into()),
+            let (code, ctype, body) = match read_request(&mut sock).await {
+                Ok(req) => route(&src, req).await,
+                Err(msg) => ("400 Bad Request", "text/plain", format!("{msg}\n")),
             };
             let resp = format!(
                 "HTTP/1.1 {code}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
@@ -129,17 +123,120 @@ pub async fn serve(listener: TcpListener, src: Arc<StatusSource>) {
     }
 }
 
+struct Request {
+    method: String,
+    path: String,
+    authorization: Option<String>,
+    body: Vec<u8>,
+}
+
+/// Read one request: the head (bounded), then a Content-Length body (bounded).
+async fn read_request(sock: &mut tokio::net::TcpStream) -> Result<Request, &'static str> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 2048];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > HEAD_MAX {
+            return Err("request head too large");
+        }
+        match tokio::time::timeout(std::time::Duration::from_secs(10), sock.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err("incomplete request"),
+            Ok(Ok(k)) => buf.extend_from_slice(&chunk[..k]),
+        }
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut parts = lines.next().unwrap_or("").split_whitespace();
+    let (method, path) = (parts.next().unwrap_or("").to_string(), parts.next().unwrap_or("").to_string());
+    let (mut authorization, mut len) = (None, 0usize);
+    for line in lines {
+        let Some((k, v)) = line.split_once(':') else { continue };
+        let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+        match k.as_str() {
+            "authorization" => authorization = Some(v.to_string()),
+            "content-length" => len = v.parse().map_err(|_| "bad content-length")?,
+            "transfer-encoding" => return Err("only content-length bodies"),
+            _ => {}
+        }
+    }
+    if len > BODY_MAX {
+        return Err("request body too large");
+    }
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < len {
+        match tokio::time::timeout(std::time::Duration::from_secs(10), sock.read(&mut chunk)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Err("incomplete request body"),
+            Ok(Ok(k)) => body.extend_from_slice(&chunk[..k]),
+        }
+    }
+    body.truncate(len);
+    Ok(Request { method, path, authorization, body })
+}
+
+async fn route(src: &StatusSource, req: Request) -> (&'static str, &'static str, String) {
+    let json = "application/json";
+    if req.path == "/admin/keys" || req.path.starts_with("/admin/keys/") {
+        let Some(admin) = &src.admin else {
+            return ("404 Not Found", "text/plain", "no admin routes on this node\n".into());
+        };
+        let token = req.authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).unwrap_or("");
+        if !admin.node_key.check_admin_token(token.trim()) {
+            let msg = "missing or wrong admin token: `tidepool keys` sends it (derived from <data_dir>/node.key)";
+            return ("401 Unauthorized", json, serde_json::json!({ "error": msg }).to_string());
+        }
+        let (code, body) = admin.handle(&req.method, &req.path, &req.body).await;
+        let code = match code {
+            200 => "200 OK",
+            400 => "400 Bad Request",
+            404 => "404 Not Found",
+            409 => "409 Conflict",
+            503 => "503 Service Unavailable",
+            _ => "500 Internal Server Error",
+        };
+        return (code, json, body);
+    }
+    match (req.method.as_str(), req.path.as_str()) {
+        ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", src.metrics_text()),
+        ("GET", "/status") => ("200 OK", json, src.status_json().to_string()),
+        ("GET", _) => ("404 Not Found", "text/plain", "not found: try /status or /metrics\n".into()),
+        _ => ("405 Method Not Allowed", "text/plain", "only GET\n".into()),
+    }
+}
+
 /// A GET for `tidepool status` (blocking, std only).
 pub fn get(addr: &str, path: &str) -> std::io::Result<String> {
+    let (code, body) = request(addr, "GET", path, None, "")?;
+    if code != 200 {
+        return Err(std::io::Error::other(format!("status endpoint answered {code}")));
+    }
+    Ok(body)
+}
+
+/// One request (blocking, std only): `(status code, body)`.
+pub fn request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-    write!(s, "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n")?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nhost: {addr}\r\n{auth}content-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     let (head, body) = out.split_once("\r\n\r\n").unwrap_or((&out, ""));
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(std::io::Error::other(format!("status endpoint answered: {}", head.lines().next().unwrap_or(""))));
-    }
-    Ok(body.to_string())
+    let code =
+        head.strip_prefix("HTTP/1.1 ").and_then(|r| r.get(..3)).and_then(|c| c.parse().ok()).ok_or_else(|| {
+            std::io::Error::other(format!("not an HTTP answer: {}", head.lines().next().unwrap_or("")))
+        })?;
+    Ok((code, body.to_string()))
 }

@@ -4,9 +4,10 @@
 mod bench;
 mod datadir;
 mod http;
+mod keys;
 mod node;
+mod nodekey;
 mod offline;
-mod s3keys;
 mod settings;
 mod up;
 mod workload;
@@ -48,6 +49,9 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// S3 access keys of the running node: create, list, revoke.
+    #[command(subcommand)]
+    Keys(keys::KeysCmd),
     /// Work on a stopped node's data folder directly (no front end needed).
     #[command(subcommand)]
     Fs(offline::FsCmd),
@@ -93,6 +97,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Up => runtime()?.block_on(up::run(settings)),
         Cmd::Status { addr, json } => up::status(&addr.unwrap_or(settings.http_listen), json),
+        Cmd::Keys(cmd) => keys::run(cmd, &settings.data_dir, &settings.http_listen),
         Cmd::Fs(cmd) => runtime()?.block_on(offline::run(settings, cmd)),
         Cmd::Workload(args) => runtime()?.block_on(workload::run(settings, args)),
         Cmd::Bench(cmd) => runtime()?.block_on(bench::run(settings, cmd)),

@@ -3,19 +3,20 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tidepool_s3::{S3Metrics, S3Options, StaticKeys, TidepoolS3};
+use tidepool_s3::{S3Metrics, S3Options, TidepoolS3};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::datadir::anyhow_free::Result;
 use crate::http::{self, StatusSource};
+use crate::keys::{self, Admin, Banner, MetaKeys};
 use crate::node::Node;
-use crate::s3keys;
 use crate::settings::{Settings, human_bytes};
 
 pub async fn run(settings: Settings) -> Result<()> {
     // Before anything is printed: a Ctrl-C right after the banner must be a clean stop.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let env_key = keys::env_key(|k| std::env::var(k).ok())?;
     let listener = tokio::net::TcpListener::bind(&settings.http_listen)
         .await
         .map_err(|e| format!("cannot listen on http_listen={}: {e}", settings.http_listen))?;
@@ -24,13 +25,11 @@ pub async fn run(settings: Settings) -> Result<()> {
         .map_err(|e| format!("cannot listen on s3_listen={}: {e}", settings.s3_listen))?;
     let node = Node::open(settings).await?;
     let s = &node.settings;
-    let key = s3keys::load_or_create(node.data_dir(), |k| std::env::var(k).ok())?;
+    let node_key = node.data.node_key.clone();
+    let banner = keys::first_start(&node.fs, &node_key, node.data_dir(), env_key).await?;
     let s3_metrics = Arc::new(S3Metrics::default());
     let s3 = TidepoolS3::new(node.fs.clone(), S3Options { region: s.s3_region.clone() }, s3_metrics.clone()).await?;
-    let service = tidepool_s3::build_service(
-        s3,
-        Arc::new(StaticKeys::single(key.access_key_id.clone(), key.secret_access_key.clone())),
-    );
+    let service = tidepool_s3::build_service(s3, Arc::new(MetaKeys::new(node.fs.clone(), node_key.clone())));
     let s3_endpoint = format!("http://{}", s3_listener.local_addr()?);
     let src = Arc::new(StatusSource {
         fs: node.fs.clone(),
@@ -42,6 +41,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         http: format!("http://{}", listener.local_addr()?),
         s3: s3_endpoint.clone(),
         s3_metrics: s3_metrics.clone(),
+        admin: Some(Arc::new(Admin { fs: node.fs.clone(), node_key })),
     });
     let stat = node.fs.stat();
     println!(
@@ -61,12 +61,19 @@ pub async fn run(settings: Settings) -> Result<()> {
         human_bytes(stat.file_bytes)
     );
     println!("  S3            {s3_endpoint} (region {})", s.s3_region);
-    println!("  S3 key        access key id {}  secret {}", key.access_key_id, key.secret_access_key);
-    println!("                (from {})", key.source);
-    println!(
-        "  try           AWS_ACCESS_KEY_ID={} AWS_SECRET_ACCESS_KEY={} aws --endpoint-url {s3_endpoint} s3 ls",
-        key.access_key_id, key.secret_access_key
-    );
+    match &banner {
+        Banner::Key { id, secret, source } => {
+            println!("  S3 key        access key id {id}  secret {secret}");
+            println!("                ({source}; `tidepool keys create` makes more)");
+            println!(
+                "  try           AWS_ACCESS_KEY_ID={id} AWS_SECRET_ACCESS_KEY={secret} aws --endpoint-url {s3_endpoint} s3 ls"
+            );
+        }
+        Banner::Ids(ids) => {
+            println!("  S3 keys       {}", ids.join(", "));
+            println!("                (secrets are shown once, at creation; `tidepool keys create` makes a new one)");
+        }
+    }
     println!("  NFS           not built yet");
     if node.report.orphans_freed > 0 || node.report.missing_blocks > 0 {
         println!(

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Output, Stdio};
 
 use tidepool_e2e::{free_port, tidepool_bin};
 
-const KEY: &str = "TPE2EACCESSKEY";
+const KEY: &str = "TPE2EACCESSKEY0000001";
 const SECRET: &str = "e2e-secret-key-abcdefghijklmnop";
 
 struct Up {
