@@ -7,8 +7,8 @@ use s3s::access::{S3Access, S3AccessContext};
 use s3s::auth::{S3Auth, SecretKey};
 use s3s::{S3Result, s3_error};
 
-/// Where secrets come from. `tidepool keys` (keys in the meta group) will implement it; for
-/// now the binary passes [`StaticKeys`].
+/// Where secrets come from. The binary passes the keys of the meta group (`cli/src/keys.rs`,
+/// managed with `tidepool keys`); tests pass [`StaticKeys`].
 pub trait KeyProvider: Send + Sync {
     /// The secret of `access_key`, or `None` if no such key exists (or it was revoked).
     fn secret(&self, access_key: &str) -> Option<String>;
