@@ -27,9 +27,11 @@
 //!   siblings, so entries are merged by that key (`a-b` < `a/` < `a0`) ([`list`]). With the
 //!   delimiter `/`, directories below the prefix become common prefixes without being walked.
 //!
-//! Multipart upload and RenameObject are not built yet: s3s answers NotImplemented for them
-//! (never a wrong success). They plug in as new files next to `object.rs` using the same
-//! staging folder and `Fs::stage`/`commit_staged`.
+//! - **Multipart uploads live outside every bucket** in `/.tidepool/uploads/<upload-id>/`, a
+//!   part per file; Complete joins the parts' extents into the object in one metadata commit
+//!   (`Fs::concat`: no data is copied) and publishes it like a PUT ([`multipart`]).
+//! - **RenameObject** (S3 Express One Zone) is one `Fs::rename`; s3s 0.14 has no such operation,
+//!   so a custom route serves it after s3s has checked the signature (`rename.rs`).
 
 mod auth;
 mod bucket;
@@ -37,8 +39,10 @@ mod error;
 pub mod list;
 pub mod meta;
 mod metrics;
+pub mod multipart;
 pub mod names;
 mod object;
+mod rename;
 mod server;
 mod service;
 
@@ -49,6 +53,7 @@ use tidepool_fs::{ErrorKind, Fs, ROOT_INO};
 
 pub use auth::{KeyProvider, StaticKeys};
 pub use metrics::S3Metrics;
+pub use multipart::UPLOADS_DIR;
 pub use server::serve;
 
 /// Settings of the S3 front end.
@@ -67,14 +72,18 @@ impl Default for S3Options {
 /// Where uploads are staged before they are renamed over their key.
 pub const STAGING_DIR: &[u8] = b"/.tidepool/tmp";
 
-/// The S3 implementation over one filesystem.
+/// The S3 implementation over one filesystem. Clones share everything (the RenameObject
+/// route holds one).
+#[derive(Clone)]
 pub struct TidepoolS3 {
     fs: Arc<Fs>,
     opts: S3Options,
     metrics: Arc<S3Metrics>,
     staging_ino: u64,
+    /// `/.tidepool/uploads`: multipart uploads in progress.
+    uploads_ino: u64,
     /// Temporary file names in the staging folder: `<start nanos>-<counter>`.
-    tmp_seq: AtomicU64,
+    tmp_seq: Arc<AtomicU64>,
     tmp_prefix: String,
 }
 
@@ -86,13 +95,15 @@ impl TidepoolS3 {
         if leftovers > 0 {
             tracing::info!(count = leftovers, "removed unfinished uploads from the staging folder");
         }
+        let uploads_ino = Self::init_uploads(&fs).await?;
         let start = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         Ok(TidepoolS3 {
             fs,
             opts,
             metrics,
             staging_ino: staging.ino,
-            tmp_seq: AtomicU64::new(0),
+            uploads_ino,
+            tmp_seq: Arc::new(AtomicU64::new(0)),
             tmp_prefix: format!("{:x}", start.as_nanos()),
         })
     }
@@ -105,7 +116,9 @@ impl TidepoolS3 {
 /// Build the HTTP service: the S3 implementation, SigV4 auth with `keys`, and an access check
 /// that refuses anonymous requests and records each request's operation for the metrics.
 pub fn build_service(s3: TidepoolS3, keys: Arc<dyn KeyProvider>) -> s3s::service::S3Service {
+    let route = rename::RenameRoute { s3: s3.clone() };
     let mut b = s3s::service::S3ServiceBuilder::new(s3);
+    b.set_route(route);
     b.set_auth(auth::Auth { keys });
     b.set_access(auth::Access);
     b.build()

@@ -4,8 +4,8 @@
 //! The path of a PUT: the body streams into `Fs::stage` in `block_size` pieces (MD5 and size on
 //! the way) -> a temporary file in `/.tidepool/tmp/` gets them in one `commit_staged` -> its
 //! xattr map gets the metadata -> parents are created -> `rename` over the key (the commit
-//! point: before it nothing is visible, after it the whole object is). Multipart Complete will
-//! reuse [`TidepoolS3::publish`].
+//! point: before it nothing is visible, after it the whole object is). Multipart Complete
+//! reuses [`TidepoolS3::publish`] with the parts' extents moved in ([`Content::Parts`]).
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -25,10 +25,26 @@ use crate::meta::{self, SystemHeaders};
 use crate::names::{KeyPath, parse_key};
 use crate::{TidepoolS3, lookup_opt};
 
-/// Largest single PUT / CopyObject, as S3.
-const MAX_OBJECT_BYTES: u64 = 5 << 30;
+/// Largest single PUT / CopyObject / part, as S3.
+pub(crate) const MAX_OBJECT_BYTES: u64 = 5 << 30;
 /// Times a PUT retries when a concurrent DELETE pruned the parent folder it just created.
 const PUBLISH_ATTEMPTS: usize = 4;
+
+/// What fills the temporary file of a [`TidepoolS3::publish`].
+pub(crate) enum Content {
+    /// A streamed or copied body: committed in one `commit_staged`.
+    Staged(Staged),
+    /// Multipart parts (files of the upload), joined in order by one `Fs::concat`: no copy.
+    Parts(Vec<u64>),
+}
+
+/// The four `x-amz-copy-source-if-*` conditions of a CopyObject or UploadPartCopy.
+pub(crate) struct CopyConditions<'a> {
+    pub if_match: Option<&'a ETagCondition>,
+    pub if_none_match: Option<&'a ETagCondition>,
+    pub if_modified_since: Option<&'a Timestamp>,
+    pub if_unmodified_since: Option<&'a Timestamp>,
+}
 
 impl TidepoolS3 {
     pub(crate) async fn op_put_object(&self, req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
@@ -67,7 +83,7 @@ impl TidepoolS3 {
             }
             self.publish_folder(bucket.ino, &input.key, &key, xattrs, &md5).await?
         } else {
-            self.publish(bucket.ino, &input.key, &key, staged, &md5, xattrs).await?
+            self.publish(bucket.ino, &input.key, &key, Content::Staged(staged), &md5, xattrs).await?
         };
         self.metrics.bytes_in(size);
         tracing::debug!(bucket = input.bucket, key = input.key, size, ino = attr.ino, "put");
@@ -79,7 +95,7 @@ impl TidepoolS3 {
     }
 
     /// PUT with If-None-Match: * (create only) or If-Match (replace only that version).
-    fn check_put_conditions(
+    pub(crate) fn check_put_conditions(
         &self,
         bucket: &str,
         key: &str,
@@ -114,7 +130,7 @@ impl TidepoolS3 {
 
     /// Stream a request body into staged blocks of `block_size`, computing MD5 and size. One
     /// block is written while the next is received.
-    async fn stage_body(&self, mut body: StreamingBlob) -> S3Result<(Staged, String, u64)> {
+    pub(crate) async fn stage_body(&self, mut body: StreamingBlob) -> S3Result<(Staged, String, u64)> {
         let bs = self.fs.options().block_size;
         let mut md5 = Md5::new();
         let mut size = 0u64;
@@ -171,12 +187,12 @@ impl TidepoolS3 {
         }
     }
 
-    fn tmp_name(&self) -> Vec<u8> {
+    pub(crate) fn tmp_name(&self) -> Vec<u8> {
         let n = self.tmp_seq.fetch_add(1, Ordering::Relaxed);
         format!("{}-{n}", self.tmp_prefix).into_bytes()
     }
 
-    /// Make `staged` the object `key`: a temporary file gets the blocks (one commit) and the
+    /// Make `content` the object `key`: a temporary file gets the blocks (one commit) and the
     /// xattrs (ETag added), then is renamed over the key. On failure nothing is visible and
     /// the temporary file is removed.
     pub(crate) async fn publish(
@@ -184,7 +200,7 @@ impl TidepoolS3 {
         bucket_ino: u64,
         key_str: &str,
         key: &KeyPath<'_>,
-        staged: Staged,
+        content: Content,
         md5: &str,
         mut xattrs: BTreeMap<String, String>,
     ) -> S3Result<FileAttr> {
@@ -193,12 +209,18 @@ impl TidepoolS3 {
         let file = match fs.create(self.staging_ino, &tmp, 0o644, 0, 0).await {
             Ok(f) => f,
             Err(e) => {
-                fs.discard_staged(staged).await;
+                if let Content::Staged(staged) = content {
+                    fs.discard_staged(staged).await;
+                }
                 return Err(fs_error(e, key_str));
             }
         };
         let res = async {
-            let attr = fs.commit_staged(file.ino, 0, staged).await.map_err(|e| fs_error(e, key_str))?;
+            let attr = match content {
+                Content::Staged(staged) => fs.commit_staged(file.ino, 0, staged).await,
+                Content::Parts(parts) => fs.concat(file.ino, &parts).await,
+            }
+            .map_err(|e| fs_error(e, key_str))?;
             meta::set_etag(&mut xattrs, md5, attr.mtime);
             fs.replace_xattrs(file.ino, xattrs).await.map_err(|e| fs_error(e, key_str))?;
             let (parents, name) = key.split_last();
@@ -248,7 +270,7 @@ impl TidepoolS3 {
     }
 
     /// `mkdir -p` of `segments` below the bucket; a segment that is an object is a conflict.
-    async fn make_parents(&self, bucket_ino: u64, segments: &[&[u8]], key: &str) -> S3Result<u64> {
+    pub(crate) async fn make_parents(&self, bucket_ino: u64, segments: &[&[u8]], key: &str) -> S3Result<u64> {
         let mut cur = bucket_ino;
         for seg in segments {
             cur = match lookup_opt(&self.fs, cur, seg).map_err(|e| fs_error(e, key))? {
@@ -272,7 +294,7 @@ impl TidepoolS3 {
 
     /// Remove the empty directories of `segments` (deepest first) that are not folder
     /// markers, up to (not including) the bucket. Best effort: stops at the first that stays.
-    async fn prune(&self, bucket_ino: u64, segments: &[&[u8]]) {
+    pub(crate) async fn prune(&self, bucket_ino: u64, segments: &[&[u8]]) {
         let mut inos = vec![bucket_ino];
         for seg in segments {
             match lookup_opt(&self.fs, *inos.last().unwrap_or(&bucket_ino), seg) {
@@ -484,7 +506,13 @@ impl TidepoolS3 {
         };
         let (sattr, sx) = self.find_object(&src_bucket, &src_key)?;
         let src_etag = meta::etag(&sattr, &sx);
-        check_copy_conditions(&src_etag, sattr.mtime, &input)?;
+        let conds = CopyConditions {
+            if_match: input.copy_source_if_match.as_ref(),
+            if_none_match: input.copy_source_if_none_match.as_ref(),
+            if_modified_since: input.copy_source_if_modified_since.as_ref(),
+            if_unmodified_since: input.copy_source_if_unmodified_since.as_ref(),
+        };
+        check_copy_conditions(&src_etag, sattr.mtime, &conds)?;
         let replace = input.metadata_directive.as_ref().is_some_and(|d| d.as_str() == MetadataDirective::REPLACE);
         if src_bucket == input.bucket && src_key == input.key && !replace {
             return Err(s3_error!(
@@ -511,7 +539,7 @@ impl TidepoolS3 {
         } else {
             sx.into_iter().filter(|(k, _)| k != meta::ETAG && k != meta::ETAG_MTIME).collect()
         };
-        let (staged, md5) = self.stage_copy(sattr.ino, size, &src_key).await?;
+        let (staged, md5) = self.stage_copy(sattr.ino, 0, size, &src_key).await?;
         let attr = if key.folder {
             if size > 0 {
                 self.fs.discard_staged(staged).await;
@@ -519,7 +547,7 @@ impl TidepoolS3 {
             }
             self.publish_folder(dst_bucket.ino, &input.key, &key, xattrs, &md5).await?
         } else {
-            self.publish(dst_bucket.ino, &input.key, &key, staged, &md5, xattrs).await?
+            self.publish(dst_bucket.ino, &input.key, &key, Content::Staged(staged), &md5, xattrs).await?
         };
         Ok(S3Response::new(CopyObjectOutput {
             copy_object_result: Some(CopyObjectResult {
@@ -531,14 +559,15 @@ impl TidepoolS3 {
         }))
     }
 
-    /// Read `size` bytes of file `ino` into staged blocks, with their MD5.
-    async fn stage_copy(&self, ino: u64, size: u64, what: &str) -> S3Result<(Staged, String)> {
+    /// Read `len` bytes at `start` of file `ino` into staged blocks, with their MD5.
+    pub(crate) async fn stage_copy(&self, ino: u64, start: u64, len: u64, what: &str) -> S3Result<(Staged, String)> {
         let bs = self.fs.options().block_size;
         let mut md5 = Md5::new();
         let mut staged = Staged::default();
-        let mut off = 0u64;
-        while off < size {
-            let n = (size - off).min(bs as u64) as usize;
+        let mut off = start;
+        let end = start + len;
+        while off < end {
+            let n = (end - off).min(bs as u64) as usize;
             let res = async {
                 let data = self.fs.read(ino, off, n).await?;
                 if data.len() != n {
@@ -617,24 +646,24 @@ fn not_modified(etag: &str) -> S3Error {
     e
 }
 
-/// CopyObject's x-amz-copy-source-if-* headers: every failure is 412.
-fn check_copy_conditions(etag: &str, mtime: i64, input: &CopyObjectInput) -> S3Result<()> {
+/// CopyObject's and UploadPartCopy's x-amz-copy-source-if-* headers: every failure is 412.
+pub(crate) fn check_copy_conditions(etag: &str, mtime: i64, input: &CopyConditions<'_>) -> S3Result<()> {
     let secs = mtime.div_euclid(1_000_000_000);
     let failed = || s3_error!(PreconditionFailed, "a copy-source condition failed");
-    if let Some(c) = &input.copy_source_if_match {
+    if let Some(c) = input.if_match {
         if !etag_matches(c, etag) {
             return Err(failed());
         }
-    } else if let Some(t) = &input.copy_source_if_unmodified_since
+    } else if let Some(t) = input.if_unmodified_since
         && secs > meta::unix_secs(t)
     {
         return Err(failed());
     }
-    if let Some(c) = &input.copy_source_if_none_match {
+    if let Some(c) = input.if_none_match {
         if etag_matches(c, etag) {
             return Err(failed());
         }
-    } else if let Some(t) = &input.copy_source_if_modified_since
+    } else if let Some(t) = input.if_modified_since
         && secs <= meta::unix_secs(t)
     {
         return Err(failed());
@@ -698,11 +727,11 @@ pub(crate) fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-fn from_hex(s: &str) -> Vec<u8> {
+pub(crate) fn from_hex(s: &str) -> Vec<u8> {
     (0..s.len() / 2).filter_map(|i| u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()).collect()
 }
 
-fn base64(b: &[u8]) -> String {
+pub(crate) fn base64(b: &[u8]) -> String {
     const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
     let mut out = String::new();
     for c in b.chunks(3) {

@@ -45,6 +45,8 @@ async fn boto3_drives_every_supported_operation() {
     let fs = &srv.env.fs;
     let staging = fs.resolve(b"/.tidepool/tmp").unwrap();
     assert!(fs.readdir(staging.ino, None, 10).unwrap().0.is_empty(), "no upload left in the staging folder");
+    let uploads = fs.resolve(tidepool_s3::UPLOADS_DIR).unwrap();
+    assert!(fs.readdir(uploads.ino, None, 10).unwrap().0.is_empty(), "no multipart upload left behind");
     let src = fs.resolve(b"/data/src").unwrap();
     let x = fs.get_xattrs(src.ino).unwrap();
     assert_eq!(x.get("x").map(String::as_str), Some("y"), "user metadata is the xattr map: {x:?}");
