@@ -364,6 +364,43 @@ impl Admin {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tidepool_s3::KeyProvider;
+
+    async fn fs(dir: &Path) -> Arc<Fs> {
+        use tidepool_cluster::{ManualClock, MetaGroup, MetaState, RaftOptions};
+        let dev: Arc<dyn tidepool_spdk::BlockDevice> = Arc::new(tidepool_spdk::device::mem::MemDevice::new(32 << 20));
+        let opts =
+            tidepool_spdk::StoreOptions { segment_bytes: 4 << 20, max_block_bytes: 1 << 20, crc_cache_bytes: 1 << 20 };
+        let store = Arc::new(tidepool_spdk::BlockStore::format(dev, opts).await.unwrap());
+        let meta = MetaGroup::open(&dir.join("meta"), RaftOptions::default(), MetaState::new()).unwrap();
+        let clock = Arc::new(ManualClock::new(1));
+        Arc::new(Fs::open(meta, store, clock, tidepool_fs::FsOptions::default()).await.unwrap().0)
+    }
+
+    /// The provider follows the meta group: a new key works, a replaced secret is unsealed
+    /// again, a revoked key fails at once, and an undecryptable one is unusable, not a panic.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn provider_follows_the_meta_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let fs = fs(dir.path()).await;
+        let nk = Arc::new(NodeKey::from_bytes([3; 32]));
+        let p = MetaKeys::new(fs.clone(), nk.clone());
+        let (id, secret) = create(&fs, &nk, "a").await.unwrap();
+        assert_eq!(p.secret(&id).as_deref(), Some(secret.as_str()));
+        assert_eq!(p.secret(&id).as_deref(), Some(secret.as_str()), "cached");
+        assert_eq!(ensure(&fs, &nk, &id, "other-secret", "a").await.unwrap(), "replaced");
+        assert_eq!(p.secret(&id).as_deref(), Some("other-secret"));
+        assert_eq!(ensure(&fs, &nk, &id, "other-secret", "a").await.unwrap(), "kept");
+        fs.delete_access_key(&id).await.unwrap();
+        assert_eq!(p.secret(&id), None, "revoked at once");
+        let bad = "TPCORRUPT00000000000";
+        fs.put_access_key(bad, vec![9; 60], "").await.unwrap();
+        assert_eq!(p.secret(bad), None);
+        let other_node = NodeKey::from_bytes([4; 32]);
+        fs.put_access_key("TPOTHERNODE000000000", other_node.seal("TPOTHERNODE000000000", "s"), "").await.unwrap();
+        assert_eq!(p.secret("TPOTHERNODE000000000"), None);
+        assert_eq!(p.secret("TPNEVERMADE000000000"), None);
+    }
 
     #[test]
     fn generated_pairs_look_like_aws_and_dates_format() {
