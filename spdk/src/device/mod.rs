@@ -81,7 +81,7 @@ pub trait BlockDevice: Send + Sync + 'static {
 /// Check alignment and range, shared by every backend.
 pub fn check_io(info: &DeviceInfo, offset: u64, len: usize) -> Result<(), DeviceError> {
     let align = info.align_bytes;
-    if offset % align as u64 != 0 || len % align != 0 {
+    if !offset.is_multiple_of(align as u64) || !len.is_multiple_of(align) {
         return Err(DeviceError::Unaligned { offset, len, align });
     }
     if offset.checked_add(len as u64).is_none_or(|end| end > info.size_bytes) {

@@ -176,7 +176,7 @@ impl Core {
             }
             if st.in_flight < self.queue_depth && st.waiting.is_empty() {
                 let id = insert(&mut st, slot_of(req));
-                self.start(&mut st, id, &mut answers);
+                self.start(&mut st, id);
             } else {
                 st.waiting.push_back(req);
             }
@@ -210,7 +210,7 @@ impl Core {
         while st.in_flight < self.queue_depth && !st.broken {
             let Some(req) = st.waiting.pop_front() else { break };
             let id = insert(st, slot_of(req));
-            self.start(st, id, answers);
+            self.start(st, id);
         }
     }
 
@@ -280,7 +280,7 @@ impl Core {
     }
 
     /// Push the SQE for slot `id` (first submission or resubmission).
-    fn start(&self, st: &mut State, id: usize, answers: &mut Vec<Answer>) {
+    fn start(&self, st: &mut State, id: usize) {
         let Some(entry) = self.sqe(st, id) else { return };
         // SAFETY: the entry points into the buffer owned by slot `id`, which stays in `slots`
         // until its final completion is reaped (see `on_cqe`/`finish`); the submission queue is
@@ -357,7 +357,7 @@ impl Core {
                 retryable && *retries <= MAX_RETRIES
             }
         };
-        if again { self.start(st, id, answers) } else { finish(st, id, res, answers) }
+        if again { self.start(st, id) } else { finish(st, id, res, answers) }
     }
 
     /// Shutdown, from the last owner: fail what never reached the kernel, then wait (blocking)
