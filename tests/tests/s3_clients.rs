@@ -1,6 +1,7 @@
 //! The real S3 clients against a real `tidepool up`: the aws CLI (`s3` and `s3api`), boto3
 //! (`tests/clients/boto3_e2e.py`), rclone, and curl (a presigned URL; anonymous and wrongly
-//! signed requests). ./test.sh installs the clients; a missing client fails the test.
+//! signed requests), multipart upload (aws CLI, rclone) and RenameObject (curl). ./test.sh
+//! installs the clients; a missing client fails the test.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
@@ -104,7 +105,7 @@ fn aws_cli_s3_and_s3api() {
     let up = start();
     let w = &up.work;
     ok(aws(&up, &["s3", "mb", "s3://cli"]));
-    // 5 MB: below the CLI's multipart threshold (multipart upload is not built yet).
+    // 5 MB: below the CLI's multipart threshold (multipart: `multipart_and_rename_with_real_clients`).
     let big: Vec<u8> = (0..5_000_000u32).map(|i| (i * 31 % 253) as u8).collect();
     write(&w.join("big.bin"), &big);
     ok(aws(&up, &["s3", "cp", w.join("big.bin").to_str().unwrap(), "s3://cli/data/big.bin"]));
@@ -287,4 +288,193 @@ fn boto3_rclone_and_curl() {
     ok(rclone(&["check", src.to_str().unwrap(), "tp:rcl/in"]));
     // boto3's object is visible to rclone: one namespace.
     assert_eq!(ok(rclone(&["cat", "tp:boto/deep/path/to/obj.txt"])).len(), 19_000);
+}
+
+/// curl with a SigV4 signature from the test key.
+fn curl_sigv4(args: &[&str]) -> Command {
+    let mut c = Command::new("curl");
+    c.args(["-sS", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", &format!("{KEY}:{SECRET}")]);
+    c.args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"]).args(args);
+    c
+}
+
+/// Multipart upload through the aws CLI (`s3 cp` above its 8 MiB threshold, and every `s3api`
+/// call), rclone above its upload cutoff, and RenameObject through a raw SigV4 request (curl).
+#[test]
+fn multipart_and_rename_with_real_clients() {
+    let up = start();
+    let w = &up.work;
+    let path = |p: &str| w.join(p).to_str().unwrap().to_owned();
+    ok(aws(&up, &["s3", "mb", "s3://mpu"]));
+
+    // aws s3 cp: 40 MiB goes up in 8 MiB parts and comes back whole.
+    let big: Vec<u8> = (0..40u32 << 20).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    write(&w.join("big.bin"), &big);
+    ok(aws(&up, &["s3", "cp", &path("big.bin"), "s3://mpu/cli/big.bin"]));
+    let head = json(&ok(aws(&up, &["s3api", "head-object", "--bucket", "mpu", "--key", "cli/big.bin"])));
+    assert_eq!(head["ContentLength"].as_u64(), Some(40 << 20), "{head}");
+    assert!(head["ETag"].as_str().unwrap().ends_with("-5\""), "a multipart ETag: {head}");
+    ok(aws(&up, &["s3", "cp", "s3://mpu/cli/big.bin", &path("back.bin")]));
+    assert!(std::fs::read(w.join("back.bin")).unwrap() == big, "round trip of a multipart upload");
+
+    // s3api, call by call.
+    let created = json(&ok(aws(
+        &up,
+        &["s3api", "create-multipart-upload", "--bucket", "mpu", "--key", "api/obj", "--content-type", "text/x-mp"],
+    )));
+    let id = created["UploadId"].as_str().unwrap().to_owned();
+    let listed = json(&ok(aws(&up, &["s3api", "list-multipart-uploads", "--bucket", "mpu"])));
+    assert_eq!(listed["Uploads"][0]["UploadId"].as_str(), Some(id.as_str()), "{listed}");
+    write(&w.join("p1"), &big[..5 << 20]);
+    write(&w.join("p2"), b"the last part");
+    let mut parts = Vec::new();
+    for (n, f) in [(1, "p1"), (2, "p2")] {
+        let r = json(&ok(aws(
+            &up,
+            &[
+                "s3api",
+                "upload-part",
+                "--bucket",
+                "mpu",
+                "--key",
+                "api/obj",
+                "--upload-id",
+                &id,
+                "--part-number",
+                &n.to_string(),
+                "--body",
+                &path(f),
+            ],
+        )));
+        parts.push(serde_json::json!({"PartNumber": n, "ETag": r["ETag"]}));
+    }
+    let lp = json(&ok(aws(&up, &["s3api", "list-parts", "--bucket", "mpu", "--key", "api/obj", "--upload-id", &id])));
+    let sizes: Vec<u64> = lp["Parts"].as_array().unwrap().iter().map(|p| p["Size"].as_u64().unwrap()).collect();
+    assert_eq!(sizes, [5 << 20, 13], "{lp}");
+    let ls = ok(aws(&up, &["s3api", "list-objects-v2", "--bucket", "mpu", "--prefix", "api/"]));
+    assert!(!ls.contains("\"Key\""), "parts are invisible before Complete: {ls}");
+    let doc = serde_json::json!({ "Parts": parts }).to_string();
+    let done = json(&ok(aws(
+        &up,
+        &[
+            "s3api",
+            "complete-multipart-upload",
+            "--bucket",
+            "mpu",
+            "--key",
+            "api/obj",
+            "--upload-id",
+            &id,
+            "--multipart-upload",
+            &doc,
+        ],
+    )));
+    assert!(done["ETag"].as_str().unwrap().ends_with("-2\""), "{done}");
+    ok(aws(&up, &["s3api", "get-object", "--bucket", "mpu", "--key", "api/obj", &path("api.out")]));
+    assert!(std::fs::read(w.join("api.out")).unwrap() == [&big[..5 << 20], b"the last part"].concat());
+    let head = json(&ok(aws(&up, &["s3api", "head-object", "--bucket", "mpu", "--key", "api/obj"])));
+    assert_eq!(head["ContentType"].as_str(), Some("text/x-mp"), "{head}");
+
+    // Aborted: nothing visible, no upload left.
+    let created = json(&ok(aws(&up, &["s3api", "create-multipart-upload", "--bucket", "mpu", "--key", "api/gone"])));
+    let id = created["UploadId"].as_str().unwrap().to_owned();
+    ok(aws(
+        &up,
+        &[
+            "s3api",
+            "upload-part",
+            "--bucket",
+            "mpu",
+            "--key",
+            "api/gone",
+            "--upload-id",
+            &id,
+            "--part-number",
+            "1",
+            "--body",
+            &path("p2"),
+        ],
+    ));
+    ok(aws(&up, &["s3api", "abort-multipart-upload", "--bucket", "mpu", "--key", "api/gone", "--upload-id", &id]));
+    let listed = ok(aws(&up, &["s3api", "list-multipart-uploads", "--bucket", "mpu"]));
+    assert!(!listed.contains("UploadId"), "{listed}");
+    let ls = ok(aws(&up, &["s3", "ls", "--recursive", "s3://mpu/"]));
+    assert!(!ls.contains("api/gone"), "{ls}");
+    let out = run(aws(&up, &["s3api", "list-parts", "--bucket", "mpu", "--key", "api/gone", "--upload-id", &id]));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("NoSuchUpload"), "{out:?}");
+
+    // rclone above its upload cutoff uploads in parts.
+    write(&w.join("rc/r.bin"), &big[..12 << 20]);
+    let rclone = |args: &[&str]| {
+        let mut c = Command::new("rclone");
+        c.args(args).env_remove("AWS_CA_BUNDLE").env("RCLONE_CONFIG", "/dev/null");
+        c.env("RCLONE_CONFIG_TP_TYPE", "s3")
+            .env("RCLONE_CONFIG_TP_PROVIDER", "Other")
+            .env("RCLONE_CONFIG_TP_ACCESS_KEY_ID", KEY)
+            .env("RCLONE_CONFIG_TP_SECRET_ACCESS_KEY", SECRET)
+            .env("RCLONE_CONFIG_TP_ENDPOINT", &up.endpoint)
+            .env("RCLONE_CONFIG_TP_REGION", "us-east-1");
+        c
+    };
+    ok(rclone(&["copy", "--s3-upload-cutoff", "5M", "--s3-chunk-size", "5M", &path("rc"), "tp:mpu/rc"]));
+    let head = json(&ok(aws(&up, &["s3api", "head-object", "--bucket", "mpu", "--key", "rc/r.bin"])));
+    assert!(head["ETag"].as_str().unwrap().ends_with("-3\""), "rclone used multipart: {head}");
+    ok(rclone(&["copy", "tp:mpu/rc", &path("rc-back")]));
+    assert!(std::fs::read(w.join("rc-back/r.bin")).unwrap() == big[..12 << 20]);
+
+    // RenameObject through a raw SigV4 request: same bucket, parents made and pruned.
+    // `?renameObject=`: curl 7.88 signs a valueless `?renameObject` without the `=` that SigV4
+    // canonical queries (and s3s) put there.
+    let url = |k: &str| format!("{}/mpu/{k}?renameObject=", up.endpoint);
+    let code = ok(curl_sigv4(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "PUT",
+        "-H",
+        "x-amz-rename-source: /mpu/api/obj",
+        &url("moved/here/obj"),
+    ]));
+    assert_eq!(code, "200");
+    ok(aws(&up, &["s3api", "get-object", "--bucket", "mpu", "--key", "moved/here/obj", &path("moved.out")]));
+    assert!(std::fs::read(w.join("moved.out")).unwrap() == std::fs::read(w.join("api.out")).unwrap());
+    let ls = ok(aws(&up, &["s3", "ls", "s3://mpu/"]));
+    assert!(ls.contains("PRE moved/") && !ls.contains("PRE api/"), "source folder pruned: {ls}");
+    // Destination exists and If-None-Match: * -> 412; nothing moved.
+    let code = ok(curl_sigv4(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "PUT",
+        "-H",
+        "x-amz-rename-source: /mpu/cli/big.bin",
+        "-H",
+        "If-None-Match: *",
+        &url("moved/here/obj"),
+    ]));
+    assert_eq!(code, "412");
+    // Unsigned: refused.
+    let code = ok({
+        let mut c = Command::new("curl");
+        c.args([
+            "-sS",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "PUT",
+            "-H",
+            "x-amz-rename-source: /mpu/cli/big.bin",
+        ]);
+        c.arg(url("stolen"));
+        c
+    });
+    assert_eq!(code, "403");
+    let ls = ok(aws(&up, &["s3", "ls", "--recursive", "s3://mpu/"]));
+    assert!(ls.contains("cli/big.bin") && !ls.contains("stolen"), "{ls}");
 }
