@@ -299,3 +299,60 @@ impl BlockDevice for UringDevice {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn open(dir: &tempfile::TempDir) -> UringDevice {
+        let opts = OpenOptions { create_size_bytes: Some(8 << 20), queue_depth: 4, engine: None };
+        UringDevice::open(&dir.path().join("dev.img"), &opts).expect("open io_uring device")
+    }
+
+    fn stamp(v: u8) -> AlignedBuf {
+        let mut b = AlignedBuf::zeroed(64 << 10);
+        b.fill(v);
+        b
+    }
+
+    async fn round_trip(dev: &UringDevice, v: u8) {
+        let mut set = Vec::new();
+        for i in 0..16u64 {
+            set.push(dev.write(i * (64 << 10), stamp(v.wrapping_add(i as u8))));
+        }
+        for f in set {
+            f.await.1.expect("write");
+        }
+        dev.flush().await.expect("flush");
+        for i in 0..16u64 {
+            let (b, r) = dev.read(i * (64 << 10), AlignedBuf::zeroed(64 << 10)).await;
+            r.expect("read");
+            assert!(b.iter().all(|&x| x == v.wrapping_add(i as u8)));
+        }
+    }
+
+    /// Outside a runtime with I/O enabled, the fallback thread reaps.
+    #[test]
+    fn reaps_without_a_tokio_reactor() {
+        let dir = tempfile::tempdir_in("/tmp").unwrap();
+        let dev = open(&dir);
+        let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+        rt.block_on(round_trip(&dev, 1));
+        assert!(dev.shared.thread_reaper.load(Ordering::Acquire));
+    }
+
+    /// The reaper task dies with its runtime; the next runtime gets a new one.
+    #[test]
+    fn survives_the_runtime_it_started_on() {
+        let dir = tempfile::tempdir_in("/tmp").unwrap();
+        let dev = open(&dir);
+        for v in 0..3u8 {
+            let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+            rt.block_on(round_trip(&dev, v * 40));
+            assert!(dev.shared.tokio_reaper.load(Ordering::Acquire));
+            drop(rt);
+            assert!(!dev.shared.tokio_reaper.load(Ordering::Acquire), "reaper gone with its runtime");
+        }
+        assert!(!dev.shared.thread_reaper.load(Ordering::Acquire), "no I/O was in flight: no fallback thread needed");
+    }
+}
