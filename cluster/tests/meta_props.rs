@@ -31,6 +31,7 @@ enum Op {
     Concat { dst: u8, srcs: Vec<u8> },
     PutAccessKey { id: u8, seal: u8 },
     DeleteAccessKey { id: u8 },
+    Publish { parent: u8, name: u8, lens: Vec<u32>, ids: u8, keys: Vec<u8> },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -52,6 +53,8 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (sel(), proptest::collection::vec(sel(), 0..4)).prop_map(|(dst, srcs)| Op::Concat { dst, srcs }),
         1 => (sel(), sel()).prop_map(|(id, seal)| Op::PutAccessKey { id, seal }),
         1 => sel().prop_map(|id| Op::DeleteAccessKey { id }),
+        3 => (sel(), sel(), proptest::collection::vec(1u32..5_000, 0..4), sel(), proptest::collection::vec(sel(), 0..3))
+            .prop_map(|(parent, name, lens, ids, keys)| Op::Publish { parent, name, lens, ids, keys }),
     ]
 }
 
@@ -191,6 +194,15 @@ fn concrete(s: &MetaState, op: &Op, now: i64) -> Command {
             Command::PutAccessKey { id: access_key_id(id), key }
         }
         Op::DeleteAccessKey { id } => Command::DeleteAccessKey { id: access_key_id(id) },
+        Op::Publish { parent, name: n, lens, ids, keys } => {
+            let parent = pick(s, parent, true);
+            // Half the time an existing entry (file: replaced; dir or symlink: refused).
+            let name = entry_name(s, parent, n);
+            let id = block_ids(s, lens.len(), ids);
+            let blocks = lens.iter().zip(id).map(|(&len, id)| NewBlock { id, len }).collect();
+            let xattrs = keys.iter().map(|&k| (key(k), "v".to_string())).collect();
+            Command::Publish { parent, name, blocks, xattrs, mode: 0o100644, uid: 1, gid: 2, now }
+        }
     }
 }
 
@@ -224,10 +236,18 @@ fn check_ok(before: &MetaState, after: &MetaState, applied: &Applied, cmd: &Comm
     assert_eq!(after.applied, before.applied + 1);
     let gone: Vec<BlockId> = before.blocks.keys().filter(|id| !after.blocks.contains_key(id)).copied().collect();
     assert_eq!(applied.freed, gone, "freed blocks wrong for {cmd:?}");
-    if let Command::Create { .. } = cmd {
+    if let Command::Create { .. } | Command::Publish { .. } = cmd {
         let attr = applied.attr.as_ref().expect("create returns the new attr");
         assert_eq!(attr.generation, after.applied);
         assert_eq!(after.inode(attr.ino).map(|i| &i.attr), Some(attr));
+    }
+    if let Command::Publish { parent, name, blocks, xattrs, .. } = cmd {
+        let attr = applied.attr.as_ref().expect("publish returns the new attr");
+        let inode = after.inode(attr.ino).expect("published inode");
+        assert_eq!(attr.size, blocks.iter().map(|b| u64::from(b.len)).sum::<u64>());
+        assert_eq!(&inode.xattrs, xattrs);
+        assert_eq!(after.lookup(*parent, name).map(|i| i.attr.ino).ok(), Some(attr.ino));
+        assert!(before.inode(attr.ino).is_none(), "publish reuses an ino");
     }
 }
 
@@ -401,6 +421,7 @@ fn generator_reaches_successful_commands() {
         "Concat",
         "PutAccessKey",
         "DeleteAccessKey",
+        "Publish",
     ] {
         assert!(ok.get(k).copied().unwrap_or(0) > 0, "no successful {k}: {ok:?}");
     }
@@ -423,5 +444,6 @@ fn cmd_kind(cmd: &Command) -> &'static str {
         Command::Concat { .. } => "Concat",
         Command::PutAccessKey { .. } => "PutAccessKey",
         Command::DeleteAccessKey { .. } => "DeleteAccessKey",
+        Command::Publish { .. } => "Publish",
     }
 }

@@ -1,7 +1,7 @@
 //! `MetaState::apply`: one function per command. Every command first bumps `applied` (the
 //! generation of a created inode), then validates completely, and only then mutates: a
 //! failed command changes nothing but `applied`. This file holds the namespace commands
-//! (create, rename, unlink, rmdir); file contents, attributes, user metadata and the block
+//! (create, publish, rename, unlink, rmdir); file contents, attributes, user metadata and the block
 //! table are in `data.rs`.
 
 use std::collections::BTreeMap;
@@ -26,6 +26,36 @@ struct CreateArgs<'a> {
     uid: u32,
     gid: u32,
     now: Nanos,
+}
+
+/// Fields of a `Command::Publish`.
+struct PublishArgs<'a> {
+    parent: Ino,
+    name: &'a [u8],
+    blocks: &'a [super::NewBlock],
+    xattrs: &'a BTreeMap<String, String>,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    now: Nanos,
+}
+
+/// The attributes of a new inode; `link_new` fills in ino, generation and parent.
+fn fresh_attr(kind: InodeKind, mode: u32, uid: u32, gid: u32, size: u64, nlink: u32, now: Nanos) -> Attr {
+    Attr {
+        ino: 0,
+        generation: 0,
+        kind,
+        mode: mode & 0o7777,
+        uid,
+        gid,
+        size,
+        nlink,
+        parent: 0,
+        atime: now,
+        mtime: now,
+        ctime: now,
+    }
 }
 
 impl MetaState {
@@ -95,6 +125,16 @@ impl MetaState {
             Command::Concat { dst, srcs, now } => self.concat(*dst, srcs, *now),
             Command::PutAccessKey { id, key } => self.put_access_key(id, key),
             Command::DeleteAccessKey { id } => self.delete_access_key(id),
+            Command::Publish { parent, name, blocks, xattrs, mode, uid, gid, now } => self.publish(PublishArgs {
+                parent: *parent,
+                name,
+                blocks,
+                xattrs,
+                mode: *mode,
+                uid: *uid,
+                gid: *gid,
+                now: *now,
+            }),
         }
     }
 
@@ -118,31 +158,60 @@ impl MetaState {
             }
         };
         // Validation done: mutate.
+        let attr = fresh_attr(kind, a.mode, a.uid, a.gid, size, nlink, a.now);
+        let inode = Inode { attr, xattrs: BTreeMap::new(), extents: BTreeMap::new(), target };
+        let attr = self.link_new(a.parent, a.name, inode, a.now);
+        Ok(Applied { attr: Some(attr), ..Applied::default() })
+    }
+
+    /// Publish: a new file with exactly `blocks` and `xattrs` takes the name, replacing a file
+    /// there (whose inode and blocks go, as under a rename over it).
+    fn publish(&mut self, a: PublishArgs<'_>) -> Result<Applied, MetaError> {
+        check_name(a.name)?;
+        let existing = self.dir_entries(a.parent)?.get(a.name).copied();
+        if let Some(old) = existing {
+            match self.inode_ref(old).attr.kind {
+                InodeKind::File => {}
+                InodeKind::Dir => return Err(MetaError::IsDir(old)),
+                InodeKind::Symlink => return Err(MetaError::Invalid("cannot publish over a symlink")),
+            }
+        }
+        let size = if a.blocks.is_empty() { 0 } else { self.check_new_blocks(a.blocks)? };
+        if size > super::MAX_FILE_SIZE {
+            return Err(MetaError::Invalid("write ends beyond 2^63"));
+        }
+        super::data::check_xattrs(a.xattrs)?;
+        // Validation done: mutate.
+        let mut freed = Vec::new();
+        if existing.is_some() {
+            self.remove_child(a.parent, a.name, &mut freed);
+        }
+        let mut extents = BTreeMap::new();
+        super::data::lay_blocks(&mut extents, &mut self.blocks, 0, a.blocks);
+        let attr = fresh_attr(InodeKind::File, a.mode, a.uid, a.gid, size, 1, a.now);
+        let inode = Inode { attr, xattrs: a.xattrs.clone(), extents, target: Vec::new() };
+        let attr = self.link_new(a.parent, a.name, inode, a.now);
+        freed.sort_unstable();
+        Ok(Applied { attr: Some(attr), freed, first_block_id: None })
+    }
+
+    /// Enters `inode` (attrs from [`fresh_attr`]) as the free, checked name `name` of dir
+    /// `parent`: the next ino, this command's generation, parent counts and times.
+    fn link_new(&mut self, parent: Ino, name: &[u8], mut inode: Inode, now: Nanos) -> Attr {
         let ino = self.next_ino;
         self.next_ino += 1;
-        let attr = Attr {
-            ino,
-            generation: self.applied,
-            kind,
-            mode: a.mode & 0o7777,
-            uid: a.uid,
-            gid: a.gid,
-            size,
-            nlink,
-            parent: a.parent,
-            atime: a.now,
-            mtime: a.now,
-            ctime: a.now,
-        };
-        let inode = Inode { attr: attr.clone(), xattrs: BTreeMap::new(), extents: BTreeMap::new(), target };
+        inode.attr.ino = ino;
+        inode.attr.generation = self.applied;
+        inode.attr.parent = parent;
+        let attr = inode.attr.clone();
         self.inodes.insert(ino, inode);
-        if kind == InodeKind::Dir {
+        if attr.kind == InodeKind::Dir {
             self.entries.insert(ino, BTreeMap::new());
-            self.inode_mut(a.parent).attr.nlink += 1;
+            self.inode_mut(parent).attr.nlink += 1;
         }
-        self.entries_mut(a.parent).insert(a.name.to_vec(), ino);
-        self.touch_dir(a.parent, a.now);
-        Ok(Applied { attr: Some(attr), ..Applied::default() })
+        self.entries_mut(parent).insert(name.to_vec(), ino);
+        self.touch_dir(parent, now);
+        attr
     }
 
     fn rename(

@@ -82,18 +82,20 @@ impl MetaState {
             InodeKind::Dir => return Err(MetaError::IsDir(ino)),
             InodeKind::Symlink => return Err(MetaError::Invalid("cannot write to a symlink")),
         }
-        let end = self.check_new_blocks(offset, blocks)?;
+        if blocks.is_empty() {
+            return Err(MetaError::Invalid("write without blocks"));
+        }
+        let total = self.check_new_blocks(blocks)?;
+        let end = match offset.checked_add(total) {
+            Some(end) if end <= MAX_FILE_SIZE => end,
+            _ => return Err(MetaError::Invalid("write ends beyond 2^63")),
+        };
         // Validation done: mutate.
         let mut freed = Vec::new();
         // Field-level borrow (not `inode_mut`) so `self.blocks` stays usable; ino validated above.
         let inode = self.inodes.get_mut(&ino).expect("inode validated to exist");
         punch(&mut inode.extents, &mut self.blocks, offset, end, &mut freed);
-        let mut at = offset;
-        for b in blocks {
-            inode.extents.insert(at, Extent { len: u64::from(b.len), block: b.id, block_offset: 0 });
-            self.blocks.insert(b.id, BlockMeta { len: b.len, state: BlockState::Dirty, refs: 1 });
-            at += u64::from(b.len);
-        }
+        lay_blocks(&mut inode.extents, &mut self.blocks, offset, blocks);
         inode.attr.size = inode.attr.size.max(end);
         inode.attr.mtime = now;
         inode.attr.ctime = now;
@@ -102,11 +104,9 @@ impl MetaState {
         Ok(Applied { attr: Some(attr), freed, first_block_id: None })
     }
 
-    /// Checks the blocks of a Write and returns the end offset of the written range.
-    fn check_new_blocks(&self, offset: u64, blocks: &[NewBlock]) -> Result<u64, MetaError> {
-        if blocks.is_empty() {
-            return Err(MetaError::Invalid("write without blocks"));
-        }
+    /// Checks the blocks of a Write or Publish (non-empty, allocated, unused, distinct) and
+    /// returns their total length.
+    pub(super) fn check_new_blocks(&self, blocks: &[NewBlock]) -> Result<u64, MetaError> {
         let mut seen = BTreeSet::new();
         let mut total: u64 = 0;
         for b in blocks {
@@ -121,10 +121,7 @@ impl MetaState {
             }
             total += u64::from(b.len); // at most 2^32 blocks of < 2^32 bytes: cannot overflow
         }
-        match offset.checked_add(total) {
-            Some(end) if end <= MAX_FILE_SIZE => Ok(end),
-            _ => Err(MetaError::Invalid("write ends beyond 2^63")),
-        }
+        Ok(total)
     }
 
     pub(super) fn set_xattr(&mut self, ino: Ino, key: &str, value: &str, now: Nanos) -> Result<Applied, MetaError> {
@@ -153,9 +150,7 @@ impl MetaState {
         now: Nanos,
     ) -> Result<Applied, MetaError> {
         self.inodes.get(&ino).ok_or(MetaError::NoInode(ino))?;
-        for (k, v) in xattrs {
-            check_xattr(k, v)?;
-        }
+        check_xattrs(xattrs)?;
         let inode = self.inode_mut(ino);
         inode.xattrs = xattrs.clone();
         inode.attr.ctime = now;
@@ -247,6 +242,11 @@ impl MetaState {
     }
 }
 
+/// Checks every entry of a whole user-metadata map (ReplaceXattrs, Publish).
+pub(super) fn check_xattrs(xattrs: &BTreeMap<String, String>) -> Result<(), MetaError> {
+    xattrs.iter().try_for_each(|(k, v)| check_xattr(k, v))
+}
+
 fn check_xattr(key: &str, value: &str) -> Result<(), MetaError> {
     if key.is_empty() {
         return Err(MetaError::Invalid("empty user metadata key"));
@@ -291,6 +291,22 @@ pub(super) fn punch(
             add_ref(blocks, e.block);
         }
         unref_block(blocks, e.block, freed);
+    }
+}
+
+/// Lays checked new `blocks` end to end from `offset` into `extents` (a range already
+/// punched clear) and enters them in the block table with one reference each.
+pub(super) fn lay_blocks(
+    extents: &mut BTreeMap<u64, Extent>,
+    blocks: &mut BTreeMap<BlockId, BlockMeta>,
+    offset: u64,
+    new: &[NewBlock],
+) {
+    let mut at = offset;
+    for b in new {
+        extents.insert(at, Extent { len: u64::from(b.len), block: b.id, block_offset: 0 });
+        blocks.insert(b.id, BlockMeta { len: b.len, state: BlockState::Dirty, refs: 1 });
+        at += u64::from(b.len);
     }
 }
 

@@ -410,3 +410,99 @@ fn concat_moves_extents_without_copying() {
     assert_eq!(freed, vec![id, id + 1, id + 2, id + 3, id + 4]);
     s.check_invariants().expect("invariants");
 }
+
+fn publish(parent: Ino, name: &str, blocks: &[(BlockId, u32)], xattrs: &[(&str, &str)]) -> Command {
+    Command::Publish {
+        parent,
+        name: name.into(),
+        blocks: blocks.iter().map(|&(id, len)| NewBlock { id, len }).collect(),
+        xattrs: xattrs.iter().map(|&(k, v)| (k.to_string(), v.to_string())).collect(),
+        mode: 0o100640,
+        uid: 3,
+        gid: 4,
+        now: 21,
+    }
+}
+
+#[test]
+fn publish_creates_a_file_with_exact_blocks_and_xattrs() {
+    let mut s = MetaState::new();
+    let b = alloc(&mut s, 2);
+    let cmd = publish(ROOT_INO, "o", &[(b, 100), (b + 1, 50)], &[("k", "v")]);
+    let a = s.apply(&cmd).expect("publish").attr.expect("attr");
+    assert_eq!(
+        (a.kind, a.size, a.mode, a.uid, a.gid, a.nlink, a.parent),
+        (InodeKind::File, 150, 0o640, 3, 4, 1, ROOT_INO)
+    );
+    assert_eq!((a.generation, a.mtime, a.ctime), (s.applied, 21, 21));
+    let i = s.inode(a.ino).expect("inode");
+    assert_eq!(i.xattrs, BTreeMap::from([("k".to_string(), "v".to_string())]));
+    assert_eq!(i.extents.keys().copied().collect::<Vec<_>>(), vec![0, 100]);
+    assert_eq!(s.lookup(ROOT_INO, b"o").expect("lookup").attr, a);
+    let root = &s.inode(ROOT_INO).expect("root").attr;
+    assert_eq!((root.size, root.nlink, root.mtime), (1, 2, 21));
+    // No blocks: an empty file.
+    let e = s.apply(&publish(ROOT_INO, "e", &[], &[])).expect("empty").attr.expect("attr");
+    assert_eq!(e.size, 0);
+    assert!(s.inode(e.ino).expect("inode").extents.is_empty());
+    s.check_invariants().expect("invariants");
+}
+
+#[test]
+fn publish_replaces_a_file_and_frees_its_blocks() {
+    let mut s = MetaState::new();
+    let b = alloc(&mut s, 4);
+    let old = file(&mut s, ROOT_INO, "o");
+    write(&mut s, old, 0, &[(b, 10), (b + 1, 10)]).expect("write");
+    s.apply(&Command::SetXattr { ino: old, key: "old".into(), value: "1".into(), now: 1 }).expect("xattr");
+    let other = file(&mut s, ROOT_INO, "other");
+    write(&mut s, other, 0, &[(b + 2, 10)]).expect("write");
+    let cmd = publish(ROOT_INO, "o", &[(b + 3, 7)], &[("new", "2")]);
+    let applied = s.apply(&cmd).expect("publish");
+    assert_eq!(applied.freed, vec![b, b + 1]);
+    let a = applied.attr.expect("attr");
+    assert_ne!(a.ino, old);
+    assert!(s.inode(old).is_none());
+    assert_eq!(a.size, 7);
+    assert_eq!(s.lookup(ROOT_INO, b"o").expect("lookup").attr.ino, a.ino);
+    assert_eq!(s.inode(a.ino).expect("inode").xattrs.keys().collect::<Vec<_>>(), vec!["new"]);
+    assert!(s.blocks.contains_key(&(b + 2)) && s.blocks.contains_key(&(b + 3)));
+    assert_eq!(s.inode(ROOT_INO).expect("root").attr.size, 2);
+    s.check_invariants().expect("invariants");
+}
+
+#[test]
+fn publish_errors_change_nothing() {
+    let mut s = MetaState::new();
+    let b = alloc(&mut s, 2);
+    let d = dir(&mut s, ROOT_INO, "d");
+    create(&mut s, ROOT_INO, "l", NewKind::Symlink { target: b"x".to_vec() }).expect("symlink");
+    let f = file(&mut s, ROOT_INO, "f");
+    write(&mut s, f, 0, &[(b, 10)]).expect("write");
+    let c = publish(ROOT_INO, "d", &[(b + 1, 1)], &[]);
+    fails(&mut s, c, MetaError::IsDir(d));
+    let c = publish(ROOT_INO, "l", &[(b + 1, 1)], &[]);
+    fails(&mut s, c, MetaError::Invalid("cannot publish over a symlink"));
+    let c = publish(f, "x", &[(b + 1, 1)], &[]);
+    fails(&mut s, c, MetaError::NotDir(f));
+    let c = publish(999, "x", &[(b + 1, 1)], &[]);
+    fails(&mut s, c, MetaError::NoInode(999));
+    let c = publish(ROOT_INO, "a/b", &[(b + 1, 1)], &[]);
+    fails(&mut s, c, MetaError::InvalidName("a/b".into()));
+    // A block in use, an unallocated one, one twice, an empty one: the old file stays.
+    let c = publish(ROOT_INO, "f", &[(b, 1)], &[]);
+    fails(&mut s, c, MetaError::Invalid("block id already used"));
+    let c = publish(ROOT_INO, "f", &[(b + 2, 1)], &[]);
+    fails(&mut s, c, MetaError::Invalid("block id not allocated"));
+    let c = publish(ROOT_INO, "f", &[(b + 1, 1), (b + 1, 1)], &[]);
+    fails(&mut s, c, MetaError::Invalid("block id already used"));
+    let c = publish(ROOT_INO, "f", &[(b + 1, 0)], &[]);
+    fails(&mut s, c, MetaError::Invalid("empty block"));
+    let c = publish(ROOT_INO, "f", &[(b + 1, 1)], &[("", "v")]);
+    fails(&mut s, c, MetaError::Invalid("empty user metadata key"));
+    let long = "v".repeat(XATTR_VALUE_MAX + 1);
+    let c = publish(ROOT_INO, "f", &[(b + 1, 1)], &[("k", &long)]);
+    fails(&mut s, c, MetaError::Invalid("user metadata value longer than 64 KiB"));
+    assert_eq!(s.lookup(ROOT_INO, b"f").expect("lookup").attr.ino, f);
+    s.check_invariants().expect("invariants");
+}

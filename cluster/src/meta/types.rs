@@ -204,6 +204,21 @@ pub enum Command {
     DeleteAccessKey {
         id: String,
     },
+    /// Create or replace the file `name` of dir `parent` with exactly `blocks` (already in the
+    /// block store) laid end to end from offset 0 (size: their total; none: an empty file) and
+    /// exactly `xattrs` as its user metadata, in one step (S3 PutObject / CopyObject). An
+    /// existing file is replaced as by a rename over it: its inode and blocks go (`freed`),
+    /// the new inode has a new ino and generation. A dir there is `IsDir`, a symlink `Invalid`.
+    Publish {
+        parent: Ino,
+        name: Vec<u8>,
+        blocks: Vec<NewBlock>,
+        xattrs: BTreeMap<String, String>,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+        now: Nanos,
+    },
 }
 
 /// An S3 access key as the meta group keeps it: only what is needed to verify a signature.
@@ -220,7 +235,7 @@ pub struct AccessKey {
 /// What a successful apply returns.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Applied {
-    /// The inode created or changed (Create, SetAttr, Write, xattr commands, Rename: the moved inode).
+    /// The inode created or changed (Create, Publish, SetAttr, Write, xattr commands, Rename: the moved inode).
     pub attr: Option<Attr>,
     /// Blocks no extent points at any more: the caller frees them in the block store.
     pub freed: Vec<BlockId>,
