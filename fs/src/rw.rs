@@ -1,4 +1,5 @@
-//! File data: write (new immutable blocks, then one metadata commit), concat (extents moved
+//! File data: write (new immutable blocks, then one metadata commit), publish (a whole new
+//! file with its metadata, created or replacing one, in one commit), concat (extents moved
 //! between files) and read (extents, then block ranges in parallel).
 //!
 //! Write order is the crash-safety argument: (1) put the new blocks, (2) flush the block
@@ -7,8 +8,10 @@
 //! open frees; after (3) the write is whole. A write is acknowledged only after (3), so
 //! every acknowledged write survives, and an unacknowledged one is either whole or absent.
 
+use std::collections::BTreeMap;
+
 use futures_util::future::try_join_all;
-use tidepool_cluster::meta::{Attr, Command, Extent, Ino, InodeKind, NewBlock};
+use tidepool_cluster::meta::{Attr, Command, Extent, Ino, InodeKind, Nanos, NewBlock};
 use tidepool_spdk::StoreError;
 
 use crate::metrics::Op;
@@ -100,6 +103,78 @@ impl Fs {
                 self.discard(&blocks).await;
                 Err(e)
             }
+        }
+    }
+
+    /// Make the file `name` of dir `parent` hold exactly the staged blocks (laid end to end
+    /// from offset 0) and exactly the user metadata `xattrs(mtime)` returns, in ONE metadata
+    /// commit (S3 PutObject / CopyObject): created if absent, or replacing a file there as a
+    /// rename over it would (its blocks are freed; its ino and NFS handles go stale). Readers
+    /// see the old file or the new one. `xattrs` gets the commit's time, which becomes the
+    /// file's mtime (S3 binds its ETag to it). A dir of that name is `IsDir`, a symlink
+    /// `Invalid`. On failure nothing changes and the staged blocks are discarded.
+    #[allow(clippy::too_many_arguments)] // the fields of a new file, as `create` takes them
+    pub async fn publish(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        staged: Staged,
+        xattrs: impl FnOnce(Nanos) -> BTreeMap<String, String>,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Attr> {
+        match self.try_publish(parent, name, staged, xattrs, mode, uid, gid).await {
+            Ok(attr) => Ok(attr),
+            Err((e, staged)) => {
+                self.discard_staged(staged).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// [`Fs::publish`], except that on failure the staged blocks come back (still unreferenced)
+    /// instead of being discarded, so the caller can retry (say, after recreating `parent`)
+    /// or discard them.
+    #[allow(clippy::too_many_arguments)] // as `publish`
+    pub async fn try_publish(
+        &self,
+        parent: Ino,
+        name: &[u8],
+        staged: Staged,
+        xattrs: impl FnOnce(Nanos) -> BTreeMap<String, String>,
+        mode: u32,
+        uid: u32,
+        gid: u32,
+    ) -> std::result::Result<Attr, (FsError, Staged)> {
+        self.metrics.op(Op::Write);
+        let total = staged.len_bytes();
+        let res = async {
+            self.check_writable()?;
+            if !staged.blocks.is_empty() {
+                self.store.flush().await?;
+            }
+            let now = self.now();
+            let cmd = Command::Publish {
+                parent,
+                name: name.to_vec(),
+                blocks: staged.blocks.clone(),
+                xattrs: xattrs(now),
+                mode,
+                uid,
+                gid,
+                now,
+            };
+            let applied = self.commit(cmd).await?;
+            applied.attr.ok_or(FsError::Invalid("publish returned no inode"))
+        }
+        .await;
+        match res {
+            Ok(attr) => {
+                self.metrics.bytes_written(total);
+                Ok(attr)
+            }
+            Err(e) => Err((e, staged)),
         }
     }
 

@@ -316,3 +316,75 @@ async fn concat_moves_parts_into_a_file_without_copying() {
     fs.unlink(ROOT_INO, b"obj").await.unwrap();
     assert_eq!(fs.store().ids().len(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publish_creates_or_replaces_a_file_in_one_commit() {
+    use std::collections::BTreeMap;
+    let e = env().await;
+    let fs = &e.fs;
+    let meta = |k: &str| BTreeMap::from([(k.to_string(), "v".to_string())]);
+    // Create: content and xattrs exact, one commit; `xattrs` gets the new mtime.
+    let body = bytes(1, 2_500_000);
+    let s = fs.stage(&body).await.unwrap();
+    let commits_before = fs.meta().status().commit_index;
+    let mut seen = 0;
+    let a = fs
+        .publish(
+            ROOT_INO,
+            b"obj",
+            s,
+            |now| {
+                seen = now;
+                meta("a")
+            },
+            0o640,
+            3,
+            4,
+        )
+        .await
+        .unwrap();
+    assert_eq!(fs.meta().status().commit_index, commits_before + 1, "one metadata commit");
+    assert_eq!((a.kind, a.size, a.mode, a.uid, a.gid, a.mtime), (InodeKind::File, 2_500_000, 0o640, 3, 4, seen));
+    assert_eq!(fs.lookup(ROOT_INO, b"obj").unwrap(), a);
+    assert_eq!(fs.read(a.ino, 0, 3_000_000).await.unwrap(), body);
+    assert_eq!(fs.get_xattrs(a.ino).unwrap(), meta("a"));
+    let old_blocks = fs.store().ids();
+
+    // Replace: new inode, old blocks freed, exact new content and xattrs (old ones gone).
+    let body2 = bytes(2, 10_000);
+    let s = fs.stage(&body2).await.unwrap();
+    let commits_before = fs.meta().status().commit_index;
+    let b = fs.publish(ROOT_INO, b"obj", s, |_| meta("b"), 0o644, 0, 0).await.unwrap();
+    assert_eq!(fs.meta().status().commit_index, commits_before + 1, "one metadata commit");
+    assert_ne!(b.ino, a.ino);
+    assert_eq!(fs.getattr(a.ino).unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(fs.read(b.ino, 0, 20_000).await.unwrap(), body2);
+    assert_eq!(fs.get_xattrs(b.ino).unwrap(), meta("b"));
+    let now_blocks = fs.store().ids();
+    assert!(old_blocks.iter().all(|id| !now_blocks.contains(id)), "old blocks freed");
+    assert_eq!(now_blocks.len(), 1);
+    // An empty body: an empty file.
+    let c =
+        fs.publish(ROOT_INO, b"obj", tidepool_fs::Staged::default(), |_| BTreeMap::new(), 0o644, 0, 0).await.unwrap();
+    assert_eq!(c.size, 0);
+    assert_eq!(fs.store().ids().len(), 0);
+
+    // A directory of that name: IsDir; a missing parent: NotFound. Nothing changes and the
+    // staged blocks are discarded.
+    fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).await.unwrap();
+    let s = fs.stage(&bytes(3, 5_000)).await.unwrap();
+    assert_eq!(fs.publish(ROOT_INO, b"d", s, |_| meta("x"), 0o644, 0, 0).await.unwrap_err().kind(), ErrorKind::IsDir);
+    assert_eq!(fs.store().ids().len(), 0);
+    assert_eq!(fs.lookup(ROOT_INO, b"d").unwrap().kind, InodeKind::Dir);
+    let s = fs.stage(&bytes(3, 5_000)).await.unwrap();
+    assert_eq!(fs.publish(999, b"x", s, |_| meta("x"), 0o644, 0, 0).await.unwrap_err().kind(), ErrorKind::NotFound);
+    assert_eq!(fs.store().ids().len(), 0);
+    // try_publish hands the blocks back instead: a retry under a real parent succeeds.
+    let s = fs.stage(&bytes(4, 5_000)).await.unwrap();
+    let (err, s) = fs.try_publish(999, b"x", s, |_| meta("x"), 0o644, 0, 0).await.unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::NotFound);
+    assert_eq!(fs.store().ids().len(), 1);
+    let x = fs.try_publish(ROOT_INO, b"x", s, |_| meta("x"), 0o644, 0, 0).await.unwrap();
+    assert_eq!(fs.read(x.ino, 0, 10_000).await.unwrap(), bytes(4, 5_000));
+    assert_eq!(fs.readdir(ROOT_INO, None, 10).unwrap().0.len(), 3);
+}
