@@ -16,10 +16,12 @@
 //!   body is a directory marked as a folder object (`:etag` on the directory). Keys that a tree
 //!   cannot hold (`a` and `a/b` together, `.`/`..`/empty segments) answer a documented error
 //!   ([`names`]); nothing ever resolves outside its bucket.
-//! - **A PUT is atomic**: the body streams into staged blocks of a temporary file in
-//!   `/.tidepool/tmp/` (MD5 and size computed on the way), is committed in one metadata commit,
-//!   gets its metadata, then is renamed over the key. Readers see the old object or the new one;
-//!   a failed upload leaves nothing visible (leftovers in the staging folder are removed at start).
+//! - **A PUT is atomic**: the body streams into staged blocks (MD5 and size computed on the
+//!   way), then ONE metadata commit (`Fs::publish`) makes a new file holding them and the
+//!   metadata take the key, replacing an object there. Readers see the old object or the new
+//!   one; a failed upload leaves nothing visible (its staged blocks are discarded, or freed at
+//!   the next start). Multipart Complete builds the object in a temporary file in
+//!   `/.tidepool/tmp/` and renames it over the key (leftovers there are removed at start).
 //! - **Object metadata lives in the inode's xattr map**, so every front end sees one map: user
 //!   metadata `x-amz-meta-NAME` under `name`, system attributes under keys starting with `:`
 //!   (never a valid header name): `:etag`, `:content-type`, ... ([`meta`]).
@@ -69,7 +71,7 @@ impl Default for S3Options {
     }
 }
 
-/// Where uploads are staged before they are renamed over their key.
+/// Where multipart Complete builds an object before renaming it over its key.
 pub const STAGING_DIR: &[u8] = b"/.tidepool/tmp";
 
 /// The S3 implementation over one filesystem. Clones share everything (the RenameObject

@@ -5,9 +5,9 @@
 //! of it is visible to listings until Complete). Its xattrs hold the destination (`:mp-bucket`,
 //! `:mp-key`), the initiation time (`:mp-initiated`, ns) and the object metadata given at
 //! Create (user metadata and `:content-type` etc., as [`crate::meta`] stores them). Each part is
-//! a file named by its decimal part number, written like a PUT (staged blocks, one commit, in the
-//! staging folder, then renamed into the upload: a same-numbered part is replaced whole), with its
-//! MD5 in `:etag`. Parts survive a restart.
+//! a file named by its decimal part number, written like a PUT (staged blocks, then one
+//! `Fs::publish` into the upload: a same-numbered part is replaced whole), with its MD5 in
+//! `:etag`. Parts survive a restart.
 //!
 //! Complete copies no data: the listed parts are checked (ETags, order, 5 MiB minimum for all
 //! but the last), a temporary file in the staging folder gets their extents in one `Fs::concat`
@@ -206,38 +206,20 @@ impl TidepoolS3 {
         }))
     }
 
-    /// Make `staged` part `n` of the upload in directory `dir`: a temporary file gets the
-    /// blocks and the ETag, then is renamed into the upload (replacing a part of that number).
+    /// Make `staged` part `n` of the upload in directory `dir`: one `Fs::publish` makes a file
+    /// of the blocks and the ETag take the part's name (replacing a part of that number).
     async fn put_part(&self, dir: u64, id: &str, n: i32, staged: Staged, md5: &str) -> S3Result<FileAttr> {
-        let fs = &self.fs;
-        let tmp = self.tmp_name();
-        let file = match fs.create(self.staging_ino, &tmp, 0o644, 0, 0).await {
-            Ok(f) => f,
-            Err(e) => {
-                fs.discard_staged(staged).await;
-                return Err(fs_error(e, id));
-            }
-        };
-        let res = async {
-            let attr = fs.commit_staged(file.ino, 0, staged).await.map_err(|e| fs_error(e, id))?;
+        let with_etag = |now| {
             let mut x = BTreeMap::new();
-            meta::set_etag(&mut x, md5, attr.mtime);
-            fs.replace_xattrs(file.ino, x).await.map_err(|e| fs_error(e, id))?;
-            match fs.rename(self.staging_ino, &tmp, dir, n.to_string().as_bytes()).await {
-                Ok(()) => Ok(attr),
-                // The upload was completed or aborted meanwhile.
-                Err(e) if e.kind() == ErrorKind::NotFound => Err(no_such_upload(id)),
-                Err(e) => Err(fs_error(e, id)),
-            }
+            meta::set_etag(&mut x, md5, now);
+            x
+        };
+        match self.fs.publish(dir, n.to_string().as_bytes(), staged, with_etag, 0o644, 0, 0).await {
+            Ok(attr) => Ok(attr),
+            // The upload was completed or aborted meanwhile.
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(no_such_upload(id)),
+            Err(e) => Err(fs_error(e, id)),
         }
-        .await;
-        if res.is_err()
-            && let Err(e) = fs.unlink(self.staging_ino, &tmp).await
-            && e.kind() != ErrorKind::NotFound
-        {
-            tracing::warn!(error = %e, "cannot remove a failed part's temporary file; removed at next start");
-        }
-        res
     }
 
     pub(crate) async fn op_upload_part(

@@ -1,11 +1,13 @@
-//! Object operations: PUT (staged, then renamed over the key), GET / HEAD (ranges,
+//! Object operations: PUT (staged, then published over the key in one commit), GET / HEAD (ranges,
 //! conditionals), DELETE (pruning empty parents), DeleteObjects, CopyObject.
 //!
 //! The path of a PUT: the body streams into `Fs::stage` in `block_size` pieces (MD5 and size on
-//! the way) -> a temporary file in `/.tidepool/tmp/` gets them in one `commit_staged` -> its
-//! xattr map gets the metadata -> parents are created -> `rename` over the key (the commit
-//! point: before it nothing is visible, after it the whole object is). Multipart Complete
-//! reuses [`TidepoolS3::publish`] with the parts' extents moved in ([`Content::Parts`]).
+//! the way) -> parents are created -> ONE `Fs::publish` makes a new file with those blocks and
+//! the metadata (ETag included) take the key, replacing an object there (the commit point:
+//! before it nothing is visible, after it the whole object is). CopyObject does the same.
+//! Multipart Complete goes through [`TidepoolS3::publish`] too ([`Content::Parts`]): a
+//! temporary file in `/.tidepool/tmp/` gets the parts' extents (`Fs::concat`) and the
+//! metadata, then is renamed over the key.
 
 use std::collections::BTreeMap;
 use std::pin::Pin;
@@ -30,11 +32,12 @@ pub(crate) const MAX_OBJECT_BYTES: u64 = 5 << 30;
 /// Times a PUT retries when a concurrent DELETE pruned the parent folder it just created.
 const PUBLISH_ATTEMPTS: usize = 4;
 
-/// What fills the temporary file of a [`TidepoolS3::publish`].
+/// The body of a [`TidepoolS3::publish`].
 pub(crate) enum Content {
-    /// A streamed or copied body: committed in one `commit_staged`.
+    /// A streamed or copied body: made the object by one `Fs::publish`.
     Staged(Staged),
-    /// Multipart parts (files of the upload), joined in order by one `Fs::concat`: no copy.
+    /// Multipart parts (files of the upload), joined in order by one `Fs::concat` into a
+    /// temporary file that is renamed over the key: no copy.
     Parts(Vec<u64>),
 }
 
@@ -192,9 +195,7 @@ impl TidepoolS3 {
         format!("{}-{n}", self.tmp_prefix).into_bytes()
     }
 
-    /// Make `content` the object `key`: a temporary file gets the blocks (one commit) and the
-    /// xattrs (ETag added), then is renamed over the key. On failure nothing is visible and
-    /// the temporary file is removed.
+    /// Make `content` the object `key` (ETag added to `xattrs`). On failure nothing is visible.
     pub(crate) async fn publish(
         &self,
         bucket_ino: u64,
@@ -202,25 +203,85 @@ impl TidepoolS3 {
         key: &KeyPath<'_>,
         content: Content,
         md5: &str,
+        xattrs: BTreeMap<String, String>,
+    ) -> S3Result<FileAttr> {
+        match content {
+            Content::Staged(staged) => self.publish_staged(bucket_ino, key_str, key, staged, md5, xattrs).await,
+            Content::Parts(parts) => self.publish_parts(bucket_ino, key_str, key, parts, md5, xattrs).await,
+        }
+    }
+
+    /// A PUT or COPY body: parents are made, then ONE `Fs::publish` lays the blocks and the
+    /// xattrs into a new file that takes the key (replacing an object there) — the commit
+    /// point. On failure the staged blocks are discarded and parents made for it pruned.
+    async fn publish_staged(
+        &self,
+        bucket_ino: u64,
+        key_str: &str,
+        key: &KeyPath<'_>,
+        mut staged: Staged,
+        md5: &str,
+        xattrs: BTreeMap<String, String>,
+    ) -> S3Result<FileAttr> {
+        let fs = &self.fs;
+        let (parents, name) = key.split_last();
+        let mut attempt = 0;
+        let err = loop {
+            attempt += 1;
+            let parent = match self.make_parents(bucket_ino, parents, key_str).await {
+                Ok(p) => p,
+                Err(e) => break e,
+            };
+            match lookup_opt(fs, parent, name) {
+                Ok(Some(existing)) if existing.kind != InodeKind::File => {
+                    break conflict(key_str, "a folder of that name holds other keys");
+                }
+                Ok(_) => {}
+                Err(e) => break fs_error(e, key_str),
+            }
+            let with_etag = |now| {
+                let mut x = xattrs.clone();
+                meta::set_etag(&mut x, md5, now);
+                x
+            };
+            match fs.try_publish(parent, name, staged, with_etag, 0o644, 0, 0).await {
+                Ok(attr) => return Ok(attr),
+                Err((e, back)) => {
+                    staged = back;
+                    match e.kind() {
+                        // A concurrent DELETE pruned the parent we just made: make it again.
+                        ErrorKind::NotFound if attempt < PUBLISH_ATTEMPTS => continue,
+                        ErrorKind::NotFound => {
+                            break s3_error!(OperationAborted, "{key_str:?}: parent folders kept being removed; retry");
+                        }
+                        ErrorKind::IsDir => break conflict(key_str, "a folder of that name holds other keys"),
+                        _ => break fs_error(e, key_str),
+                    }
+                }
+            }
+        };
+        fs.discard_staged(staged).await;
+        self.prune(bucket_ino, parents).await;
+        Err(err)
+    }
+
+    /// Multipart Complete: a temporary file in `/.tidepool/tmp/` gets the parts' extents (one
+    /// `Fs::concat`, no copy) and the xattrs, then is renamed over the key (the commit point).
+    /// On failure nothing is visible and the temporary file is removed.
+    async fn publish_parts(
+        &self,
+        bucket_ino: u64,
+        key_str: &str,
+        key: &KeyPath<'_>,
+        parts: Vec<u64>,
+        md5: &str,
         mut xattrs: BTreeMap<String, String>,
     ) -> S3Result<FileAttr> {
         let fs = &self.fs;
         let tmp = self.tmp_name();
-        let file = match fs.create(self.staging_ino, &tmp, 0o644, 0, 0).await {
-            Ok(f) => f,
-            Err(e) => {
-                if let Content::Staged(staged) = content {
-                    fs.discard_staged(staged).await;
-                }
-                return Err(fs_error(e, key_str));
-            }
-        };
+        let file = fs.create(self.staging_ino, &tmp, 0o644, 0, 0).await.map_err(|e| fs_error(e, key_str))?;
         let res = async {
-            let attr = match content {
-                Content::Staged(staged) => fs.commit_staged(file.ino, 0, staged).await,
-                Content::Parts(parts) => fs.concat(file.ino, &parts).await,
-            }
-            .map_err(|e| fs_error(e, key_str))?;
+            let attr = fs.concat(file.ino, &parts).await.map_err(|e| fs_error(e, key_str))?;
             meta::set_etag(&mut xattrs, md5, attr.mtime);
             fs.replace_xattrs(file.ino, xattrs).await.map_err(|e| fs_error(e, key_str))?;
             let (parents, name) = key.split_last();

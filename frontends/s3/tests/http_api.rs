@@ -84,3 +84,47 @@ async fn anonymous_and_malformed_requests_are_refused_without_harm() {
     assert_eq!(names, vec![".tidepool"], "nothing was created");
     srv.stop().await;
 }
+
+/// A PutObject (and an UploadPart) over an existing key costs one metadata commit: no
+/// temporary file, no separate metadata or rename commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_put_is_one_metadata_commit() {
+    let srv = common::start().await;
+    let endpoint = srv.endpoint();
+    let put = move |key: &'static str, body: &'static str| {
+        let endpoint = endpoint.clone();
+        let script = format!(
+            "import boto3,sys\nc=boto3.client('s3',endpoint_url=sys.argv[1],aws_access_key_id=sys.argv[2],\
+             aws_secret_access_key=sys.argv[3],region_name='us-east-1')\n\
+             if '{body}'=='first': c.create_bucket(Bucket='one')\n\
+             c.put_object(Bucket='one',Key='{key}',Body=b'{body}',Metadata={{'m':'{body}'}})\n"
+        );
+        async move {
+            let out = tokio::task::spawn_blocking(move || {
+                std::process::Command::new(python())
+                    .args(["-c", &script, &endpoint, common::ACCESS_KEY, common::SECRET_KEY])
+                    .env_remove("AWS_PROFILE")
+                    .output()
+                    .unwrap()
+            })
+            .await
+            .unwrap();
+            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        }
+    };
+    let fs = srv.env.fs.clone();
+    put("a/b", "first").await;
+    let old = fs.resolve(b"/one/a/b").unwrap();
+    let before = fs.meta().status().commit_index;
+    put("a/b", "second").await;
+    assert_eq!(fs.meta().status().commit_index, before + 1, "one commit for a PUT over a key");
+    let new = fs.resolve(b"/one/a/b").unwrap();
+    assert_ne!(new.ino, old.ino, "replaced as by a rename over it");
+    assert_eq!(fs.read(new.ino, 0, 100).await.unwrap(), b"second");
+    let x = fs.get_xattrs(new.ino).unwrap();
+    assert_eq!(x.get("m").map(String::as_str), Some("second"), "{x:?}");
+    assert_eq!(x.get(":etag-mtime"), Some(&new.mtime.to_string()), "ETag bound to the published mtime");
+    let staging = fs.resolve(b"/.tidepool/tmp").unwrap();
+    assert!(fs.readdir(staging.ino, None, 10).unwrap().0.is_empty());
+    srv.stop().await;
+}
