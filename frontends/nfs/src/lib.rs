@@ -1,0 +1,129 @@
+//! tidepool-nfs: the NFSv3 front end. `nfsserve` speaks the protocol (ONC RPC, MOUNT and NFSv3
+//! on one TCP port, no portmapper needed by clients that take ports in the URL); this crate is
+//! its `NFSFileSystem` over the `tidepool-fs` API and exports the whole namespace as `/`.
+//! It does not touch the block store or the meta group (ARCHITECTURE invariant 1) and does not
+//! pick concrete parts (the `tidepool` binary wires it).
+//!
+//! The mapping, and why:
+//! - **fileid = ino**, the root is `ROOT_INO`; attributes come straight from [`FileAttr`]
+//!   (`fsid` is derived from the data folder's cluster id).
+//! - **File handles survive a restart**: a handle is `[version 1][fsid u64][ino u64][generation
+//!   u64]` (25 bytes). The generation is the Raft index of the inode's create, so a handle of a
+//!   deleted file never names a later file that happens to get the same ino: a handle whose
+//!   inode is gone, or whose generation differs, is `NFS3ERR_STALE`; another filesystem's
+//!   handle too. nfsserve's default handle carries its process start time instead, which makes
+//!   every handle stale after a restart.
+//! - **Writes are stable**: `Fs::write` acknowledges only after the blocks are flushed to the
+//!   device and the extents committed to the fsync'd Raft log, so the `FILE_SYNC` that nfsserve
+//!   answers to every WRITE (whatever `stable_how` asked) is truthful, and COMMIT (which
+//!   nfsserve answers without asking the file system) has nothing left to do.
+//! - **REMOVE and RMDIR** both reach [`NFSFileSystem::remove`] in nfsserve 0.11: the entry's
+//!   kind picks `Fs::rmdir` or `Fs::unlink`.
+//! - **READDIRPLUS cookies** are the fileid of the last entry returned (nfsserve's choice).
+//!   Listings are in name order; a cookie resumes after that entry's name, remembered from the
+//!   page that returned it (or, after a restart, found by scanning the directory). If the
+//!   entry was deleted or renamed meanwhile, the listing resumes where its old name would sort,
+//!   so no entry is returned twice and none that stayed is skipped. A cookie that names no
+//!   entry this server knows of in that directory is `NFS3ERR_BAD_COOKIE`.
+//! - **Errors**: one exhaustive `match` from `ErrorKind` to `nfsstat3` ([`nfs_status`]).
+
+mod handle;
+mod metrics;
+mod vfs;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use nfsserve::nfs::nfsstat3;
+use nfsserve::tcp::{NFSTcp, NFSTcpListener};
+use tidepool_fs::{ErrorKind, Fs, FsError};
+
+pub use metrics::NfsMetrics;
+pub use tidepool_fs::FileAttr;
+
+/// The export: `nfs://host/` names the root of the namespace.
+pub const EXPORT_NAME: &str = "/";
+
+/// Readdir cookies remembered (fileid -> (directory, name)) before the memory is cleared.
+const COOKIE_MEMORY: usize = 1 << 16;
+
+/// The `NFSFileSystem` over [`Fs`]. Holds the filesystem weakly, so a stopping node can take it
+/// back while connections are still open; calls after that answer `NFS3ERR_JUKEBOX`.
+pub struct TidepoolNfs {
+    fs: Weak<Fs>,
+    fsid: u64,
+    metrics: Arc<NfsMetrics>,
+    cookies: Mutex<HashMap<u64, (u64, Vec<u8>)>>,
+}
+
+impl TidepoolNfs {
+    /// `cluster_id` names the filesystem in file handles and in `fsid` (the data folder's
+    /// superblock `cluster_id`), so handles stay valid across restarts of the same data folder.
+    pub fn new(fs: &Arc<Fs>, cluster_id: &str, metrics: Arc<NfsMetrics>) -> Self {
+        TidepoolNfs {
+            fs: Arc::downgrade(fs),
+            fsid: handle::fsid(cluster_id),
+            metrics,
+            cookies: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn fsid(&self) -> u64 {
+        self.fsid
+    }
+
+    fn fs(&self) -> Result<Arc<Fs>, nfsstat3> {
+        self.fs.upgrade().ok_or(nfsstat3::NFS3ERR_JUKEBOX)
+    }
+}
+
+/// The one mapping from the fs error kinds to NFSv3 status codes.
+pub fn nfs_status(kind: ErrorKind) -> nfsstat3 {
+    match kind {
+        ErrorKind::NotFound => nfsstat3::NFS3ERR_NOENT,
+        ErrorKind::Exists => nfsstat3::NFS3ERR_EXIST,
+        ErrorKind::NotDir => nfsstat3::NFS3ERR_NOTDIR,
+        ErrorKind::IsDir => nfsstat3::NFS3ERR_ISDIR,
+        ErrorKind::NotEmpty => nfsstat3::NFS3ERR_NOTEMPTY,
+        ErrorKind::NameTooLong => nfsstat3::NFS3ERR_NAMETOOLONG,
+        ErrorKind::Invalid => nfsstat3::NFS3ERR_INVAL,
+        ErrorKind::NoSpace => nfsstat3::NFS3ERR_NOSPC,
+        ErrorKind::Unavailable => nfsstat3::NFS3ERR_JUKEBOX,
+        ErrorKind::Corrupt => nfsstat3::NFS3ERR_IO,
+        ErrorKind::ReadOnly => nfsstat3::NFS3ERR_ROFS,
+        ErrorKind::Internal => nfsstat3::NFS3ERR_IO,
+    }
+}
+
+pub(crate) fn map_err(e: FsError) -> nfsstat3 {
+    let st = nfs_status(e.kind());
+    if matches!(st, nfsstat3::NFS3ERR_IO) {
+        tracing::warn!(error = %e, "nfs: i/o error");
+    } else {
+        tracing::debug!(error = %e, "nfs: error");
+    }
+    st
+}
+
+/// A bound NFS endpoint (MOUNT and NFSv3 on one TCP port).
+pub struct NfsServer {
+    listener: NFSTcpListener<TidepoolNfs>,
+}
+
+impl NfsServer {
+    /// Bind `addr` (`ip:port`) and export the whole namespace as `/`.
+    pub async fn bind(addr: &str, nfs: TidepoolNfs) -> std::io::Result<Self> {
+        let mut listener = NFSTcpListener::bind(addr, nfs).await?;
+        listener.with_export_name(EXPORT_NAME);
+        Ok(NfsServer { listener })
+    }
+
+    pub fn local_addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(self.listener.get_listen_ip(), self.listener.get_listen_port())
+    }
+
+    /// Serve until the task is aborted (nfsserve's accept loop has no stop of its own).
+    pub async fn serve(self) -> std::io::Result<()> {
+        self.listener.handle_forever().await
+    }
+}

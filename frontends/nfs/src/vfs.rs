@@ -1,0 +1,354 @@
+//! `NFSFileSystem` for [`TidepoolNfs`]: every call is one or two `Fs` calls.
+
+use async_trait::async_trait;
+use nfsserve::nfs::{
+    fattr3, fileid3, filename3, ftype3, nfs_fh3, nfspath3, nfsstat3, nfstime3, sattr3, set_atime, set_gid3, set_mode3,
+    set_mtime, set_size3, set_uid3, specdata3,
+};
+use nfsserve::vfs::{DirEntry, NFSFileSystem, ReadDirResult, VFSCapabilities};
+use tidepool_fs::{ErrorKind, FileAttr, Fs, InodeKind, ROOT_INO, SetAttr};
+
+use crate::{COOKIE_MEMORY, TidepoolNfs, handle, map_err};
+
+const FILE_MODE: u32 = 0o644;
+const DIR_MODE: u32 = 0o755;
+/// Directory page size when a cookie's name must be found by scanning (after a restart).
+const SCAN_PAGE: usize = 1024;
+
+fn time(n: i64) -> nfstime3 {
+    let n = n.max(0);
+    nfstime3 { seconds: (n / 1_000_000_000).min(u32::MAX as i64) as u32, nseconds: (n % 1_000_000_000) as u32 }
+}
+
+fn nanos(t: &nfstime3) -> i64 {
+    t.seconds as i64 * 1_000_000_000 + t.nseconds as i64
+}
+
+/// SET_TO_SERVER_TIME: the front end reads the wall clock (the fs stamps ctime itself).
+fn server_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
+}
+
+fn status_name(s: &nfsstat3) -> &'static str {
+    match s {
+        nfsstat3::NFS3_OK => "ok",
+        nfsstat3::NFS3ERR_NOENT => "NOENT",
+        nfsstat3::NFS3ERR_EXIST => "EXIST",
+        nfsstat3::NFS3ERR_NOTDIR => "NOTDIR",
+        nfsstat3::NFS3ERR_ISDIR => "ISDIR",
+        nfsstat3::NFS3ERR_NOTEMPTY => "NOTEMPTY",
+        nfsstat3::NFS3ERR_NAMETOOLONG => "NAMETOOLONG",
+        nfsstat3::NFS3ERR_INVAL => "INVAL",
+        nfsstat3::NFS3ERR_NOSPC => "NOSPC",
+        nfsstat3::NFS3ERR_ROFS => "ROFS",
+        nfsstat3::NFS3ERR_IO => "IO",
+        nfsstat3::NFS3ERR_STALE => "STALE",
+        nfsstat3::NFS3ERR_JUKEBOX => "JUKEBOX",
+        nfsstat3::NFS3ERR_BAD_COOKIE => "BAD_COOKIE",
+        _ => "other",
+    }
+}
+
+/// The `SetAttr` a `sattr3` asks for.
+fn set_attr(s: &sattr3) -> SetAttr {
+    SetAttr {
+        mode: match s.mode {
+            set_mode3::mode(m) => Some(m & 0o7777),
+            set_mode3::Void => None,
+        },
+        uid: match s.uid {
+            set_uid3::uid(u) => Some(u),
+            set_uid3::Void => None,
+        },
+        gid: match s.gid {
+            set_gid3::gid(g) => Some(g),
+            set_gid3::Void => None,
+        },
+        size: match s.size {
+            set_size3::size(n) => Some(n),
+            set_size3::Void => None,
+        },
+        atime: match &s.atime {
+            set_atime::DONT_CHANGE => None,
+            set_atime::SET_TO_SERVER_TIME => Some(server_now()),
+            set_atime::SET_TO_CLIENT_TIME(t) => Some(nanos(t)),
+        },
+        mtime: match &s.mtime {
+            set_mtime::DONT_CHANGE => None,
+            set_mtime::SET_TO_SERVER_TIME => Some(server_now()),
+            set_mtime::SET_TO_CLIENT_TIME(t) => Some(nanos(t)),
+        },
+    }
+}
+
+fn is_empty(s: &SetAttr) -> bool {
+    s.mode.is_none() && s.uid.is_none() && s.gid.is_none() && s.size.is_none() && s.atime.is_none() && s.mtime.is_none()
+}
+
+impl TidepoolNfs {
+    pub fn fattr(&self, a: &FileAttr) -> fattr3 {
+        fattr3 {
+            ftype: match a.kind {
+                InodeKind::File => ftype3::NF3REG,
+                InodeKind::Dir => ftype3::NF3DIR,
+                InodeKind::Symlink => ftype3::NF3LNK,
+            },
+            mode: a.mode,
+            nlink: a.nlink,
+            uid: a.uid,
+            gid: a.gid,
+            size: a.size,
+            // Blocks are not shared between files except after a copy; the logical size is
+            // the honest figure without walking the extents.
+            used: a.size,
+            rdev: specdata3::default(),
+            fsid: self.fsid,
+            fileid: a.ino,
+            atime: time(a.atime),
+            mtime: time(a.mtime),
+            ctime: time(a.ctime),
+        }
+    }
+
+    fn count<T>(&self, op: &'static str, r: Result<T, nfsstat3>) -> Result<T, nfsstat3> {
+        self.metrics.op(op, r.as_ref().map(|_| "ok").unwrap_or_else(status_name));
+        r
+    }
+
+    /// The name a readdir cookie (a fileid) resumes after in `dir`.
+    fn cookie_name(&self, fs: &Fs, dir: u64, cookie: u64) -> Result<Vec<u8>, nfsstat3> {
+        if let Some((d, name)) = self.cookies.lock().ok().and_then(|m| m.get(&cookie).cloned())
+            && d == dir
+        {
+            return Ok(name);
+        }
+        // Not remembered (a restart, or forgotten): find the entry if it is still in `dir`.
+        match fs.getattr(cookie) {
+            Ok(a) if a.parent == dir && a.ino != dir => {}
+            _ => return Err(nfsstat3::NFS3ERR_BAD_COOKIE),
+        }
+        let mut after: Option<Vec<u8>> = None;
+        loop {
+            let (page, eof) = fs.readdir(dir, after.as_deref(), SCAN_PAGE).map_err(crate::map_err)?;
+            if let Some(e) = page.iter().find(|e| e.attr.ino == cookie) {
+                return Ok(e.name.clone());
+            }
+            match page.last() {
+                Some(e) if !eof => after = Some(e.name.clone()),
+                _ => return Err(nfsstat3::NFS3ERR_BAD_COOKIE),
+            }
+        }
+    }
+
+    fn remember(&self, dir: u64, entries: &[tidepool_fs::DirEntry]) {
+        if let Ok(mut m) = self.cookies.lock() {
+            if m.len() + entries.len() > COOKIE_MEMORY {
+                m.clear();
+            }
+            for e in entries {
+                m.insert(e.attr.ino, (dir, e.name.clone()));
+            }
+        }
+    }
+
+    async fn do_create(&self, dirid: fileid3, name: &[u8], attr: sattr3) -> Result<(fileid3, fattr3), nfsstat3> {
+        let fs = self.fs()?;
+        let mut set = set_attr(&attr);
+        let mode = set.mode.take().unwrap_or(FILE_MODE);
+        let (uid, gid) = (set.uid.take().unwrap_or(0), set.gid.take().unwrap_or(0));
+        let created = match fs.create(dirid, name, mode, uid, gid).await {
+            Ok(a) => a,
+            // UNCHECKED: an existing file is reused, with the requested attributes applied.
+            Err(e) if e.kind() == ErrorKind::Exists => {
+                let a = fs.lookup(dirid, name).map_err(map_err)?;
+                if a.kind != InodeKind::File {
+                    return Err(nfsstat3::NFS3ERR_EXIST);
+                }
+                let set = set_attr(&attr);
+                let a = if is_empty(&set) { a } else { fs.setattr(a.ino, set).await.map_err(map_err)? };
+                return Ok((a.ino, self.fattr(&a)));
+            }
+            Err(e) => return Err(map_err(e)),
+        };
+        let a = if is_empty(&set) { created } else { fs.setattr(created.ino, set).await.map_err(map_err)? };
+        Ok((a.ino, self.fattr(&a)))
+    }
+
+    async fn do_readdir(&self, dirid: fileid3, start_after: fileid3, max: usize) -> Result<ReadDirResult, nfsstat3> {
+        let fs = self.fs()?;
+        let after = if start_after == 0 { None } else { Some(self.cookie_name(&fs, dirid, start_after)?) };
+        let (list, end) = fs.readdir(dirid, after.as_deref(), max.max(1)).map_err(map_err)?;
+        self.remember(dirid, &list);
+        let entries = list
+            .iter()
+            .map(|e| DirEntry { fileid: e.attr.ino, name: e.name.clone().into(), attr: self.fattr(&e.attr) })
+            .collect();
+        Ok(ReadDirResult { entries, end })
+    }
+}
+
+#[async_trait]
+impl NFSFileSystem for TidepoolNfs {
+    fn capabilities(&self) -> VFSCapabilities {
+        VFSCapabilities::ReadWrite
+    }
+
+    fn root_dir(&self) -> fileid3 {
+        ROOT_INO
+    }
+
+    async fn lookup(&self, dirid: fileid3, filename: &filename3) -> Result<fileid3, nfsstat3> {
+        let r = async {
+            let fs = self.fs()?;
+            match &filename.0[..] {
+                b"." => Ok(dirid),
+                b".." => fs.getattr(dirid).map(|a| a.parent).map_err(map_err),
+                name => fs.lookup(dirid, name).map(|a| a.ino).map_err(map_err),
+            }
+        }
+        .await;
+        self.count("lookup", r)
+    }
+
+    async fn getattr(&self, id: fileid3) -> Result<fattr3, nfsstat3> {
+        let r = self.fs().and_then(|fs| fs.getattr(id).map(|a| self.fattr(&a)).map_err(map_err));
+        self.count("getattr", r)
+    }
+
+    async fn setattr(&self, id: fileid3, setattr: sattr3) -> Result<fattr3, nfsstat3> {
+        let r = async {
+            let fs = self.fs()?;
+            let set = set_attr(&setattr);
+            let a = if is_empty(&set) { fs.getattr(id) } else { fs.setattr(id, set).await }.map_err(map_err)?;
+            Ok(self.fattr(&a))
+        }
+        .await;
+        self.count("setattr", r)
+    }
+
+    async fn read(&self, id: fileid3, offset: u64, count: u32) -> Result<(Vec<u8>, bool), nfsstat3> {
+        let r = async {
+            let fs = self.fs()?;
+            let data = fs.read(id, offset, count as usize).await.map_err(map_err)?;
+            let size = fs.getattr(id).map_err(map_err)?.size;
+            let eof = offset + data.len() as u64 >= size;
+            Ok((data, eof))
+        }
+        .await;
+        self.count("read", r)
+    }
+
+    async fn write(&self, id: fileid3, offset: u64, data: &[u8]) -> Result<fattr3, nfsstat3> {
+        let r = async {
+            let fs = self.fs()?;
+            let a = fs.write(id, offset, data).await.map_err(map_err)?;
+            Ok(self.fattr(&a))
+        }
+        .await;
+        self.count("write", r)
+    }
+
+    async fn create(&self, dirid: fileid3, filename: &filename3, attr: sattr3) -> Result<(fileid3, fattr3), nfsstat3> {
+        let r = self.do_create(dirid, &filename.0, attr).await;
+        self.count("create", r)
+    }
+
+    async fn create_exclusive(&self, dirid: fileid3, filename: &filename3) -> Result<fileid3, nfsstat3> {
+        let r = async {
+            let fs = self.fs()?;
+            fs.create(dirid, &filename.0, FILE_MODE, 0, 0).await.map(|a| a.ino).map_err(map_err)
+        }
+        .await;
+        self.count("create_exclusive", r)
+    }
+
+    async fn mkdir(&self, dirid: fileid3, dirname: &filename3) -> Result<(fileid3, fattr3), nfsstat3> {
+        let r = async {
+            let fs = self.fs()?;
+            let a = fs.mkdir(dirid, &dirname.0, DIR_MODE, 0, 0).await.map_err(map_err)?;
+            Ok((a.ino, self.fattr(&a)))
+        }
+        .await;
+        self.count("mkdir", r)
+    }
+
+    /// nfsserve 0.11 sends both REMOVE and RMDIR here: the entry's kind decides.
+    async fn remove(&self, dirid: fileid3, filename: &filename3) -> Result<(), nfsstat3> {
+        let r = async {
+            let fs = self.fs()?;
+            let a = fs.lookup(dirid, &filename.0).map_err(map_err)?;
+            if a.kind == InodeKind::Dir {
+                fs.rmdir(dirid, &filename.0).await.map_err(map_err)
+            } else {
+                fs.unlink(dirid, &filename.0).await.map_err(map_err)
+            }
+        }
+        .await;
+        self.count("remove", r)
+    }
+
+    async fn rename(
+        &self,
+        from_dirid: fileid3,
+        from_filename: &filename3,
+        to_dirid: fileid3,
+        to_filename: &filename3,
+    ) -> Result<(), nfsstat3> {
+        let r = async {
+            let fs = self.fs()?;
+            fs.rename(from_dirid, &from_filename.0, to_dirid, &to_filename.0).await.map_err(map_err)
+        }
+        .await;
+        self.count("rename", r)
+    }
+
+    async fn readdir(
+        &self,
+        dirid: fileid3,
+        start_after: fileid3,
+        max_entries: usize,
+    ) -> Result<ReadDirResult, nfsstat3> {
+        let r = self.do_readdir(dirid, start_after, max_entries).await;
+        self.count("readdir", r)
+    }
+
+    async fn symlink(
+        &self,
+        dirid: fileid3,
+        linkname: &filename3,
+        symlink: &nfspath3,
+        attr: &sattr3,
+    ) -> Result<(fileid3, fattr3), nfsstat3> {
+        let r = async {
+            let fs = self.fs()?;
+            let set = set_attr(attr);
+            let (uid, gid) = (set.uid.unwrap_or(0), set.gid.unwrap_or(0));
+            let a = fs.symlink(dirid, &linkname.0, &symlink.0, uid, gid).await.map_err(map_err)?;
+            Ok((a.ino, self.fattr(&a)))
+        }
+        .await;
+        self.count("symlink", r)
+    }
+
+    async fn readlink(&self, id: fileid3) -> Result<nfspath3, nfsstat3> {
+        let r = self.fs().and_then(|fs| fs.readlink(id).map(Into::into).map_err(map_err));
+        self.count("readlink", r)
+    }
+
+    fn id_to_fh(&self, id: fileid3) -> nfs_fh3 {
+        // An inode gone already gets generation 0, which no inode has: the handle is stale.
+        let generation = self.fs().ok().and_then(|fs| fs.getattr(id).ok()).map(|a| a.generation).unwrap_or(0);
+        handle::encode(self.fsid, id, generation)
+    }
+
+    fn fh_to_id(&self, fh: &nfs_fh3) -> Result<fileid3, nfsstat3> {
+        let (ino, generation) = handle::decode(self.fsid, fh)?;
+        let fs = self.fs()?;
+        match fs.getattr(ino) {
+            Ok(a) if a.generation == generation => Ok(ino),
+            Ok(_) => Err(nfsstat3::NFS3ERR_STALE),
+            Err(e) if e.kind() == ErrorKind::NotFound => Err(nfsstat3::NFS3ERR_STALE),
+            Err(e) => Err(map_err(e)),
+        }
+    }
+}
