@@ -31,6 +31,8 @@ pub struct StatusSource {
     pub http: String,
     pub s3: String,
     pub s3_metrics: Arc<tidepool_s3::S3Metrics>,
+    pub nfs: String,
+    pub nfs_metrics: Arc<tidepool_nfs::NfsMetrics>,
     /// The admin routes (S3 keys); `None` answers them 404.
     pub admin: Option<Arc<Admin>>,
 }
@@ -42,7 +44,7 @@ impl StatusSource {
             "state": if self.fs.is_read_only() { "read-only" } else { "serving" },
             "uptime_secs": self.started.elapsed().as_secs(),
             "data_dir": self.data_dir,
-            "endpoints": { "http": self.http, "s3": self.s3 },
+            "endpoints": { "http": self.http, "s3": self.s3, "nfs": self.nfs },
             "device": { "path": self.device, "engine": self.engine, "capacity_bytes": st.capacity_bytes },
             "object_store": { "url": self.object_store, "tiering": "not available until the cold tier lands" },
             "block_store": {
@@ -99,6 +101,7 @@ impl StatusSource {
         let _ = writeln!(out, "tidepool_fs_bytes_total{{dir=\"read\"}} {}", m.bytes_read);
         let _ = writeln!(out, "tidepool_fs_bytes_total{{dir=\"write\"}} {}", m.bytes_written);
         self.s3_metrics.render(&mut out);
+        self.nfs_metrics.render(&mut out);
         out
     }
 }

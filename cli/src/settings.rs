@@ -121,6 +121,8 @@ pub struct Settings {
     pub s3_listen: String,
     /// Region the S3 endpoint reports (GetBucketLocation, HeadBucket). Default `us-east-1`.
     pub s3_region: String,
+    /// NFSv3 endpoint (MOUNT and NFS on one TCP port). Default `127.0.0.1:11111`.
+    pub nfs_listen: String,
 }
 
 impl Default for Settings {
@@ -138,6 +140,7 @@ impl Default for Settings {
             snapshot_log_size: ByteSize(64 << 20),
             s3_listen: "127.0.0.1:9000".into(),
             s3_region: "us-east-1".into(),
+            nfs_listen: "127.0.0.1:11111".into(),
         }
     }
 }
@@ -165,7 +168,7 @@ impl Settings {
         }
         for (k, v) in env {
             let Some(key) = k.strip_prefix("TIDEPOOL_") else { continue };
-            if NOT_SETTINGS.contains(&k.as_str()) || key.starts_with("NFS_") {
+            if NOT_SETTINGS.contains(&k.as_str()) {
                 continue;
             }
             // A value that parses as TOML (a number, a quoted string) is taken as such; else it is a string.
@@ -215,6 +218,13 @@ impl Settings {
         }
         if self.s3_listen.parse::<std::net::SocketAddr>().is_err() {
             return bad("s3_listen", self.s3_listen.clone(), "must be an address like 127.0.0.1:9000");
+        }
+        if self.nfs_listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad(
+                "nfs_listen",
+                self.nfs_listen.clone(),
+                "must be an address like 127.0.0.1:11111 (or 0.0.0.0:2049)",
+            );
         }
         let r = &self.s3_region;
         if r.is_empty() || r.len() > 32 || !r.bytes().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'-')
@@ -284,6 +294,11 @@ mod tests {
         assert_eq!((s.s3_listen.as_str(), s.s3_region.as_str()), ("127.0.0.1:9999", "us-east-1"));
         let e = Settings::load(Some(&f), env(&[("TIDEPOOL_S3_LISTEN", "port 9000")])).unwrap_err();
         assert!(e.to_string().contains("s3_listen"), "{e}");
+        let s = Settings::load(Some(&f), env(&[("TIDEPOOL_NFS_LISTEN", "0.0.0.0:2049")])).unwrap();
+        assert_eq!(s.nfs_listen, "0.0.0.0:2049");
+        assert_eq!(Settings::default().nfs_listen, "127.0.0.1:11111");
+        let e = Settings::load(Some(&f), env(&[("TIDEPOOL_NFS_LISTEN", "localhost")])).unwrap_err();
+        assert!(e.to_string().contains("nfs_listen"), "{e}");
         let e = Settings::load(Some(&f), env(&[("TIDEPOOL_S3_REGION", "Mars 1")])).unwrap_err();
         assert!(e.to_string().contains("s3_region"), "{e}");
         let e = Settings::load(Some(&f), env(&[("TIDEPOOL_NO_SUCH_THING", "1")])).unwrap_err();

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use tidepool_nfs::{NfsMetrics, NfsServer, TidepoolNfs};
 use tidepool_s3::{S3Metrics, S3Options, TidepoolS3};
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -31,6 +32,19 @@ pub async fn run(settings: Settings) -> Result<()> {
     let s3 = TidepoolS3::new(node.fs.clone(), S3Options { region: s.s3_region.clone() }, s3_metrics.clone()).await?;
     let service = tidepool_s3::build_service(s3, Arc::new(MetaKeys::new(node.fs.clone(), node_key.clone())));
     let s3_endpoint = format!("http://{}", s3_listener.local_addr()?);
+    // The NFS listener needs the filesystem, so it binds once the node is open (still before
+    // the banner); a refused address stops the node cleanly.
+    let nfs_metrics = Arc::new(NfsMetrics::default());
+    let nfs = TidepoolNfs::new(&node.fs, &node.data.superblock.cluster_id, nfs_metrics.clone());
+    let nfs_server = match NfsServer::bind(&s.nfs_listen, nfs).await {
+        Ok(server) => server,
+        Err(e) => {
+            let msg = format!("cannot listen on nfs_listen={}: {e}", s.nfs_listen);
+            node.shutdown().await?;
+            return Err(msg.into());
+        }
+    };
+    let nfs_addr = nfs_server.local_addr();
     let src = Arc::new(StatusSource {
         fs: node.fs.clone(),
         started: Instant::now(),
@@ -41,6 +55,8 @@ pub async fn run(settings: Settings) -> Result<()> {
         http: format!("http://{}", listener.local_addr()?),
         s3: s3_endpoint.clone(),
         s3_metrics: s3_metrics.clone(),
+        nfs: format!("nfs://{nfs_addr}/"),
+        nfs_metrics,
         admin: Some(Arc::new(Admin { fs: node.fs.clone(), node_key })),
     });
     let stat = node.fs.stat();
@@ -74,7 +90,9 @@ pub async fn run(settings: Settings) -> Result<()> {
             println!("                (secrets are shown once, at creation; `tidepool keys create` makes a new one)");
         }
     }
-    println!("  NFS           not built yet");
+    let (nfs_ip, nfs_port) = (nfs_addr.ip(), nfs_addr.port());
+    println!("  NFS           nfs://{nfs_addr}/ (NFSv3 + MOUNT over TCP, export /)");
+    println!("  try           nfs-ls 'nfs://{nfs_ip}/?nfsport={nfs_port}&mountport={nfs_port}'");
     if node.report.orphans_freed > 0 || node.report.missing_blocks > 0 {
         println!(
             "  recovery      freed {} orphaned blocks; {} blocks missing",
@@ -87,6 +105,11 @@ pub async fn run(settings: Settings) -> Result<()> {
     let s3_server = tokio::spawn(tidepool_s3::serve(s3_listener, service, s3_metrics, async {
         let _ = s3_stopped.await;
     }));
+    let nfs_task = tokio::spawn(async move {
+        if let Err(e) = nfs_server.serve().await {
+            tracing::error!(error = %e, "nfs: the listener failed; NFS is no longer served");
+        }
+    });
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
@@ -94,6 +117,10 @@ pub async fn run(settings: Settings) -> Result<()> {
     // S3 requests in flight finish (up to 10 s) before the filesystem stops.
     let _ = stop_s3.send(());
     let _ = s3_server.await;
+    // nfsserve has no graceful stop: the accept loop ends here; calls still arriving on open
+    // connections answer JUKEBOX once the filesystem is closed (the node holds it, NFS does not).
+    nfs_task.abort();
+    let _ = nfs_task.await;
     server.abort();
     let _ = server.await;
     node.shutdown().await?;

@@ -34,6 +34,7 @@ fn tidepool(data: &Path, http_port: u16, s3_port: u16) -> Command {
     c.env("TIDEPOOL_DEVICE_SIZE", "128MiB").env("TIDEPOOL_SEGMENT_SIZE", "16MiB");
     c.env("TIDEPOOL_HTTP_LISTEN", format!("127.0.0.1:{http_port}"));
     c.env("TIDEPOOL_S3_LISTEN", format!("127.0.0.1:{s3_port}"));
+    c.env("TIDEPOOL_NFS_LISTEN", format!("127.0.0.1:{}", free_port()));
     c.env_remove("TIDEPOOL_S3_ACCESS_KEY_ID").env_remove("TIDEPOOL_S3_SECRET_ACCESS_KEY");
     c
 }

@@ -38,6 +38,7 @@ fn start() -> Up {
         .env("TIDEPOOL_SEGMENT_SIZE", "16MiB")
         .env("TIDEPOOL_HTTP_LISTEN", format!("127.0.0.1:{http_port}"))
         .env("TIDEPOOL_S3_LISTEN", format!("127.0.0.1:{s3_port}"))
+        .env("TIDEPOOL_NFS_LISTEN", format!("127.0.0.1:{}", free_port()))
         .env("TIDEPOOL_S3_ACCESS_KEY_ID", KEY)
         .env("TIDEPOOL_S3_SECRET_ACCESS_KEY", SECRET)
         .stdout(Stdio::piped())

@@ -15,6 +15,7 @@ fn cmd(data: &Path, port: u16) -> Command {
     c.env("TIDEPOOL_DEVICE_SIZE", "128MiB").env("TIDEPOOL_SEGMENT_SIZE", "16MiB");
     c.env("TIDEPOOL_HTTP_LISTEN", format!("127.0.0.1:{port}"));
     c.env("TIDEPOOL_S3_LISTEN", format!("127.0.0.1:{}", free_port()));
+    c.env("TIDEPOOL_NFS_LISTEN", format!("127.0.0.1:{}", free_port()));
     c
 }
 
@@ -154,6 +155,7 @@ fn bad_settings_are_refused_with_the_setting_named() {
         ("TIDEPOOL_DEVICE_ENGINE", "floppy", "floppy"),
         ("TIDEPOOL_HTTP_LISTEN", "nowhere", "http_listen"),
         ("TIDEPOOL_S3_LISTEN", "nowhere", "s3_listen"),
+        ("TIDEPOOL_NFS_LISTEN", "nowhere", "nfs_listen"),
         ("TIDEPOOL_FROBNICATE", "1", "frobnicate"),
     ] {
         let out = cmd(&data, port).env(var, value).arg("up").output().unwrap();
