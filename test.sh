@@ -24,6 +24,15 @@ if ! command -v rclone >/dev/null || ! command -v curl >/dev/null; then
         echo "test.sh: rclone and curl are needed (apt-get install rclone curl)" >&2
     fi
 fi
+# The NFS tests drive libnfs's client tools (Debian libnfs-utils: nfs-ls, nfs-cp, nfs-cat);
+# this kernel has no NFS client, and none is needed.
+if ! command -v nfs-ls >/dev/null || ! command -v nfs-cp >/dev/null || ! command -v nfs-cat >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && apt-get install -y -qq libnfs-utils >/dev/null
+    else
+        echo "test.sh: libnfs's tools are needed (apt-get install libnfs-utils)" >&2
+    fi
+fi
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi
