@@ -15,8 +15,9 @@
 //!   every handle stale after a restart.
 //! - **Writes are stable**: `Fs::write` acknowledges only after the blocks are flushed to the
 //!   device and the extents committed to the fsync'd Raft log, so the `FILE_SYNC` that nfsserve
-//!   answers to every WRITE (whatever `stable_how` asked) is truthful, and COMMIT (which
-//!   nfsserve answers without asking the file system) has nothing left to do.
+//!   answers to every WRITE (whatever `stable_how` asked) is truthful: a client that gets
+//!   FILE_SYNC back never needs COMMIT. nfsserve 0.11 does not implement COMMIT (it answers
+//!   PROC_UNAVAIL), nor LINK and MKNOD.
 //! - **REMOVE and RMDIR** both reach [`NFSFileSystem::remove`] in nfsserve 0.11: the entry's
 //!   kind picks `Fs::rmdir` or `Fs::unlink`.
 //! - **READDIRPLUS cookies** are the fileid of the last entry returned (nfsserve's choice).
