@@ -734,31 +734,57 @@ pub(crate) fn check_copy_conditions(etag: &str, mtime: i64, input: &CopyConditio
 
 /// The bytes `[start, start + len)` of file `ino` as a response body. A task reads ahead one
 /// block while the previous one is sent; reads are aligned to blocks.
+/// Blocks of a GET read ahead of the client: at most this many block-sized reads are in
+/// flight or waiting to be sent, so a GET holds at most `READ_AHEAD x block_size` of body.
+const READ_AHEAD: usize = 4;
+
 fn body_stream(fs: Arc<Fs>, ino: u64, start: u64, len: u64) -> StreamingBlob {
     let bs = fs.options().block_size as u64;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(2);
+    // A permit per block, taken before its read starts and given back when the response
+    // takes the block off the channel: reads run ahead by READ_AHEAD blocks at most.
+    let permits = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Block>(READ_AHEAD);
     tokio::spawn(async move {
         let end = start + len;
-        let mut off = start;
-        while off < end {
-            let n = (bs - off % bs).min(end - off);
-            let item = match fs.read(ino, off, n as usize).await {
-                Ok(d) if d.len() as u64 == n => Ok(Bytes::from(d)),
-                Ok(_) => Err(std::io::Error::other("object was replaced or truncated while it was read")),
+        let mut next = start;
+        let mut pending = std::collections::VecDeque::with_capacity(READ_AHEAD);
+        while next < end || !pending.is_empty() {
+            while next < end && pending.len() < READ_AHEAD && !tx.is_closed() {
+                // Blocks only while earlier blocks wait in the channel for the client.
+                let Ok(permit) = permits.clone().acquire_owned().await else { return };
+                let n = (bs - next % bs).min(end - next);
+                let fs = fs.clone();
+                let off = next;
+                let read = tokio::spawn(async move { fs.read(ino, off, n as usize).await });
+                pending.push_back((read, n, permit));
+                next += n;
+            }
+            let Some((read, n, permit)) = pending.pop_front() else { return };
+            let item = match read.await {
+                Ok(Ok(d)) if d.len() as u64 == n => Ok(Bytes::from(d)),
+                Ok(Ok(_)) => Err(std::io::Error::other("object was replaced or truncated while it was read")),
+                Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
                 Err(e) => Err(std::io::Error::other(e.to_string())),
             };
             let failed = item.is_err();
-            if tx.send(item).await.is_err() || failed {
+            // On an error (or a gone client) the reads still in flight are left to finish
+            // on their own; their results are dropped.
+            if tx.send(Block { item, _permit: permit }).await.is_err() || failed {
                 return;
             }
-            off += n;
         }
     });
     StreamingBlob::new(RxStream { rx, remaining: len as usize })
 }
 
+/// One block of a GET body and the read-ahead permit it holds until it is handed on.
+struct Block {
+    item: Result<Bytes, std::io::Error>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
 struct RxStream {
-    rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+    rx: tokio::sync::mpsc::Receiver<Block>,
     remaining: usize,
 }
 
@@ -767,11 +793,11 @@ impl futures_util::Stream for RxStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(Ok(b))) => {
+            Poll::Ready(Some(Block { item: Ok(b), .. })) => {
                 self.remaining = self.remaining.saturating_sub(b.len());
                 Poll::Ready(Some(Ok(b)))
             }
-            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(Box::new(e)))),
+            Poll::Ready(Some(Block { item: Err(e), .. })) => Poll::Ready(Some(Err(Box::new(e)))),
             Poll::Ready(None) => Poll::Ready(None),
             Poll::Pending => Poll::Pending,
         }
