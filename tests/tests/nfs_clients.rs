@@ -1,7 +1,8 @@
 //! The real NFS client tools (libnfs's `nfs-cp`, `nfs-ls`, `nfs-cat`; Debian `libnfs-utils`)
 //! against a real `tidepool up`, and the aws CLI on the same node's S3 endpoint: bytes copied
 //! in and out, a directory of 300 entries listed whole, NFS -> S3 and S3 -> NFS, sizes as
-//! `nfs-ls` shows them, and data served again after a restart. ./test.sh installs the tools;
+//! `nfs-ls` shows them, data served again after a restart, and a finished NFS write kept
+//! across a SIGKILL of the server. ./test.sh installs the tools;
 //! a missing tool fails the test. (Debian 12's libnfs-utils 4.0 ships no `nfs-stat`: sizes are
 //! checked with `nfs-ls`. File handles across a restart are tested at the trait level in
 //! `frontends/nfs/tests/vfs.rs`: each libnfs tool mounts afresh, so it cannot keep one.)
@@ -79,6 +80,12 @@ impl Up {
     /// `path` is `EXPORT/FILE` as libnfs splits it (see the module doc).
     fn url(&self, path: &str) -> String {
         format!("nfs://127.0.0.1/{path}?nfsport={p}&mountport={p}", p = self.nfs_port)
+    }
+
+    fn kill(mut self) -> (PathBuf, PathBuf) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+        (self.data.clone(), self.work.clone())
     }
 
     fn stop(mut self) -> (PathBuf, PathBuf) {
@@ -218,4 +225,14 @@ fn libnfs_tools_copy_list_and_share_the_namespace_with_s3() {
     ok(tool("nfs-cp", &[&up.url("/big.bin"), w.join("again.bin").to_str().unwrap()]));
     assert!(std::fs::read(w.join("again.bin")).unwrap() == big, "after a restart");
     assert_eq!(ls(&up, "many/dir").len(), 300);
+
+    // Every WRITE is answered FILE_SYNC, truthfully: a file nfs-cp finished survives a SIGKILL
+    // of the server right after.
+    let c = pattern(9, 2_500_000);
+    std::fs::write(w.join("c.bin"), &c).unwrap();
+    ok(tool("nfs-cp", &[w.join("c.bin").to_str().unwrap(), &up.url("many/durable.bin")]));
+    let (data, work) = up.kill();
+    let up = start(&data, &work);
+    ok(tool("nfs-cp", &[&up.url("many/durable.bin"), w.join("c.back").to_str().unwrap()]));
+    assert!(std::fs::read(w.join("c.back")).unwrap() == c, "a finished NFS write lost by a SIGKILL");
 }
