@@ -2,8 +2,9 @@
 
 use async_trait::async_trait;
 use nfsserve::nfs::{
-    fattr3, fileid3, filename3, ftype3, nfs_fh3, nfspath3, nfsstat3, nfstime3, sattr3, set_atime, set_gid3, set_mode3,
-    set_mtime, set_size3, set_uid3, specdata3,
+    FSF_CANSETTIME, FSF_HOMOGENEOUS, FSF_SYMLINK, fattr3, fileid3, filename3, fsinfo3, ftype3, nfs_fh3, nfspath3,
+    nfsstat3, nfstime3, post_op_attr, sattr3, set_atime, set_gid3, set_mode3, set_mtime, set_size3, set_uid3,
+    specdata3,
 };
 use nfsserve::vfs::{DirEntry, NFSFileSystem, ReadDirResult, VFSCapabilities};
 use tidepool_fs::{ErrorKind, FileAttr, Fs, InodeKind, ROOT_INO, SetAttr};
@@ -333,6 +334,29 @@ impl NFSFileSystem for TidepoolNfs {
     async fn readlink(&self, id: fileid3) -> Result<nfspath3, nfsstat3> {
         let r = self.fs().and_then(|fs| fs.readlink(id).map(Into::into).map_err(map_err));
         self.count("readlink", r)
+    }
+
+    /// nfsserve's defaults but for what tidepool knows better: files up to 2^63 bytes
+    /// (nfsserve says 128 GiB), nanosecond times, 1 MiB preferred transfers, 4 KiB multiples.
+    async fn fsinfo(&self, root_fileid: fileid3) -> Result<fsinfo3, nfsstat3> {
+        let attrs = match self.getattr(root_fileid).await {
+            Ok(a) => post_op_attr::attributes(a),
+            Err(_) => post_op_attr::Void,
+        };
+        let r = Ok(fsinfo3 {
+            obj_attributes: attrs,
+            rtmax: 1 << 20,
+            rtpref: 1 << 20,
+            rtmult: 4096,
+            wtmax: 1 << 20,
+            wtpref: 1 << 20,
+            wtmult: 4096,
+            dtpref: 1 << 20,
+            maxfilesize: i64::MAX as u64,
+            time_delta: nfstime3 { seconds: 0, nseconds: 1 },
+            properties: FSF_SYMLINK | FSF_HOMOGENEOUS | FSF_CANSETTIME,
+        });
+        self.count("fsinfo", r)
     }
 
     fn id_to_fh(&self, id: fileid3) -> nfs_fh3 {

@@ -114,6 +114,9 @@ async fn every_operation_over_fs() {
     let other = TidepoolNfs::new(&fs, "cluster-b", Arc::new(NfsMetrics::default()));
     assert_eq!(err(other.fh_to_id(&nfs.id_to_fh(root))), "NFS3ERR_STALE");
 
+    let info = nfs.fsinfo(root).await.unwrap();
+    assert_eq!((info.wtmax, info.maxfilesize, info.time_delta.nseconds), (1 << 20, i64::MAX as u64, 1));
+
     let ops = metrics.ops();
     assert!(ops[&("write", "ok")] >= 1 && ops[&("lookup", "NOENT")] >= 1, "{ops:?}");
     let mut text = String::new();
