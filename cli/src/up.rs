@@ -25,6 +25,19 @@ pub async fn run(settings: Settings) -> Result<()> {
         .await
         .map_err(|e| format!("cannot listen on s3_listen={}: {e}", settings.s3_listen))?;
     let node = Node::open(settings).await?;
+    // The NFS listener needs the filesystem, so it binds once the node is open (still before
+    // the banner); a refused address stops the node cleanly.
+    let nfs_metrics = Arc::new(NfsMetrics::default());
+    let nfs = TidepoolNfs::new(&node.fs, &node.data.superblock.cluster_id, nfs_metrics.clone());
+    let nfs_server = match NfsServer::bind(&node.settings.nfs_listen, nfs).await {
+        Ok(server) => server,
+        Err(e) => {
+            let msg = format!("cannot listen on nfs_listen={}: {e}", node.settings.nfs_listen);
+            node.shutdown().await?;
+            return Err(msg.into());
+        }
+    };
+    let nfs_addr = nfs_server.local_addr();
     let s = &node.settings;
     let node_key = node.data.node_key.clone();
     let banner = keys::first_start(&node.fs, &node_key, node.data_dir(), env_key).await?;
@@ -32,19 +45,6 @@ pub async fn run(settings: Settings) -> Result<()> {
     let s3 = TidepoolS3::new(node.fs.clone(), S3Options { region: s.s3_region.clone() }, s3_metrics.clone()).await?;
     let service = tidepool_s3::build_service(s3, Arc::new(MetaKeys::new(node.fs.clone(), node_key.clone())));
     let s3_endpoint = format!("http://{}", s3_listener.local_addr()?);
-    // The NFS listener needs the filesystem, so it binds once the node is open (still before
-    // the banner); a refused address stops the node cleanly.
-    let nfs_metrics = Arc::new(NfsMetrics::default());
-    let nfs = TidepoolNfs::new(&node.fs, &node.data.superblock.cluster_id, nfs_metrics.clone());
-    let nfs_server = match NfsServer::bind(&s.nfs_listen, nfs).await {
-        Ok(server) => server,
-        Err(e) => {
-            let msg = format!("cannot listen on nfs_listen={}: {e}", s.nfs_listen);
-            node.shutdown().await?;
-            return Err(msg.into());
-        }
-    };
-    let nfs_addr = nfs_server.local_addr();
     let src = Arc::new(StatusSource {
         fs: node.fs.clone(),
         started: Instant::now(),

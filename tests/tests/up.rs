@@ -215,3 +215,21 @@ fn foreign_corrupt_and_newer_data_folders_are_refused_untouched() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.to_lowercase().contains("superblock"), "{err}");
 }
+
+#[test]
+fn an_nfs_port_in_use_is_refused_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let t = Instant::now();
+    let out = cmd(&data, free_port()).env("TIDEPOOL_NFS_LISTEN", addr.to_string()).arg("up").output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("cannot listen on nfs_listen"), "{err}");
+    assert!(t.elapsed() < Duration::from_secs(4), "the node was not stopped promptly: {:?}", t.elapsed());
+    // The data folder was closed cleanly: the next start opens it.
+    drop(taken);
+    let (child, banner) = start(&data, free_port());
+    assert!(banner.iter().any(|l| l.starts_with("  NFS           nfs://127.0.0.1:")), "{banner:?}");
+    stop(child, 2);
+}
