@@ -226,10 +226,18 @@ impl TidepoolS3 {
         &self,
         req: S3Request<UploadPartInput>,
     ) -> S3Result<S3Response<UploadPartOutput>> {
-        let input = req.input;
-        check_part_number(input.part_number)?;
-        let up = self.find_upload(&input.bucket, &input.key, &input.upload_id)?;
-        let (staged, md5, size) = match input.body {
+        let mut input = req.input;
+        let body = input.body.take();
+        let found = check_part_number(input.part_number)
+            .and_then(|()| self.find_upload(&input.bucket, &input.key, &input.upload_id));
+        let up = match found {
+            Ok(up) => up,
+            Err(e) => {
+                crate::object::drain_body(body).await;
+                return Err(e);
+            }
+        };
+        let (staged, md5, size) = match body {
             Some(body) => self.stage_body(body).await?,
             None => (Staged::default(), hex(&Md5::digest(b"")), 0),
         };

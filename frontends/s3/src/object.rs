@@ -51,15 +51,32 @@ pub(crate) struct CopyConditions<'a> {
 
 impl TidepoolS3 {
     pub(crate) async fn op_put_object(&self, req: S3Request<PutObjectInput>) -> S3Result<S3Response<PutObjectOutput>> {
-        let input = req.input;
-        let bucket = self.require_bucket(&input.bucket)?;
-        let key = parse_key(&input.key)?;
-        if let Some(len) = input.content_length
-            && len as u64 > MAX_OBJECT_BYTES
-        {
-            return Err(s3_error!(EntityTooLarge, "a single PUT is at most 5 GiB; use multipart upload"));
+        let mut input = req.input;
+        let body = input.body.take();
+        let checked = async {
+            let bucket = self.require_bucket(&input.bucket)?;
+            let key = parse_key(&input.key)?;
+            if let Some(len) = input.content_length
+                && len as u64 > MAX_OBJECT_BYTES
+            {
+                return Err(s3_error!(EntityTooLarge, "a single PUT is at most 5 GiB; use multipart upload"));
+            }
+            self.check_put_conditions(
+                &input.bucket,
+                &input.key,
+                input.if_match.as_ref(),
+                input.if_none_match.as_ref(),
+            )?;
+            Ok((bucket, key))
         }
-        self.check_put_conditions(&input.bucket, &input.key, input.if_match.as_ref(), input.if_none_match.as_ref())?;
+        .await;
+        let (bucket, key) = match checked {
+            Ok(v) => v,
+            Err(e) => {
+                drain_body(body).await;
+                return Err(e);
+            }
+        };
         let sys = SystemHeaders {
             content_type: input.content_type.clone(),
             content_encoding: input.content_encoding.clone(),
@@ -69,7 +86,7 @@ impl TidepoolS3 {
             expires: input.expires.clone(),
         };
         let xattrs = meta::to_xattrs(input.metadata.as_ref(), &sys);
-        let (staged, md5, size) = match input.body {
+        let (staged, md5, size) = match body {
             Some(body) => self.stage_body(body).await?,
             None => (Staged::default(), hex(&Md5::digest(b"")), 0),
         };
@@ -842,5 +859,26 @@ mod tests {
         assert_eq!(super::base64(b"fo"), "Zm8=");
         assert_eq!(super::base64(b"foo"), "Zm9v");
         assert_eq!(super::base64(&super::from_hex("d41d8cd98f00b204e9800998ecf8427e")), "1B2M2Y8AsgTpgAmY7PhCfg==");
+    }
+}
+
+/// How much of a refused request's body is read before the error answer (see [`drain_body`]).
+const DRAIN_ON_ERROR_BYTES: u64 = 8 << 20;
+
+/// Read and drop (a bounded part of) a request body before answering an early error.
+/// A client that sent `Expect: 100-continue` and stopped waiting for the `100` (botocore
+/// waits one second, longer is common under load) sends the body anyway; answering and
+/// closing the connection with those bytes unread makes the kernel reset it, and the client
+/// loses the error response (seen as a bare 404 in the boto3 tests under load). Draining a
+/// small body lets the error arrive whole; a larger one is cut off after
+/// [`DRAIN_ON_ERROR_BYTES`], as S3 cuts off an upload it refuses.
+pub(crate) async fn drain_body(body: Option<StreamingBlob>) {
+    let Some(mut body) = body else { return };
+    let mut read = 0u64;
+    while read <= DRAIN_ON_ERROR_BYTES {
+        match body.next().await {
+            Some(Ok(chunk)) => read += chunk.len() as u64,
+            _ => return,
+        }
     }
 }
