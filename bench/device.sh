@@ -6,7 +6,7 @@
 #   SIZE=8GiB QD=64 ROUNDS=5 RUNTIME=30 bench/device.sh
 #   FILE=/mnt/nvme/tp-bench.img bench/device.sh
 #
-# FILE must be on a real disk (not tmpfs, which refuses O_DIRECT); it is overwritten and deleted.
+# FILE must be on a real disk (not tmpfs: that is memory, whatever O_DIRECT does there); it is overwritten and deleted.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -25,7 +25,7 @@ if ! command -v fio >/dev/null 2>&1; then
 fi
 
 if [ "$(stat -f -c %T "$(dirname "$FILE")")" = tmpfs ]; then
-    echo "warning: $(dirname "$FILE") is tmpfs: O_DIRECT is refused there, the figures mean nothing" >&2
+    echo "warning: $(dirname "$FILE") is tmpfs (memory, not a disk): the figures mean nothing" >&2
 fi
 
 cargo build --release -p tidepool
