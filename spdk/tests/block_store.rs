@@ -98,7 +98,11 @@ async fn put_get_sizes_1b_to_4mib() {
         check(&s, id, len).await;
         let full = data(id, len);
         for (off, n) in [(0, 1), (len - 1, 1), (len / 2, len - len / 2), (len / 3, len / 3)] {
-            assert_eq!(s.get(id, off as u32, n as u32).await.unwrap(), &full[off..off + n], "len={len} off={off} n={n}");
+            assert_eq!(
+                s.get(id, off as u32, n as u32).await.unwrap(),
+                &full[off..off + n],
+                "len={len} off={off} n={n}"
+            );
         }
         assert_eq!(s.get(id, len as u32, 0).await.unwrap(), Vec::<u8>::new());
     }
@@ -388,7 +392,8 @@ async fn corrupt_data_page_is_a_checksum_error() {
 
 #[tokio::test]
 async fn random_4k_read_costs_one_io_when_crcs_are_cached() {
-    let dev = Arc::new(Counting { inner: MemDevice::new(64 * MIB), reads: AtomicU64::new(0), read_bytes: AtomicU64::new(0) });
+    let dev =
+        Arc::new(Counting { inner: MemDevice::new(64 * MIB), reads: AtomicU64::new(0), read_bytes: AtomicU64::new(0) });
     let o = opts(16 * MIB, 4 << 20);
     let s = BlockStore::format(dev.clone(), o.clone()).await.unwrap();
     s.put(1, &data(1, 4 << 20)).await.unwrap();
@@ -670,7 +675,13 @@ async fn crash_keeps_everything_flushed() {
             assert!(s.clean().await.unwrap().segments_freed > 0);
             s.put(999_999_999, b"still writable").await.unwrap();
         }
-        println!("seed={seed} durable={} deleted={} recovered={} {:?}", a.durable.len(), a.deleted.len(), s.stats().blocks, s.stats());
+        println!(
+            "seed={seed} durable={} deleted={} recovered={} {:?}",
+            a.durable.len(),
+            a.deleted.len(),
+            s.stats().blocks,
+            s.stats()
+        );
     }
 }
 

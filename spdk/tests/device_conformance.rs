@@ -68,11 +68,7 @@ async fn assert_reads(dev: &Dev, offset: u64, len: usize, salt: u64) {
     let got = read_ok(dev, offset, len).await;
     let want = pattern(offset, len, salt);
     if got[..] != want[..] {
-        let first = got
-            .iter()
-            .zip(want.iter())
-            .position(|(a, b)| a != b)
-            .unwrap_or(0);
+        let first = got.iter().zip(want.iter()).position(|(a, b)| a != b).unwrap_or(0);
         panic!("data mismatch offset={offset} len={len} salt={salt} first_bad_byte={first}");
     }
 }
@@ -99,26 +95,10 @@ async fn run_suite(dev: Dev, engine: EngineKind) {
 fn check_info(dev: &Dev, engine: EngineKind) {
     let info = dev.info();
     assert_eq!(info.engine, engine, "engine kind");
-    assert!(
-        info.align_bytes.is_power_of_two(),
-        "align_bytes={}",
-        info.align_bytes
-    );
-    assert!(
-        info.align_bytes >= 512 && info.align_bytes <= 4096,
-        "align_bytes={}",
-        info.align_bytes
-    );
-    assert!(
-        info.size_bytes >= 16 << 20,
-        "size_bytes={}",
-        info.size_bytes
-    );
-    assert_eq!(
-        info.size_bytes % info.align_bytes as u64,
-        0,
-        "size is a multiple of the alignment"
-    );
+    assert!(info.align_bytes.is_power_of_two(), "align_bytes={}", info.align_bytes);
+    assert!(info.align_bytes >= 512 && info.align_bytes <= 4096, "align_bytes={}", info.align_bytes);
+    assert!(info.size_bytes >= 16 << 20, "size_bytes={}", info.size_bytes);
+    assert_eq!(info.size_bytes % info.align_bytes as u64, 0, "size is a multiple of the alignment");
     assert!(info.queue_depth >= 1);
 }
 
@@ -126,17 +106,8 @@ fn check_info(dev: &Dev, engine: EngineKind) {
 async fn round_trip(dev: &Dev) {
     let info = dev.info().clone();
     let align = info.align_bytes;
-    let mut sizes = vec![
-        align,
-        4 << 10,
-        8 << 10,
-        12 << 10,
-        64 << 10,
-        132 << 10,
-        1 << 20,
-        (3 << 20) + (4 << 10),
-        4 << 20,
-    ];
+    let mut sizes =
+        vec![align, 4 << 10, 8 << 10, 12 << 10, 64 << 10, 132 << 10, 1 << 20, (3 << 20) + (4 << 10), 4 << 20];
     sizes.dedup();
     for (n, &len) in sizes.iter().enumerate() {
         let offsets = [
@@ -156,24 +127,13 @@ async fn round_trip(dev: &Dev) {
 
 async fn rejects_unaligned(dev: &Dev) {
     let align = dev.info().align_bytes;
-    let cases = [
-        (align as u64 / 2, align),
-        (0, align + align / 2),
-        (3, 4096),
-        (0, 1),
-    ];
+    let cases = [(align as u64 / 2, align), (0, align + align / 2), (3, 4096), (0, 1)];
     for (offset, len) in cases {
         let (buf, res) = dev.write(offset, AlignedBuf::zeroed(len)).await;
-        assert!(
-            matches!(res, Err(DeviceError::Unaligned { .. })),
-            "write offset={offset} len={len}: {res:?}"
-        );
+        assert!(matches!(res, Err(DeviceError::Unaligned { .. })), "write offset={offset} len={len}: {res:?}");
         assert_eq!(buf.len(), len);
         let (buf, res) = dev.read(offset, AlignedBuf::zeroed(len)).await;
-        assert!(
-            matches!(res, Err(DeviceError::Unaligned { .. })),
-            "read offset={offset} len={len}: {res:?}"
-        );
+        assert!(matches!(res, Err(DeviceError::Unaligned { .. })), "read offset={offset} len={len}: {res:?}");
         assert_eq!(buf.len(), len);
     }
 }
@@ -189,16 +149,10 @@ async fn rejects_out_of_range(dev: &Dev) {
     ];
     for (offset, len) in cases {
         let (buf, res) = dev.write(offset, AlignedBuf::zeroed(len)).await;
-        assert!(
-            matches!(res, Err(DeviceError::OutOfRange { .. })),
-            "write offset={offset} len={len}: {res:?}"
-        );
+        assert!(matches!(res, Err(DeviceError::OutOfRange { .. })), "write offset={offset} len={len}: {res:?}");
         assert_eq!(buf.len(), len);
         let (_, res) = dev.read(offset, AlignedBuf::zeroed(len)).await;
-        assert!(
-            matches!(res, Err(DeviceError::OutOfRange { .. })),
-            "read offset={offset} len={len}: {res:?}"
-        );
+        assert!(matches!(res, Err(DeviceError::OutOfRange { .. })), "read offset={offset} len={len}: {res:?}");
     }
 }
 
@@ -248,10 +202,8 @@ async fn flush_ok(dev: &Dev) {
 async fn abandoned_futures(dev: &Dev) {
     for i in 0..32u64 {
         let offset = (i + 100) * 65536;
-        let _ = tokio::time::timeout(Duration::ZERO, dev.write(offset, pattern(offset, 65536, 5)))
-            .await;
-        let _ =
-            tokio::time::timeout(Duration::ZERO, dev.read(offset, AlignedBuf::zeroed(65536))).await;
+        let _ = tokio::time::timeout(Duration::ZERO, dev.write(offset, pattern(offset, 65536, 5))).await;
+        let _ = tokio::time::timeout(Duration::ZERO, dev.read(offset, AlignedBuf::zeroed(65536))).await;
     }
     let _ = tokio::time::timeout(Duration::ZERO, dev.flush()).await;
     write_ok(dev, 4096, pattern(4096, 4096, 6)).await;
@@ -279,10 +231,7 @@ async fn survives_reopen(open_a: impl Fn() -> Dev, open_b: impl Fn() -> Dev) {
 // ---------------------------------------------------------------------------------------------
 
 fn file_opts() -> OpenOptions {
-    OpenOptions {
-        create_size_bytes: Some(DEV_BYTES),
-        ..OpenOptions::default()
-    }
+    OpenOptions { create_size_bytes: Some(DEV_BYTES), ..OpenOptions::default() }
 }
 
 fn open_posix(path: &Path) -> Dev {
@@ -336,10 +285,7 @@ async fn uring_small_queue_depth() {
     let dir = disk_dir();
     for qd in [1, 2, 3] {
         let path = dir.path().join(format!("qd{qd}.img"));
-        let opts = OpenOptions {
-            queue_depth: qd,
-            ..file_opts()
-        };
+        let opts = OpenOptions { queue_depth: qd, ..file_opts() };
         let dev: Dev = Arc::new(UringDevice::open(&path, &opts).expect("open io_uring device"));
         assert_eq!(dev.info().queue_depth, qd);
         concurrent_io(&dev, 256).await;
@@ -351,10 +297,7 @@ async fn uring_small_queue_depth() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn create_and_size_rules() {
     let dir = disk_dir();
-    let opts = |size: Option<u64>| OpenOptions {
-        create_size_bytes: size,
-        ..OpenOptions::default()
-    };
+    let opts = |size: Option<u64>| OpenOptions { create_size_bytes: size, ..OpenOptions::default() };
     type Opener = fn(&Path, &OpenOptions) -> Result<Dev, DeviceError>;
     let openers: [(&str, Opener); 2] = [
         ("posix", |p, o| Ok(Arc::new(PosixDevice::open(p, o)?))),
@@ -363,62 +306,20 @@ async fn create_and_size_rules() {
     for (name, open) in openers {
         let path = dir.path().join(format!("{name}.img"));
         let missing = open(&path, &opts(None));
-        assert!(
-            matches!(missing, Err(DeviceError::Open { .. })),
-            "{name}: missing file without create_size"
-        );
-        assert_eq!(
-            open(&path, &opts(Some(1 << 20)))
-                .expect("create")
-                .info()
-                .size_bytes,
-            1 << 20
-        );
-        assert_eq!(
-            open(&path, &opts(Some(2 << 20)))
-                .expect("grow")
-                .info()
-                .size_bytes,
-            2 << 20
-        );
-        assert_eq!(
-            open(&path, &opts(Some(1 << 20)))
-                .expect("no shrink")
-                .info()
-                .size_bytes,
-            2 << 20
-        );
-        assert_eq!(
-            open(&path, &opts(None))
-                .expect("existing")
-                .info()
-                .size_bytes,
-            2 << 20
-        );
+        assert!(matches!(missing, Err(DeviceError::Open { .. })), "{name}: missing file without create_size");
+        assert_eq!(open(&path, &opts(Some(1 << 20))).expect("create").info().size_bytes, 1 << 20);
+        assert_eq!(open(&path, &opts(Some(2 << 20))).expect("grow").info().size_bytes, 2 << 20);
+        assert_eq!(open(&path, &opts(Some(1 << 20))).expect("no shrink").info().size_bytes, 2 << 20);
+        assert_eq!(open(&path, &opts(None)).expect("existing").info().size_bytes, 2 << 20);
         // An unaligned file size is rounded down to the alignment.
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .and_then(|f| f.set_len((3 << 20) + 100))
-            .expect("set_len");
-        assert_eq!(
-            open(&path, &opts(None))
-                .expect("unaligned size")
-                .info()
-                .size_bytes,
-            3 << 20
-        );
+        std::fs::OpenOptions::new().write(true).open(&path).and_then(|f| f.set_len((3 << 20) + 100)).expect("set_len");
+        assert_eq!(open(&path, &opts(None)).expect("unaligned size").info().size_bytes, 3 << 20);
     }
 }
 
 fn o_direct_accepted(path: &Path) -> bool {
     use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(path)
-        .is_ok()
+    std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_DIRECT).open(path).is_ok()
 }
 
 /// `open_device` on tmpfs. Since Linux 6.6 tmpfs accepts O_DIRECT (served from the page
@@ -429,18 +330,10 @@ async fn open_device_on_tmpfs() {
     let dir = tempfile::tempdir_in("/dev/shm").expect("tempdir in /dev/shm");
     let path = dir.path().join("dev.img");
     let dev = open_device(&path, &file_opts()).expect("open_device on tmpfs");
-    let expected = if o_direct_accepted(&path) {
-        EngineKind::Uring
-    } else {
-        EngineKind::Posix
-    };
+    let expected = if o_direct_accepted(&path) { EngineKind::Uring } else { EngineKind::Posix };
     println!(
         "tmpfs: O_DIRECT {}; open_device chose {}",
-        if expected == EngineKind::Uring {
-            "accepted"
-        } else {
-            "refused"
-        },
+        if expected == EngineKind::Uring { "accepted" } else { "refused" },
         dev.info().engine
     );
     run_suite(dev, expected).await;
@@ -456,10 +349,7 @@ struct Mount(PathBuf);
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        let ok = Command::new("umount")
-            .arg(&self.0)
-            .status()
-            .is_ok_and(|s| s.success());
+        let ok = Command::new("umount").arg(&self.0).status().is_ok_and(|s| s.success());
         if !ok {
             eprintln!("warning: could not unmount {}", self.0.display());
         }
@@ -474,11 +364,7 @@ async fn open_device_falls_back_to_posix_on_ramfs() {
     let mnt = dir.path().join("ramfs");
     std::fs::create_dir(&mnt).expect("mkdir");
     let mounted = is_root()
-        && Command::new("mount")
-            .args(["-t", "ramfs", "tidepool-test"])
-            .arg(&mnt)
-            .status()
-            .is_ok_and(|s| s.success());
+        && Command::new("mount").args(["-t", "ramfs", "tidepool-test"]).arg(&mnt).status().is_ok_and(|s| s.success());
     if !mounted {
         println!("skipped: mounting ramfs not permitted (needs root)");
         return;
@@ -486,11 +372,7 @@ async fn open_device_falls_back_to_posix_on_ramfs() {
     let _guard = Mount(mnt.clone());
     let path = mnt.join("dev.img");
     let refused = UringDevice::open(&path, &file_opts());
-    assert!(
-        matches!(refused, Err(DeviceError::Open { .. })),
-        "io_uring on ramfs must be refused: {:?}",
-        refused.err()
-    );
+    assert!(matches!(refused, Err(DeviceError::Open { .. })), "io_uring on ramfs must be refused: {:?}", refused.err());
     let dev = open_device(&path, &file_opts()).expect("open_device on ramfs");
     assert_eq!(dev.info().engine, EngineKind::Posix);
     run_suite(dev, EngineKind::Posix).await;
@@ -501,10 +383,7 @@ struct LoopDev(String);
 
 impl Drop for LoopDev {
     fn drop(&mut self) {
-        let ok = Command::new("losetup")
-            .args(["-d", &self.0])
-            .status()
-            .is_ok_and(|s| s.success());
+        let ok = Command::new("losetup").args(["-d", &self.0]).status().is_ok_and(|s| s.success());
         if !ok {
             eprintln!("warning: could not detach {}", self.0);
         }
@@ -526,14 +405,8 @@ fn losetup(file: &Path, direct: bool) -> Option<String> {
 async fn uring_on_loop_device() {
     let dir = disk_dir();
     let backing = dir.path().join("loop.img");
-    std::fs::File::create(&backing)
-        .and_then(|f| f.set_len(DEV_BYTES))
-        .expect("backing file");
-    let attached = if is_root() {
-        losetup(&backing, true).or_else(|| losetup(&backing, false))
-    } else {
-        None
-    };
+    std::fs::File::create(&backing).and_then(|f| f.set_len(DEV_BYTES)).expect("backing file");
+    let attached = if is_root() { losetup(&backing, true).or_else(|| losetup(&backing, false)) } else { None };
     let Some(name) = attached else {
         println!("skipped: losetup not permitted (needs root and /dev/loop-control)");
         return;
@@ -541,20 +414,13 @@ async fn uring_on_loop_device() {
     let guard = LoopDev(name);
     let path = PathBuf::from(&guard.0);
     let opts = OpenOptions::default();
-    let dev: Dev =
-        Arc::new(UringDevice::open(&path, &opts).expect("open loop device with io_uring"));
-    println!(
-        "loop device {} align_bytes={} size_bytes={}",
-        guard.0,
-        dev.info().align_bytes,
-        dev.info().size_bytes
-    );
+    let dev: Dev = Arc::new(UringDevice::open(&path, &opts).expect("open loop device with io_uring"));
+    println!("loop device {} align_bytes={} size_bytes={}", guard.0, dev.info().align_bytes, dev.info().size_bytes);
     assert_eq!(dev.info().size_bytes, DEV_BYTES);
     run_suite(dev, EngineKind::Uring).await;
     let open = || -> Dev { Arc::new(UringDevice::open(&path, &opts).expect("reopen loop device")) };
     survives_reopen(open, open).await;
     // The posix engine on the same block device sees the same bytes.
-    let open_posix_blk =
-        || -> Dev { Arc::new(PosixDevice::open(&path, &opts).expect("posix on loop device")) };
+    let open_posix_blk = || -> Dev { Arc::new(PosixDevice::open(&path, &opts).expect("posix on loop device")) };
     survives_reopen(open, open_posix_blk).await;
 }

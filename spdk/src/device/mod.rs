@@ -30,9 +30,18 @@ pub enum DeviceError {
     #[error("short i/o offset={offset} want={want} got={got}")]
     Short { offset: u64, want: usize, got: usize },
     #[error("device i/o error op={op} offset={offset}: {source}")]
-    Io { op: &'static str, offset: u64, #[source] source: std::io::Error },
+    Io {
+        op: &'static str,
+        offset: u64,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("cannot open device path={path}: {source}")]
-    Open { path: String, #[source] source: std::io::Error },
+    Open {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("device engine stopped")]
     Stopped,
 }

@@ -14,9 +14,7 @@ use std::os::unix::fs::{FileExt, FileTypeExt, OpenOptionsExt};
 use std::path::Path;
 use std::sync::Arc;
 
-use super::{
-    BlockDevice, DeviceError, DeviceInfo, EngineKind, IoFuture, IoResult, OpenOptions, check_io,
-};
+use super::{BlockDevice, DeviceError, DeviceInfo, EngineKind, IoFuture, IoResult, OpenOptions, check_io};
 use crate::buf::AlignedBuf;
 
 /// Alignment used for regular files: the page size, which every filesystem accepts for O_DIRECT.
@@ -38,19 +36,10 @@ pub(crate) struct Backing {
 ///
 /// Every failure, including O_DIRECT refused by the filesystem (EINVAL), is
 /// [`DeviceError::Open`], so [`super::open_device`] can fall back to another engine.
-pub(crate) fn open_backing(
-    path: &Path,
-    opts: &OpenOptions,
-    direct: bool,
-) -> Result<Backing, DeviceError> {
-    let open_err = |source: io::Error| DeviceError::Open {
-        path: path.display().to_string(),
-        source,
-    };
+pub(crate) fn open_backing(path: &Path, opts: &OpenOptions, direct: bool) -> Result<Backing, DeviceError> {
+    let open_err = |source: io::Error| DeviceError::Open { path: path.display().to_string(), source };
     let mut oo = std::fs::OpenOptions::new();
-    oo.read(true)
-        .write(true)
-        .create(opts.create_size_bytes.is_some());
+    oo.read(true).write(true).create(opts.create_size_bytes.is_some());
     oo.custom_flags(libc::O_CLOEXEC | if direct { libc::O_DIRECT } else { 0 });
     let file = oo.open(path).map_err(open_err)?;
     let meta = file.metadata().map_err(open_err)?;
@@ -68,23 +57,15 @@ pub(crate) fn open_backing(
         }
         (size, FILE_ALIGN_BYTES)
     } else {
-        let kind = io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "not a regular file or a block device",
-        );
+        let kind = io::Error::new(io::ErrorKind::InvalidInput, "not a regular file or a block device");
         return Err(open_err(kind));
     };
-    Ok(Backing {
-        file,
-        size_bytes: size / align as u64 * align as u64,
-        align_bytes: align,
-    })
+    Ok(Backing { file, size_bytes: size / align as u64 * align as u64, align_bytes: align })
 }
 
 /// Grow `file` to `len` bytes with real blocks (fallocate), or sparsely where that is refused.
 fn allocate(file: &File, len: u64) -> io::Result<()> {
-    let off_len =
-        libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
+    let off_len = libc::off_t::try_from(len).map_err(|_| io::Error::from_raw_os_error(libc::EFBIG))?;
     // SAFETY: plain syscall on a valid, owned fd; mode 0 allocates and extends the file size.
     let rc = unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, off_len) };
     if rc == 0 {
@@ -107,23 +88,13 @@ fn block_device_size(file: &File) -> io::Result<u64> {
     // Unknown ioctl encoding on this architecture: seeking to the end gives the same answer.
     // SAFETY: plain syscall on a valid fd; no memory is passed.
     let end = unsafe { libc::lseek(file.as_raw_fd(), 0, libc::SEEK_END) };
-    if end < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(end as u64)
-    }
+    if end < 0 { Err(io::Error::last_os_error()) } else { Ok(end as u64) }
 }
 
 fn logical_block_size(file: &File) -> io::Result<usize> {
     let mut lbs: libc::c_int = 0;
     // SAFETY: BLKSSZGET writes one int through the pointer, which is valid for the call.
-    let rc = unsafe {
-        libc::ioctl(
-            file.as_raw_fd(),
-            libc::BLKSSZGET,
-            &mut lbs as *mut libc::c_int,
-        )
-    };
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut lbs as *mut libc::c_int) };
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -146,10 +117,7 @@ impl PosixDevice {
             queue_depth: opts.queue_depth.max(1),
             engine: EngineKind::Posix,
         };
-        Ok(PosixDevice {
-            info,
-            file: Arc::new(b.file),
-        })
+        Ok(PosixDevice { info, file: Arc::new(b.file) })
     }
 }
 
@@ -162,14 +130,7 @@ where
     match tokio::task::spawn_blocking(f).await {
         Ok(r) => r,
         Err(e) if e.is_cancelled() => (AlignedBuf::zeroed(len), Err(DeviceError::Stopped)),
-        Err(e) => (
-            AlignedBuf::zeroed(len),
-            Err(DeviceError::Io {
-                op,
-                offset,
-                source: io::Error::other(e),
-            }),
-        ),
+        Err(e) => (AlignedBuf::zeroed(len), Err(DeviceError::Io { op, offset, source: io::Error::other(e) })),
     }
 }
 
@@ -187,14 +148,7 @@ impl BlockDevice for PosixDevice {
             let len = buf.len();
             run_blocking("read", offset, len, move || {
                 let r = file.read_exact_at(buf.as_mut_slice(), offset);
-                (
-                    buf,
-                    r.map_err(|source| DeviceError::Io {
-                        op: "read",
-                        offset,
-                        source,
-                    }),
-                )
+                (buf, r.map_err(|source| DeviceError::Io { op: "read", offset, source }))
             })
             .await
         })
@@ -209,14 +163,7 @@ impl BlockDevice for PosixDevice {
             let len = buf.len();
             run_blocking("write", offset, len, move || {
                 let r = file.write_all_at(buf.as_slice(), offset);
-                (
-                    buf,
-                    r.map_err(|source| DeviceError::Io {
-                        op: "write",
-                        offset,
-                        source,
-                    }),
-                )
+                (buf, r.map_err(|source| DeviceError::Io { op: "write", offset, source }))
             })
             .await
         })
@@ -226,17 +173,9 @@ impl BlockDevice for PosixDevice {
         let file = Arc::clone(&self.file);
         Box::pin(async move {
             match tokio::task::spawn_blocking(move || file.sync_data()).await {
-                Ok(r) => r.map_err(|source| DeviceError::Io {
-                    op: "flush",
-                    offset: 0,
-                    source,
-                }),
+                Ok(r) => r.map_err(|source| DeviceError::Io { op: "flush", offset: 0, source }),
                 Err(e) if e.is_cancelled() => Err(DeviceError::Stopped),
-                Err(e) => Err(DeviceError::Io {
-                    op: "flush",
-                    offset: 0,
-                    source: io::Error::other(e),
-                }),
+                Err(e) => Err(DeviceError::Io { op: "flush", offset: 0, source: io::Error::other(e) }),
             }
         })
     }

@@ -26,7 +26,12 @@ pub(super) async fn clean(inner: &Inner) -> Result<CleanStats, StoreError> {
         }
     }
     if stats.segments_freed > 0 {
-        tracing::info!(segments_freed = stats.segments_freed, blocks_moved = stats.blocks_moved, bytes_moved = stats.bytes_moved, "cleaned segments");
+        tracing::info!(
+            segments_freed = stats.segments_freed,
+            blocks_moved = stats.blocks_moved,
+            bytes_moved = stats.bytes_moved,
+            "cleaned segments"
+        );
     }
     Ok(stats)
 }
@@ -83,7 +88,11 @@ async fn clean_one(inner: &Inner, victim: u32, stats: &mut CleanStats) -> Result
     inner.flush().await?;
     let live = inner.st().segs[victim as usize].live_bytes;
     if live != 0 {
-        tracing::error!(segment = victim, live_bytes = live, "segment still has live blocks after cleaning; not freeing it");
+        tracing::error!(
+            segment = victim,
+            live_bytes = live,
+            "segment still has live blocks after cleaning; not freeing it"
+        );
         return Ok(false);
     }
     let hdr = SegHeader { in_use: false, generation }.encode(inner.lay.uuid);
@@ -103,8 +112,9 @@ async fn clean_one(inner: &Inner, victim: u32, stats: &mut CleanStats) -> Result
 async fn move_block(inner: &Inner, id: BlockId, old: Loc, generation: u64) -> Result<(), StoreError> {
     let addr = inner.lay.seg_addr(old.seg) + old.off_pages as u64 * PAGE_U64;
     let buf = inner.read_at(addr, entry_bytes(old.len) as usize).await?;
-    let head_ok = EntryHead::read(&buf)
-        .is_some_and(|h| (h.kind, h.id, h.len, h.generation, h.uuid) == (EntryKind::Data, id, old.len, generation, inner.lay.uuid));
+    let head_ok = EntryHead::read(&buf).is_some_and(|h| {
+        (h.kind, h.id, h.len, h.generation, h.uuid) == (EntryKind::Data, id, old.len, generation, inner.lay.uuid)
+    });
     if !head_ok {
         return Err(StoreError::Checksum { id, page: 0 });
     }

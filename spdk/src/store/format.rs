@@ -330,7 +330,9 @@ pub(super) fn encode_summary(recs: &[Rec], generation: u64, uuid: u64) -> Aligne
 /// valid for this `generation` and store.
 pub(super) fn trailer_pages(last_page: &[u8], generation: u64, uuid: u64, max_pages: u64) -> Option<u64> {
     let t = PAGE - TRAILER_LEN;
-    let ok = &last_page[t..t + 4] == TRAILER_MAGIC && get_u64(last_page, t + 16) == generation && get_u64(last_page, t + 24) == uuid;
+    let ok = &last_page[t..t + 4] == TRAILER_MAGIC
+        && get_u64(last_page, t + 16) == generation
+        && get_u64(last_page, t + 24) == uuid;
     let pages = get_u32(last_page, t + 8) as u64;
     let count = get_u32(last_page, t + 4) as usize;
     (ok && pages >= 1 && pages <= max_pages && summary_pages(count) == pages).then_some(pages)
@@ -401,7 +403,13 @@ mod tests {
     #[test]
     fn summary_roundtrip() {
         let recs: Vec<Rec> = (0..500)
-            .map(|i| if i % 3 == 0 { Rec::Tomb { id: i, data_gen: i * 2 } } else { Rec::Data { id: i, off_pages: i as u32, len: 77 } })
+            .map(|i| {
+                if i % 3 == 0 {
+                    Rec::Tomb { id: i, data_gen: i * 2 }
+                } else {
+                    Rec::Data { id: i, off_pages: i as u32, len: 77 }
+                }
+            })
             .collect();
         let b = encode_summary(&recs, 9, 5);
         let pages = trailer_pages(&b[b.len() - PAGE..], 9, 5, 100).unwrap();
@@ -424,7 +432,8 @@ mod tests {
             let mut dirty = vec![0xA5u8; fresh.len()];
             assert_eq!(fill_data_entry(&mut dirty, 9, &data, 3), crcs);
             assert!(dirty == fresh[..], "len {len}: stale bytes survived in a reused entry buffer");
-            let want: Vec<u32> = fresh[hdr_pages(len as u32) as usize * PAGE..].chunks(PAGE).map(crc32c::crc32c).collect();
+            let want: Vec<u32> =
+                fresh[hdr_pages(len as u32) as usize * PAGE..].chunks(PAGE).map(crc32c::crc32c).collect();
             assert_eq!(crcs, want);
         }
         let t = build_tomb_entry(&[(1, 2), (3, 4)], 3);

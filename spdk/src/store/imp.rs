@@ -12,7 +12,8 @@ use tokio::sync::Notify;
 
 use super::cache::CrcCache;
 use super::format::{
-    DATA_START, EntryHead, EntryKind, PAGE, PAGE_U64, Rec, SegHeader, TOMBS_PER_ENTRY, build_tomb_entry, crc_at, crc_page_span, data_pages, entry_bytes, fill_data_entry, get_u32, hdr_pages,
+    DATA_START, EntryHead, EntryKind, PAGE, PAGE_U64, Rec, SegHeader, TOMBS_PER_ENTRY, build_tomb_entry, crc_at,
+    crc_page_span, data_pages, entry_bytes, fill_data_entry, get_u32, hdr_pages,
 };
 use super::state::{Loc, Reservation, SealJob, SegState, State};
 use super::{BlockId, CleanStats, StoreError, StoreOptions, StoreStats};
@@ -61,9 +62,15 @@ pub(crate) struct Inner {
 
 /// What an entry write is for.
 pub(super) enum Req {
-    Put { id: BlockId, len: u32 },
+    Put {
+        id: BlockId,
+        len: u32,
+    },
     /// The cleaner re-appending a live block found at `old`.
-    Move { id: BlockId, old: Loc },
+    Move {
+        id: BlockId,
+        old: Loc,
+    },
     Tombs,
 }
 
@@ -172,7 +179,9 @@ impl Inner {
             Req::Tombs if st.pending_tombs.is_empty() => return Ok(Attempt::Nothing),
             Req::Tombs => (PAGE_U64, st.pending_tombs.len().min(TOMBS_PER_ENTRY)),
         };
-        let Some(r) = st.try_reserve(bytes, nrecs, matches!(req, Req::Put { .. })) else { return Ok(Attempt::Full(st.active_gen())) };
+        let Some(r) = st.try_reserve(bytes, nrecs, matches!(req, Req::Put { .. })) else {
+            return Ok(Attempt::Full(st.active_gen()));
+        };
         let tombs = match req {
             Req::Put { id, .. } => {
                 st.putting.insert(*id);
@@ -386,7 +395,14 @@ impl Inner {
 
     /// Read and verify `[offset, offset+len)` of the block at `loc`: the data pages covering
     /// it, plus the header pages holding their crcs unless those are cached.
-    async fn read_range(&self, id: BlockId, loc: Loc, generation: u64, offset: u32, len: u32) -> Result<Vec<u8>, StoreError> {
+    async fn read_range(
+        &self,
+        id: BlockId,
+        loc: Loc,
+        generation: u64,
+        offset: u32,
+        len: u32,
+    ) -> Result<Vec<u8>, StoreError> {
         let (pages, hp) = (data_pages(loc.len), hdr_pages(loc.len));
         let (first, last) = (offset / PAGE as u32, (offset + len - 1) / PAGE as u32);
         let (h_first, h_last) = ((crc_at(first) / PAGE) as u32, (crc_at(last) / PAGE) as u32);
@@ -412,7 +428,9 @@ impl Inner {
                 };
                 for h in m0..=m1 {
                     let page = &hdr[(h - m0) as usize * PAGE..][..PAGE];
-                    let crcs = self.crcs_from_header(id, loc, generation, h, page).ok_or(StoreError::Checksum { id, page: first })?;
+                    let crcs = self
+                        .crcs_from_header(id, loc, generation, h, page)
+                        .ok_or(StoreError::Checksum { id, page: first })?;
                     self.cache().insert((generation, loc.off_pages, h), crcs.clone());
                     slices[(h - h_first) as usize] = Some(crcs);
                 }
@@ -535,8 +553,8 @@ impl Inner {
 mod tests {
     use super::super::BlockStore;
     use super::*;
-    use crate::store::StoreError;
     use crate::device::mem::MemDevice;
+    use crate::store::StoreError;
 
     fn pattern(id: u64, len: usize) -> Vec<u8> {
         (0..len).map(|i| (id as usize * 131 + i * 7 + i / 4096) as u8).collect()
@@ -610,7 +628,11 @@ mod tests {
         assert!(seen_prepared.len() >= 3, "segments prepared ahead: {seen_prepared:?}");
         {
             let st = s.inner.st();
-            assert_eq!((st.free_segments(), st.unprepared_free_segments()), (1, 1), "only the reserve is left, unopened");
+            assert_eq!(
+                (st.free_segments(), st.unprepared_free_segments()),
+                (1, 1),
+                "only the reserve is left, unopened"
+            );
         }
         s.flush().await.unwrap();
         drop(s);

@@ -30,7 +30,9 @@ fn layout(size: u64, seg_bytes: u64, max_block: u64, uuid: u64) -> Result<Layout
     }
     let min_seg = PAGE_U64 + entry_bytes(max_block as u32) + summary_pages(1) * PAGE_U64;
     if !seg_bytes.is_multiple_of(PAGE_U64) || seg_bytes < min_seg || seg_bytes / PAGE_U64 > u32::MAX as u64 {
-        return invalid(format!("segment size must be a multiple of 4 KiB and hold a largest block segment_bytes={seg_bytes} min={min_seg}"));
+        return invalid(format!(
+            "segment size must be a multiple of 4 KiB and hold a largest block segment_bytes={seg_bytes} min={min_seg}"
+        ));
     }
     let nsegs = size.saturating_sub(DATA_START) / seg_bytes;
     if nsegs < 3 || nsegs > u32::MAX as u64 {
@@ -42,7 +44,9 @@ fn layout(size: u64, seg_bytes: u64, max_block: u64, uuid: u64) -> Result<Layout
 fn check_align(dev: &dyn BlockDevice) -> Result<(), StoreError> {
     let align = dev.info().align_bytes;
     if align == 0 || !PAGE.is_multiple_of(align) {
-        return Err(StoreError::InvalidOptions { reason: format!("device alignment does not divide 4 KiB align_bytes={align}") });
+        return Err(StoreError::InvalidOptions {
+            reason: format!("device alignment does not divide 4 KiB align_bytes={align}"),
+        });
     }
     Ok(())
 }
@@ -53,7 +57,12 @@ pub(super) async fn format(dev: Arc<dyn BlockDevice>, opts: StoreOptions) -> Res
     check_align(dev.as_ref())?;
     let size = dev.info().size_bytes;
     let lay = layout(size, opts.segment_bytes, opts.max_block_bytes as u64, new_uuid())?;
-    let sb = Superblock { device_size: size, segment_bytes: lay.seg_bytes, max_block_bytes: lay.max_block as u64, uuid: lay.uuid };
+    let sb = Superblock {
+        device_size: size,
+        segment_bytes: lay.seg_bytes,
+        max_block_bytes: lay.max_block as u64,
+        uuid: lay.uuid,
+    };
     let segs = vec![SegMeta { state: SegState::Free, generation: 0, live_bytes: 0 }; lay.nsegs as usize];
     let inner = Inner::new(dev, lay, State::new(segs, 1, lay.seg_bytes), &opts);
     inner.write_at(0, sb.encode()).await?;
@@ -201,7 +210,8 @@ impl Inner {
         let last = self.read_at(end - PAGE_U64, PAGE).await?;
         let max_pages = self.lay.seg_bytes / PAGE_U64 - 1;
         if let Some(pages) = trailer_pages(&last, generation, self.lay.uuid, max_pages) {
-            let region = if pages == 1 { last } else { self.read_at(end - pages * PAGE_U64, pages as usize * PAGE).await? };
+            let region =
+                if pages == 1 { last } else { self.read_at(end - pages * PAGE_U64, pages as usize * PAGE).await? };
             if let Some(recs) = decode_summary(&region) {
                 return Ok(Loaded { seg, generation, recs, sealed: true, torn: 0, end: self.lay.seg_bytes });
             }

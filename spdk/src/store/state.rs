@@ -198,7 +198,11 @@ impl State {
                 self.active = None;
             }
         }
-        (o.sealing && o.inflight == 0).then(|| SealJob { seg: r.seg, generation: o.generation, recs: std::mem::take(&mut o.recs) })
+        (o.sealing && o.inflight == 0).then(|| SealJob {
+            seg: r.seg,
+            generation: o.generation,
+            recs: std::mem::take(&mut o.recs),
+        })
     }
 
     /// True once every ticket below `t` has finished.
@@ -215,7 +219,10 @@ impl State {
     pub(super) fn activate(&mut self, seg: u32, generation: u64, is_reserve: bool) -> Option<SealJob> {
         let job = self.active.take().and_then(|old| self.stop_writing(old));
         self.active_is_reserve = is_reserve;
-        self.open.insert(seg, OpenSeg { generation, next_off: PAGE_U64, reserved_recs: 0, recs: Vec::new(), inflight: 0, sealing: false });
+        self.open.insert(
+            seg,
+            OpenSeg { generation, next_off: PAGE_U64, reserved_recs: 0, recs: Vec::new(), inflight: 0, sealing: false },
+        );
         self.active = Some(seg);
         job
     }
@@ -301,7 +308,8 @@ mod tests {
         assert_eq!(rs.len(), 31);
         assert!(!st.done_below(1));
         assert!(st.activate(1, 3, false).is_none(), "writes still in flight in segment 0");
-        let jobs: Vec<SealJob> = rs.iter().filter_map(|r| st.finish(r, &[Rec::Tomb { id: 1, data_gen: 1 }], true)).collect();
+        let jobs: Vec<SealJob> =
+            rs.iter().filter_map(|r| st.finish(r, &[Rec::Tomb { id: 1, data_gen: 1 }], true)).collect();
         assert!(st.done_below(st.ticket_mark()));
         assert_eq!(jobs.len(), 1);
         assert_eq!((jobs[0].seg, jobs[0].generation, jobs[0].recs.len()), (0, 1, 31));

@@ -52,32 +52,15 @@ impl Op {
 
 /// A request from a caller.
 pub(crate) enum Request {
-    Io {
-        op: Op,
-        offset: u64,
-        buf: AlignedBuf,
-        done: oneshot::Sender<IoResult>,
-    },
-    Flush {
-        done: oneshot::Sender<Result<(), DeviceError>>,
-    },
+    Io { op: Op, offset: u64, buf: AlignedBuf, done: oneshot::Sender<IoResult> },
+    Flush { done: oneshot::Sender<Result<(), DeviceError>> },
 }
 
 /// A submitted request. It stays in [`State::slots`] (and so keeps its buffer alive) until
 /// its final completion has been reaped.
 enum Slot {
-    Io {
-        op: Op,
-        offset: u64,
-        buf: AlignedBuf,
-        done_bytes: usize,
-        retries: u32,
-        done: oneshot::Sender<IoResult>,
-    },
-    Fsync {
-        retries: u32,
-        done: oneshot::Sender<Result<(), DeviceError>>,
-    },
+    Io { op: Op, offset: u64, buf: AlignedBuf, done_bytes: usize, retries: u32, done: oneshot::Sender<IoResult> },
+    Fsync { retries: u32, done: oneshot::Sender<Result<(), DeviceError>> },
 }
 
 /// An answer to send once the mutex is released (sending wakes a task).

@@ -113,7 +113,9 @@ impl Shared {
                             handle.spawn(reaper_task(Arc::downgrade(self), afd, guard));
                             return;
                         }
-                        Ok(Err(e)) => tracing::debug!(error = %e, "io_uring reaper: cannot register with tokio; using a thread"),
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, "io_uring reaper: cannot register with tokio; using a thread")
+                        }
                         Err(_) => tracing::debug!("io_uring reaper: tokio runtime without I/O; using a thread"),
                     }
                 }
@@ -185,8 +187,14 @@ impl UringDevice {
         let backing = open_backing(path, opts, true)?;
         let queue_depth = opts.queue_depth.clamp(1, MAX_QUEUE_DEPTH);
         // Twice the queue depth: see `engine::Core::start` for why one per slot is not enough.
-        let entries = u32::try_from((2 * queue_depth).next_power_of_two()).map_err(|_| open_err(io::ErrorKind::InvalidInput.into()))?;
-        let info = DeviceInfo { size_bytes: backing.size_bytes, align_bytes: backing.align_bytes, queue_depth, engine: EngineKind::Uring };
+        let entries = u32::try_from((2 * queue_depth).next_power_of_two())
+            .map_err(|_| open_err(io::ErrorKind::InvalidInput.into()))?;
+        let info = DeviceInfo {
+            size_bytes: backing.size_bytes,
+            align_bytes: backing.align_bytes,
+            queue_depth,
+            engine: EngineKind::Uring,
+        };
         let mut ring = new_ring(entries).map_err(open_err)?;
         probe(&mut ring, &backing).map_err(open_err)?;
         let efd = new_eventfd().map_err(open_err)?;
@@ -229,24 +237,16 @@ fn probe(ring: &mut IoUring, backing: &Backing) -> io::Result<()> {
     let nop = opcode::Nop::new().build().user_data(0);
     let mut buf = AlignedBuf::zeroed(backing.align_bytes);
     let len = u32::try_from(buf.len()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-    let read = opcode::Read::new(types::Fd(backing.file.as_raw_fd()), buf.as_mut_ptr(), len)
-        .offset(0)
-        .build()
-        .user_data(1);
-    let want = if backing.size_bytes >= backing.align_bytes as u64 {
-        2
-    } else {
-        1
-    };
+    let read =
+        opcode::Read::new(types::Fd(backing.file.as_raw_fd()), buf.as_mut_ptr(), len).offset(0).build().user_data(1);
+    let want = if backing.size_bytes >= backing.align_bytes as u64 { 2 } else { 1 };
     // SAFETY: `buf` outlives the completion: we wait below for every pushed entry before
     // returning, and on a submit error nothing was handed to the kernel.
     unsafe {
         let mut sq = ring.submission();
-        sq.push(&nop)
-            .map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?;
+        sq.push(&nop).map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?;
         if want == 2 {
-            sq.push(&read)
-                .map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?;
+            sq.push(&read).map_err(|_| io::Error::from(io::ErrorKind::WouldBlock))?;
         }
     }
     let mut seen = 0;
