@@ -36,3 +36,22 @@ pub fn pattern(seed: u64, len: usize) -> Vec<u8> {
     out.truncate(len);
     out
 }
+
+/// Read a starting `tidepool up`'s stdout up to its "Ctrl-C to stop." line and return that
+/// banner; the rest of stdout is drained by a thread so the child never blocks on a full pipe.
+/// The child must have been spawned with `stdout(Stdio::piped())`.
+pub fn read_banner(child: &mut std::process::Child) -> String {
+    use std::io::{BufRead, BufReader};
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout piped")).lines();
+    let mut banner = String::new();
+    for l in lines.by_ref() {
+        let Ok(l) = l else { break };
+        banner.push_str(&l);
+        banner.push('\n');
+        if l.starts_with("Ctrl-C") {
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines {});
+    banner
+}

@@ -4,12 +4,12 @@
 //! unattended, a legacy `s3-credentials` file is imported and removed, the admin routes refuse
 //! a missing or wrong token, and no secret is ever in the clear in the data folder.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use tidepool_e2e::{free_port, tidepool_bin};
+use tidepool_e2e::{free_port, read_banner, tidepool_bin};
 
 struct Node {
     child: Option<Child>,
@@ -59,17 +59,7 @@ impl Node {
         let mut c = self.cmd();
         c.arg("up").envs(env.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::null());
         let mut child = c.spawn().expect("start tidepool up");
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let mut banner = String::new();
-        for l in lines.by_ref() {
-            let l = l.unwrap();
-            banner.push_str(&l);
-            banner.push('\n');
-            if l.starts_with("Ctrl-C") {
-                break;
-            }
-        }
-        std::thread::spawn(move || for _ in lines {});
+        let banner = read_banner(&mut child);
         assert!(banner.contains("Ctrl-C"), "tidepool up did not start:\n{banner}");
         self.banner = banner;
         self.child = Some(child);

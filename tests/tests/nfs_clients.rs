@@ -10,11 +10,10 @@
 //! libnfs URLs: `nfs://127.0.0.1/EXPORT/FILE?nfsport=P&mountport=P`, where the export is the
 //! path up to the last `/`; a file at the root of the namespace is `nfs://127.0.0.1//FILE`.
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use tidepool_e2e::{free_port, pattern, tidepool_bin};
+use tidepool_e2e::{free_port, pattern, read_banner, tidepool_bin};
 
 const KEY: &str = "TPE2ENFSACCESSKEY0001";
 const SECRET: &str = "e2e-nfs-secret-key-abcdefghijkl";
@@ -52,17 +51,7 @@ fn start(data: &Path, work: &Path) -> Up {
         .stderr(Stdio::null())
         .spawn()
         .expect("start tidepool up");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut banner = String::new();
-    for l in lines.by_ref() {
-        let l = l.unwrap();
-        banner.push_str(&l);
-        banner.push('\n');
-        if l.starts_with("Ctrl-C") {
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
+    let banner = read_banner(&mut child);
     assert!(banner.contains(&format!("NFS           nfs://127.0.0.1:{nfs_port}/")), "{banner}");
     assert!(banner.contains(&format!("nfs-ls 'nfs://127.0.0.1/?nfsport={nfs_port}&mountport={nfs_port}'")), "{banner}");
     std::fs::create_dir_all(work).unwrap();

@@ -3,11 +3,11 @@
 //! signed requests), multipart upload (aws CLI, rclone) and RenameObject (curl). ./test.sh
 //! installs the clients; a missing client fails the test.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 
-use tidepool_e2e::{free_port, tidepool_bin};
+use tidepool_e2e::{free_port, read_banner, tidepool_bin};
 
 const KEY: &str = "TPE2EACCESSKEY0000001";
 const SECRET: &str = "e2e-secret-key-abcdefghijklmnop";
@@ -45,17 +45,7 @@ fn start() -> Up {
         .stderr(Stdio::null())
         .spawn()
         .expect("start tidepool up");
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let mut banner = String::new();
-    for l in lines.by_ref() {
-        let l = l.unwrap();
-        banner.push_str(&l);
-        banner.push('\n');
-        if l.starts_with("Ctrl-C") {
-            break;
-        }
-    }
-    std::thread::spawn(move || for _ in lines {});
+    let banner = read_banner(&mut child);
     let endpoint = format!("http://127.0.0.1:{s3_port}");
     assert!(banner.contains(&format!("S3            {endpoint}")), "{banner}");
     assert!(banner.contains(KEY) && banner.contains(SECRET) && banner.contains("aws --endpoint-url"), "{banner}");
