@@ -6,7 +6,9 @@
 //! Eviction is first-in first-out, which is enough for a cache that only saves a small read.
 
 use std::collections::{HashMap, VecDeque};
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::BuildHasherDefault;
+
+use super::state::IntHasher;
 use std::sync::Arc;
 
 /// `(segment generation, entry offset in pages, header page)`.
@@ -15,30 +17,8 @@ pub(super) type CrcKey = (u64, u32, u32);
 /// Bookkeeping bytes charged per cached slice on top of its crcs.
 const OVERHEAD: usize = 64;
 
-/// Keys are our own integers: a cheap multiplicative mix instead of SipHash.
-#[derive(Default)]
-pub(super) struct KeyHasher(u64);
-
-impl Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        let x = self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        x ^ (x >> 29)
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = self.0.rotate_left(8) ^ *b as u64;
-        }
-    }
-    fn write_u32(&mut self, n: u32) {
-        self.0 = (self.0 ^ n as u64).wrapping_mul(0xFF51_AFD7_ED55_8CCD).rotate_left(23);
-    }
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0 ^ n).wrapping_mul(0xC4CE_B9FE_1A85_EC53).rotate_left(29);
-    }
-}
-
 pub(super) struct CrcCache {
-    map: HashMap<CrcKey, Arc<[u32]>, BuildHasherDefault<KeyHasher>>,
+    map: HashMap<CrcKey, Arc<[u32]>, BuildHasherDefault<IntHasher>>,
     order: VecDeque<CrcKey>,
     bytes: usize,
     limit: usize,

@@ -18,12 +18,14 @@ pub(super) struct Loc {
     pub len: u32,
 }
 
-/// Block ids are dense integers: mix them (SipHash is slower and needs no DoS resistance here),
-/// so the table's control bytes (top 7 hash bits) and bucket bits (low bits) both vary.
+/// Hasher for the store's own integer keys (block ids in the index; `(generation, offset,
+/// page)` in the crc cache): a cheap multiplicative mix instead of SipHash, which is slower
+/// and whose DoS resistance these keys do not need. Mixing on every write keeps both the
+/// table's control bytes (top 7 hash bits) and bucket bits (low bits) varied for dense ids.
 #[derive(Default)]
-pub(super) struct IdHasher(u64);
+pub(super) struct IntHasher(u64);
 
-impl Hasher for IdHasher {
+impl Hasher for IntHasher {
     fn finish(&self) -> u64 {
         let x = self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15);
         x ^ (x >> 29)
@@ -33,12 +35,15 @@ impl Hasher for IdHasher {
             self.0 = self.0.rotate_left(8) ^ *b as u64;
         }
     }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = (self.0 ^ n as u64).wrapping_mul(0xFF51_AFD7_ED55_8CCD).rotate_left(23);
+    }
     fn write_u64(&mut self, n: u64) {
-        self.0 = n;
+        self.0 = (self.0 ^ n).wrapping_mul(0xC4CE_B9FE_1A85_EC53).rotate_left(29);
     }
 }
 
-pub(super) type Index = HashMap<BlockId, Loc, BuildHasherDefault<IdHasher>>;
+pub(super) type Index = HashMap<BlockId, Loc, BuildHasherDefault<IntHasher>>;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum SegState {
