@@ -55,3 +55,27 @@ pub fn read_banner(child: &mut std::process::Child) -> String {
     std::thread::spawn(move || for _ in lines {});
     banner
 }
+
+/// Run a client tool (aws, curl, rclone, nfs-cp, ...) and collect its output. A tool that is
+/// missing fails the test: `./test.sh` installs every client the tests use.
+pub fn run(mut c: std::process::Command) -> std::process::Output {
+    let name = c.get_program().to_string_lossy().into_owned();
+    c.output().unwrap_or_else(|e| {
+        panic!(
+            "cannot run {name}: {e}. The client tests need the aws CLI, boto3, rclone, curl and libnfs's tools (libnfs-utils): ./test.sh installs them"
+        )
+    })
+}
+
+/// [`run`], asserting success; returns stdout.
+pub fn ok(c: std::process::Command) -> String {
+    let desc = format!("{c:?}");
+    let out = run(c);
+    assert!(
+        out.status.success(),
+        "{desc} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -11,9 +11,9 @@
 //! path up to the last `/`; a file at the root of the namespace is `nfs://127.0.0.1//FILE`.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 
-use tidepool_e2e::{free_port, pattern, read_banner, tidepool_bin};
+use tidepool_e2e::{free_port, ok, pattern, read_banner, run, tidepool_bin};
 
 const KEY: &str = "TPE2ENFSACCESSKEY0001";
 const SECRET: &str = "e2e-nfs-secret-key-abcdefghijkl";
@@ -92,27 +92,6 @@ fn interrupt(pid: u32) {
 }
 
 /// Run a tool; one that is not installed fails the test with what to do.
-fn run(mut c: Command) -> Output {
-    let name = c.get_program().to_string_lossy().into_owned();
-    c.output().unwrap_or_else(|e| {
-        panic!(
-            "cannot run {name}: {e}. The NFS client tests need libnfs's tools (apt-get install libnfs-utils) and the aws CLI: ./test.sh installs them"
-        )
-    })
-}
-
-fn ok(c: Command) -> String {
-    let desc = format!("{c:?}");
-    let out = run(c);
-    assert!(
-        out.status.success(),
-        "{desc} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn tool(name: &str, args: &[&str]) -> Command {
     let mut c = Command::new(name);
     c.args(args);

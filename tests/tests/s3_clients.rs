@@ -5,9 +5,9 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 
-use tidepool_e2e::{free_port, read_banner, tidepool_bin};
+use tidepool_e2e::{free_port, ok, read_banner, run, tidepool_bin};
 
 const KEY: &str = "TPE2EACCESSKEY0000001";
 const SECRET: &str = "e2e-secret-key-abcdefghijklmnop";
@@ -55,25 +55,6 @@ fn start() -> Up {
 }
 
 /// Run a client; a client that is not installed fails the test with what to do.
-fn run(mut c: Command) -> Output {
-    let name = c.get_program().to_string_lossy().into_owned();
-    c.output().unwrap_or_else(|e| {
-        panic!("cannot run {name}: {e}. The S3 client tests need the aws CLI, boto3, rclone and curl: ./test.sh installs them")
-    })
-}
-
-fn ok(c: Command) -> String {
-    let desc = format!("{c:?}");
-    let out = run(c);
-    assert!(
-        out.status.success(),
-        "{desc} failed:\n{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
 fn aws(up: &Up, args: &[&str]) -> Command {
     let mut c = Command::new("aws");
     c.arg("--endpoint-url").arg(&up.endpoint).args(args);
