@@ -1,6 +1,10 @@
 //! tidepool-tiering: the cold tier.
 //!
-//! Will own the `ObjectStore` trait and its backends (S3, Azure Blob, a local folder), the
-//! chunk and pack object formats, the write-back tiering engine, eviction, garbage
-//! collection, manifests, spin-down and rehydrate (see ARCHITECTURE.md and the README's
-//! "Not finished"). Nothing is built here yet: every block stays on NVMe, in state `Dirty`.
+//! Owns the `ObjectStore` trait and its backends (S3, Azure Blob, a local folder) and wrappers
+//! (retry, fault injection) in `store/`; the chunk and pack object formats and the bucket's key
+//! layout in `format/`; and the write-back tiering engine, eviction and garbage collection.
+//! It does not own the namespace (tidepool-cluster) or the NVMe copies (tidepool-spdk).
+
+pub mod store;
+
+pub use store::{ListPage, ObjectError, ObjectInfo, ObjectStore, PutIfAbsent};
