@@ -5,6 +5,8 @@
 //! Behaviour that is not "talk to one kind of bucket" lives in wrappers around the same trait
 //! (retry with backoff, fault injection), so each can be tested alone.
 
+pub mod azure;
+
 use std::ops::Range;
 
 use async_trait::async_trait;
