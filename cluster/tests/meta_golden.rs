@@ -1,12 +1,12 @@
 //! Golden tests of the meta snapshot encoding: the bytes of a small fixed state are pinned
 //! with insta (a change to them is a format change: bump `SNAPSHOT_VERSION` and migrate),
-//! older versions still decode (`fixtures/meta_snapshot_v1.hex`, written by version 1), and
-//! every malformed input is a clear error.
+//! older versions still decode (`fixtures/meta_snapshot_v1.hex` and `_v2.hex`, written by
+//! versions 1 and 2), and every malformed input is a clear error.
 
 use std::fmt::Write as _;
 
 use tidepool_cluster::meta::{
-    AccessKey, BlockState, Command, MetaState, NewBlock, NewKind, ObjectLocator, SNAPSHOT_VERSION,
+    AccessKey, BlockState, Command, MetaState, NewBlock, NewKind, ObjectKind, SNAPSHOT_VERSION, TieredBlock,
 };
 use tidepool_cluster::raft::StateMachine;
 
@@ -57,14 +57,13 @@ fn fixed_state() -> MetaState {
             gid: 0,
             now: 1_700_000_005_000_000_000,
         },
-        Command::SetBlockState {
-            id: 2,
-            state: BlockState::Clean(ObjectLocator {
-                key: "blocks/000001".into(),
-                offset: 4096,
-                len: 100,
-                crc: 0xdead_beef,
-            }),
+        Command::RecordTiered {
+            object: 0x0123_4567_89ab_cdef_0011_2233_4455_6677,
+            kind: ObjectKind::Pack,
+            size_bytes: 8192,
+            blocks: vec![TieredBlock { id: 2, offset: 4096, len: 100, crc: 0xdead_beef }],
+            from: None,
+            now: 1_700_000_006_000_000_000,
         },
     ];
     for cmd in &log {
@@ -95,6 +94,28 @@ fn fixed_state_v2() -> MetaState {
     s
 }
 
+/// `fixed_state_v3` plus a pin (snapshot version 3 added the cold tier).
+fn fixed_state_v3() -> MetaState {
+    let mut s = fixed_state_v2();
+    s.apply(&Command::SetPin { ino: 2, pinned: true }).expect("pin");
+    s.check_invariants().expect("fixed state is consistent");
+    s
+}
+
+/// What an older snapshot of `s` becomes when read by this version: nothing was ever tiered
+/// before version 3, so every block is dirty and its write time unknown (0).
+fn as_migrated(mut s: MetaState) -> MetaState {
+    for b in s.blocks.values_mut() {
+        b.state = BlockState::Dirty;
+        b.written = 0;
+    }
+    s.objects.clear();
+    s.pins.clear();
+    s.dirty_bytes = s.blocks.values().map(|b| u64::from(b.len)).sum();
+    s.check_invariants().expect("migrated state is consistent");
+    s
+}
+
 fn hex_dump(bytes: &[u8]) -> String {
     let mut out = String::new();
     for (i, chunk) in bytes.chunks(32).enumerate() {
@@ -117,34 +138,47 @@ fn from_hex_dump(text: &str) -> Vec<u8> {
 }
 
 #[test]
-fn snapshot_v2_bytes_are_pinned() {
-    assert_eq!(SNAPSHOT_VERSION, 2);
-    let bytes = fixed_state_v2().encode_snapshot();
+fn snapshot_v3_bytes_are_pinned() {
+    assert_eq!(SNAPSHOT_VERSION, 3);
+    let bytes = fixed_state_v3().encode_snapshot();
     assert_eq!(&bytes[0..4], b"TPMS");
     assert_eq!(u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]), SNAPSHOT_VERSION);
-    insta::assert_snapshot!("meta_snapshot_v2", hex_dump(&bytes));
+    insta::assert_snapshot!("meta_snapshot_v3", hex_dump(&bytes));
 }
 
 /// A snapshot written by version 1 (before access keys) still restores: same namespace,
-/// no access keys; written again it becomes version 2.
+/// no access keys, every block dirty; written again it becomes the current version.
 #[test]
 fn snapshot_v1_still_decodes_and_migrates() {
     let v1 = from_hex_dump(include_str!("fixtures/meta_snapshot_v1.hex"));
     assert_eq!(u32::from_le_bytes([v1[4], v1[5], v1[6], v1[7]]), 1);
     let s = MetaState::decode_snapshot(&v1).expect("v1 decodes");
-    assert_eq!(s, fixed_state());
+    assert_eq!(s, as_migrated(fixed_state()));
     assert!(s.access_keys.is_empty());
     let again = s.encode_snapshot();
-    assert_eq!(u32::from_le_bytes([again[4], again[5], again[6], again[7]]), 2);
-    assert_eq!(MetaState::decode_snapshot(&again).expect("v2 decodes"), s);
+    assert_eq!(u32::from_le_bytes([again[4], again[5], again[6], again[7]]), SNAPSHOT_VERSION);
+    assert_eq!(MetaState::decode_snapshot(&again).expect("v3 decodes"), s);
     // A version 2 payload labelled version 1 is refused, never misread.
-    let v2 = fixed_state_v2().encode_snapshot();
+    let v2 = from_hex_dump(include_str!("fixtures/meta_snapshot_v2.hex"));
     assert!(MetaState::decode_snapshot(&reheader(&v2, 1)).is_err());
+}
+
+/// A snapshot written by version 2 (before the cold tier) still restores with its keys.
+#[test]
+fn snapshot_v2_still_decodes_and_migrates() {
+    let v2 = from_hex_dump(include_str!("fixtures/meta_snapshot_v2.hex"));
+    assert_eq!(u32::from_le_bytes([v2[4], v2[5], v2[6], v2[7]]), 2);
+    let s = MetaState::decode_snapshot(&v2).expect("v2 decodes");
+    assert_eq!(s, as_migrated(fixed_state_v2()));
+    assert_eq!(s.access_keys.len(), 2);
+    // A version 3 payload labelled version 2 is refused, never misread.
+    let v3 = fixed_state_v3().encode_snapshot();
+    assert!(MetaState::decode_snapshot(&reheader(&v3, 2)).is_err());
 }
 
 #[test]
 fn snapshot_round_trips_through_the_state_machine_trait() {
-    let s = fixed_state_v2();
+    let s = fixed_state_v3();
     let bytes = StateMachine::snapshot(&s);
     let back = <MetaState as StateMachine>::restore(&bytes).expect("restore");
     assert_eq!(back, s);
@@ -161,10 +195,10 @@ fn reheader(bytes: &[u8], version: u32) -> Vec<u8> {
 
 #[test]
 fn malformed_snapshots_are_clear_errors() {
-    let bytes = fixed_state_v2().encode_snapshot();
+    let bytes = fixed_state_v3().encode_snapshot();
     let err = |b: &[u8]| MetaState::decode_snapshot(b).expect_err("must not decode");
-    assert_eq!(err(&reheader(&bytes, 3)), "unsupported meta snapshot version found=3 supported=1..=2");
-    assert_eq!(err(&reheader(&bytes, 0)), "unsupported meta snapshot version found=0 supported=1..=2");
+    assert_eq!(err(&reheader(&bytes, 4)), "unsupported meta snapshot version found=4 supported=1..=3");
+    assert_eq!(err(&reheader(&bytes, 0)), "unsupported meta snapshot version found=0 supported=1..=3");
     let mut magic = bytes.clone();
     magic[0] = b'X';
     assert_eq!(err(&magic), "not a meta snapshot: bad magic [58, 50, 4d, 53]");
@@ -178,12 +212,20 @@ fn malformed_snapshots_are_clear_errors() {
 
 #[test]
 fn inconsistent_payload_with_good_checksum_is_rejected() {
-    let mut s = fixed_state_v2();
+    let mut s = fixed_state_v3();
     s.blocks.get_mut(&1).expect("block 1").refs = 7;
     let bytes = s.encode_snapshot();
     let e = MetaState::decode_snapshot(&bytes).expect_err("refs mismatch");
     assert_eq!(e, "meta snapshot inconsistent: block refs wrong block_id=1 refs=7 extents=2");
-    let mut s = fixed_state_v2();
+    let mut s = fixed_state_v3();
+    s.objects.values_mut().for_each(|o| o.live_bytes += 1);
+    let e = MetaState::decode_snapshot(&s.encode_snapshot()).expect_err("live bytes");
+    assert!(e.starts_with("meta snapshot inconsistent: object live counts wrong"), "{e}");
+    let mut s = fixed_state_v3();
+    s.dirty_bytes += 1;
+    let e = MetaState::decode_snapshot(&s.encode_snapshot()).expect_err("dirty bytes");
+    assert!(e.starts_with("meta snapshot inconsistent: dirty_bytes="), "{e}");
+    let mut s = fixed_state_v3();
     s.access_keys.insert("lowercase-id-is-not-valid".into(), s.access_keys["TPBBBBBBBBBBBBBBBBBB"].clone());
     let e = MetaState::decode_snapshot(&s.encode_snapshot()).expect_err("bad key id");
     assert!(e.starts_with("meta snapshot inconsistent: bad access key id=\"lowercase-id-is-not-valid\""), "{e}");

@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use tidepool_cluster::meta::{
-    AccessKey, Applied, BlockId, BlockState, Command, Ino, InodeKind, MetaError, MetaState, NewBlock, NewKind,
-    ObjectLocator,
+    AccessKey, Applied, BlockId, Command, Ino, InodeKind, MetaError, MetaState, NewBlock, NewKind,
+    ObjectKind, TieredBlock,
 };
 
 /// An abstract command: selectors are resolved against the state in `concrete`.
@@ -27,7 +27,9 @@ enum Op {
     RemoveXattr { ino: u8, key: u8 },
     ReplaceXattrs { ino: u8, keys: Vec<u8> },
     Alloc { count: u64 },
-    SetBlockState { id: u8, cold: bool },
+    RecordTiered { object: u8, ids: Vec<u8>, from: bool },
+    DropObjects { objects: Vec<u8> },
+    SetPin { ino: u8, pinned: bool },
     Concat { dst: u8, srcs: Vec<u8> },
     PutAccessKey { id: u8, seal: u8 },
     DeleteAccessKey { id: u8 },
@@ -49,7 +51,10 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (sel(), sel()).prop_map(|(ino, key)| Op::RemoveXattr { ino, key }),
         1 => (sel(), proptest::collection::vec(sel(), 0..3)).prop_map(|(ino, keys)| Op::ReplaceXattrs { ino, keys }),
         2 => (0u64..10).prop_map(|count| Op::Alloc { count }),
-        1 => (sel(), any::<bool>()).prop_map(|(id, cold)| Op::SetBlockState { id, cold }),
+        2 => (sel(), proptest::collection::vec(sel(), 0..4), any::<bool>())
+            .prop_map(|(object, ids, from)| Op::RecordTiered { object, ids, from }),
+        1 => proptest::collection::vec(sel(), 0..3).prop_map(|objects| Op::DropObjects { objects }),
+        1 => (sel(), any::<bool>()).prop_map(|(ino, pinned)| Op::SetPin { ino, pinned }),
         2 => (sel(), proptest::collection::vec(sel(), 0..4)).prop_map(|(dst, srcs)| Op::Concat { dst, srcs }),
         1 => (sel(), sel()).prop_map(|(id, seal)| Op::PutAccessKey { id, seal }),
         1 => sel().prop_map(|id| Op::DeleteAccessKey { id }),
@@ -170,13 +175,31 @@ fn concrete(s: &MetaState, op: &Op, now: i64) -> Command {
             Command::ReplaceXattrs { ino: pick(s, ino, false), xattrs, now }
         }
         Op::Alloc { count } => Command::AllocBlockIds { count },
-        Op::SetBlockState { id, cold } => {
+        Op::RecordTiered { object, ids: sels, from } => {
+            // Blocks of the table (now and then a missing id), laid end to end in the object.
             let ids: Vec<BlockId> = s.blocks.keys().copied().collect();
-            let id = if ids.is_empty() || id % 8 == 7 { 12345 } else { ids[usize::from(id) % ids.len()] };
-            let loc = ObjectLocator { key: format!("seg/{id}"), offset: 0, len: 1, crc: 0 };
-            let state = if cold { BlockState::Cold(loc) } else { BlockState::Clean(loc) };
-            Command::SetBlockState { id, state }
+            let mut offset = 0u64;
+            let mut blocks = Vec::new();
+            for sel in sels {
+                let (id, len) = if ids.is_empty() || sel % 8 == 7 {
+                    (12345, 7)
+                } else {
+                    let id = ids[usize::from(sel) % ids.len()];
+                    (id, s.blocks[&id].len)
+                };
+                blocks.push(TieredBlock { id, offset, len, crc: 0 });
+                offset += u64::from(len);
+            }
+            // A rewrite moves blocks out of an existing object; ids collide now and then.
+            let from = if from { s.objects.keys().next().copied() } else { None };
+            let object = u128::from(object % 16) + 1;
+            Command::RecordTiered { object, kind: ObjectKind::Pack, size_bytes: offset + 16, blocks, from, now }
         }
+        Op::DropObjects { objects } => {
+            let objects = objects.iter().map(|o| u128::from(o % 16) + 1).collect();
+            Command::DropObjects { objects }
+        }
+        Op::SetPin { ino, pinned } => Command::SetPin { ino: pick(s, ino, false), pinned },
         Op::Concat { dst, srcs: sels } => {
             let dst = pick_file(s, dst);
             let mut srcs: Vec<Ino> = sels.iter().map(|&x| pick_file(s, x)).collect();
@@ -417,7 +440,9 @@ fn generator_reaches_successful_commands() {
         "RemoveXattr",
         "ReplaceXattrs",
         "AllocBlockIds",
-        "SetBlockState",
+        "RecordTiered",
+        "DropObjects",
+        "SetPin",
         "Concat",
         "PutAccessKey",
         "DeleteAccessKey",
@@ -440,7 +465,9 @@ fn cmd_kind(cmd: &Command) -> &'static str {
         Command::RemoveXattr { .. } => "RemoveXattr",
         Command::ReplaceXattrs { .. } => "ReplaceXattrs",
         Command::AllocBlockIds { .. } => "AllocBlockIds",
-        Command::SetBlockState { .. } => "SetBlockState",
+        Command::RecordTiered { .. } => "RecordTiered",
+        Command::DropObjects { .. } => "DropObjects",
+        Command::SetPin { .. } => "SetPin",
         Command::Concat { .. } => "Concat",
         Command::PutAccessKey { .. } => "PutAccessKey",
         Command::DeleteAccessKey { .. } => "DeleteAccessKey",

@@ -131,12 +131,8 @@ impl Fs {
         report.missing_blocks = self.meta.read(|s| {
             s.blocks
                 .iter()
-                .filter(|(id, b)| {
-                    matches!(
-                        b.state,
-                        tidepool_cluster::meta::BlockState::Dirty | tidepool_cluster::meta::BlockState::Clean(_)
-                    ) && !self.store.contains(**id)
-                })
+                // A tiered block may be absent (evicted: cold); a dirty one must be here.
+                .filter(|(id, b)| b.state == tidepool_cluster::meta::BlockState::Dirty && !self.store.contains(**id))
                 .count() as u64
         });
         if report.missing_blocks > 0 {

@@ -88,6 +88,9 @@ impl MetaState {
             next_block_id: 1,
             applied: 0,
             access_keys: BTreeMap::new(),
+            objects: BTreeMap::new(),
+            pins: std::collections::BTreeSet::new(),
+            dirty_bytes: 0,
         }
     }
 
@@ -95,6 +98,20 @@ impl MetaState {
     /// nothing else changes.
     pub fn apply(&mut self, cmd: &Command) -> Result<Applied, MetaError> {
         self.applied += 1;
+        let applied = self.apply_one(cmd)?;
+        // Blocks whose last reference went were left in the table at zero references: drop
+        // them now, with their share of the dirty bytes and of their object's live bytes.
+        for id in &applied.freed {
+            self.drop_block(*id);
+        }
+        if !self.pins.is_empty() {
+            let inodes = &self.inodes;
+            self.pins.retain(|i| inodes.contains_key(i));
+        }
+        Ok(applied)
+    }
+
+    fn apply_one(&mut self, cmd: &Command) -> Result<Applied, MetaError> {
         match cmd {
             Command::Create { parent, name, kind, mode, uid, gid, now } => {
                 self.create(CreateArgs { parent: *parent, name, kind, mode: *mode, uid: *uid, gid: *gid, now: *now })
@@ -121,7 +138,11 @@ impl MetaState {
             Command::RemoveXattr { ino, key, now } => self.remove_xattr(*ino, key, *now),
             Command::ReplaceXattrs { ino, xattrs, now } => self.replace_xattrs(*ino, xattrs, *now),
             Command::AllocBlockIds { count } => self.alloc_block_ids(*count),
-            Command::SetBlockState { id, state } => self.set_block_state(*id, state),
+            Command::RecordTiered { object, kind, size_bytes, blocks, from, now } => {
+                self.record_tiered(*object, *kind, *size_bytes, blocks, *from, *now)
+            }
+            Command::DropObjects { objects } => self.drop_objects(objects),
+            Command::SetPin { ino, pinned } => self.set_pin(*ino, *pinned),
             Command::Concat { dst, srcs, now } => self.concat(*dst, srcs, *now),
             Command::PutAccessKey { id, key } => self.put_access_key(id, key),
             Command::DeleteAccessKey { id } => self.delete_access_key(id),
@@ -187,12 +208,12 @@ impl MetaState {
             self.remove_child(a.parent, a.name, &mut freed);
         }
         let mut extents = BTreeMap::new();
-        super::data::lay_blocks(&mut extents, &mut self.blocks, 0, a.blocks);
+        self.dirty_bytes += super::data::lay_blocks(&mut extents, &mut self.blocks, 0, a.blocks, a.now);
         let attr = fresh_attr(InodeKind::File, a.mode, a.uid, a.gid, size, 1, a.now);
         let inode = Inode { attr, xattrs: a.xattrs.clone(), extents, target: Vec::new() };
         let attr = self.link_new(a.parent, a.name, inode, a.now);
         freed.sort_unstable();
-        Ok(Applied { attr: Some(attr), freed, first_block_id: None })
+        Ok(Applied { attr: Some(attr), freed, ..Applied::default() })
     }
 
     /// Enters `inode` (attrs from [`fresh_attr`]) as the free, checked name `name` of dir
@@ -264,7 +285,7 @@ impl MetaState {
         self.touch_dir(src_parent, now);
         self.touch_dir(dst_parent, now);
         freed.sort_unstable();
-        Ok(Applied { attr: Some(attr), freed, first_block_id: None })
+        Ok(Applied { attr: Some(attr), freed, ..Applied::default() })
     }
 
     fn unlink(&mut self, parent: Ino, name: &[u8], now: Nanos) -> Result<Applied, MetaError> {

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{BlockId, Ino, Inode, InodeKind, MetaState, ROOT_INO};
+use super::{BlockId, BlockState, Ino, Inode, InodeKind, MetaState, ROOT_INO};
 
 impl MetaState {
     /// Checks the whole state; the error names the first broken invariant and the values.
@@ -11,7 +11,48 @@ impl MetaState {
         self.check_extents()?;
         self.check_tree()?;
         self.check_counters()?;
+        self.check_tier()?;
         self.check_access_keys()
+    }
+
+    /// Cold tier: every tiered block points into a known object with its own length; each
+    /// object's live counts are the sums of the blocks pointing into it; `dirty_bytes` is the
+    /// sum of the dirty blocks; pins name live inodes.
+    fn check_tier(&self) -> Result<(), String> {
+        let mut live: BTreeMap<super::ObjectId, (u64, u32)> = BTreeMap::new();
+        let mut dirty = 0u64;
+        for (id, block) in &self.blocks {
+            match &block.state {
+                BlockState::Dirty => dirty += u64::from(block.len),
+                BlockState::Tiered(loc) => {
+                    let Some(object) = self.objects.get(&loc.object) else {
+                        return Err(format!("tiered block in unknown object block_id={id} object={:032x}", loc.object));
+                    };
+                    if loc.len != block.len || loc.offset + u64::from(loc.len) > object.size_bytes {
+                        return Err(format!("tiered block locator wrong block_id={id} object={:032x}", loc.object));
+                    }
+                    let l = live.entry(loc.object).or_default();
+                    l.0 += u64::from(block.len);
+                    l.1 += 1;
+                }
+            }
+        }
+        if dirty != self.dirty_bytes {
+            return Err(format!("dirty_bytes={} dirty blocks hold {dirty}", self.dirty_bytes));
+        }
+        for (o, meta) in &self.objects {
+            let (bytes, blocks) = live.get(o).copied().unwrap_or_default();
+            if (meta.live_bytes, meta.live_blocks) != (bytes, blocks) {
+                return Err(format!(
+                    "object live counts wrong object={o:032x} live_bytes={} live_blocks={} counted_bytes={bytes} counted_blocks={blocks}",
+                    meta.live_bytes, meta.live_blocks
+                ));
+            }
+        }
+        if let Some(p) = self.pins.iter().find(|p| !self.inodes.contains_key(p)) {
+            return Err(format!("pin of a missing inode ino={p}"));
+        }
+        Ok(())
     }
 
     /// Access keys: every stored key has the shape PutAccessKey admits.

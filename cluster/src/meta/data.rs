@@ -1,6 +1,6 @@
 //! Commands on file contents, attributes, user metadata and the block table: SetAttr
 //! (truncate / extend), Write (copy-on-write extents), the xattr commands, AllocBlockIds and
-//! SetBlockState, Concat (extents moved from files to the end of another), plus the extent
+//! Concat (extents moved from files to the end of another), plus the extent
 //! surgery they share. Like `apply.rs`: validate fully, then mutate.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -65,7 +65,7 @@ impl MetaState {
         attr.ctime = c.now;
         let attr = attr.clone();
         freed.sort_unstable();
-        Ok(Applied { attr: Some(attr), freed, first_block_id: None })
+        Ok(Applied { attr: Some(attr), freed, ..Applied::default() })
     }
 
     /// Write: lays `blocks` end to end from `offset`, replacing what was there.
@@ -95,13 +95,13 @@ impl MetaState {
         // Field-level borrow (not `inode_mut`) so `self.blocks` stays usable; ino validated above.
         let inode = self.inodes.get_mut(&ino).expect("inode validated to exist");
         punch(&mut inode.extents, &mut self.blocks, offset, end, &mut freed);
-        lay_blocks(&mut inode.extents, &mut self.blocks, offset, blocks);
+        self.dirty_bytes += lay_blocks(&mut inode.extents, &mut self.blocks, offset, blocks, now);
         inode.attr.size = inode.attr.size.max(end);
         inode.attr.mtime = now;
         inode.attr.ctime = now;
         let attr = inode.attr.clone();
         freed.sort_unstable();
-        Ok(Applied { attr: Some(attr), freed, first_block_id: None })
+        Ok(Applied { attr: Some(attr), freed, ..Applied::default() })
     }
 
     /// Checks the blocks of a Write or Publish (non-empty, allocated, unused, distinct) and
@@ -166,11 +166,6 @@ impl MetaState {
         Ok(Applied { first_block_id: Some(first), ..Applied::default() })
     }
 
-    pub(super) fn set_block_state(&mut self, id: BlockId, state: &BlockState) -> Result<Applied, MetaError> {
-        let block = self.blocks.get_mut(&id).ok_or(MetaError::NoBlock(id))?;
-        block.state = state.clone();
-        Ok(Applied::default())
-    }
 }
 
 impl MetaState {
@@ -295,19 +290,22 @@ pub(super) fn punch(
 }
 
 /// Lays checked new `blocks` end to end from `offset` into `extents` (a range already
-/// punched clear) and enters them in the block table with one reference each.
+/// punched clear) and enters them in the block table, dirty, with one reference each.
+/// Returns their total length (new dirty bytes).
 pub(super) fn lay_blocks(
     extents: &mut BTreeMap<u64, Extent>,
     blocks: &mut BTreeMap<BlockId, BlockMeta>,
     offset: u64,
     new: &[NewBlock],
-) {
+    now: Nanos,
+) -> u64 {
     let mut at = offset;
     for b in new {
         extents.insert(at, Extent { len: u64::from(b.len), block: b.id, block_offset: 0 });
-        blocks.insert(b.id, BlockMeta { len: b.len, state: BlockState::Dirty, refs: 1 });
+        blocks.insert(b.id, BlockMeta { len: b.len, state: BlockState::Dirty, refs: 1, written: now });
         at += u64::from(b.len);
     }
+    at - offset
 }
 
 fn add_ref(blocks: &mut BTreeMap<BlockId, BlockMeta>, id: BlockId) {
@@ -316,12 +314,13 @@ fn add_ref(blocks: &mut BTreeMap<BlockId, BlockMeta>, id: BlockId) {
     }
 }
 
-/// Drops one reference to `id`; at zero the block leaves the table and goes on `freed`.
+/// Drops one reference to `id`; at zero the block goes on `freed` (it stays in the table at
+/// zero references until `MetaState::apply` drops it with its accounting, once the command
+/// has succeeded).
 pub(super) fn unref_block(blocks: &mut BTreeMap<BlockId, BlockMeta>, id: BlockId, freed: &mut Vec<BlockId>) {
     if let Some(b) = blocks.get_mut(&id) {
         b.refs = b.refs.saturating_sub(1);
         if b.refs == 0 {
-            blocks.remove(&id);
             freed.push(id);
         }
     }

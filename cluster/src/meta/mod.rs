@@ -8,6 +8,7 @@ mod data;
 mod keys;
 mod read;
 mod snapshot;
+mod tier;
 #[cfg(test)]
 mod tests;
 mod types;
@@ -19,10 +20,11 @@ pub use read::{DirPage, Totals};
 pub use types::*;
 
 /// Version of the snapshot encoding written by [`MetaState::encode_snapshot`].
-/// Version 2 added `access_keys`; version 1 snapshots are still read (no keys).
-pub const SNAPSHOT_VERSION: u32 = 2;
+/// Version 2 added `access_keys`; version 3 the cold tier (block `written` times and
+/// locators into `objects`, `pins`, `dirty_bytes`). Versions 1 and 2 are still read.
+pub const SNAPSHOT_VERSION: u32 = 3;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
@@ -40,4 +42,10 @@ pub struct MetaState {
     pub applied: u64,
     /// S3 access key id -> the key (secret sealed). Snapshot version 2 on.
     pub access_keys: BTreeMap<String, AccessKey>,
+    /// Objects in the bucket that tiered blocks point into. Snapshot version 3 on.
+    pub objects: BTreeMap<ObjectId, ObjectMeta>,
+    /// Pinned inodes (`tidepool pin`): their files' blocks are never evicted.
+    pub pins: BTreeSet<Ino>,
+    /// Total length of the `Dirty` blocks (kept so writers can be held back cheaply).
+    pub dirty_bytes: u64,
 }

@@ -1,30 +1,73 @@
 //! Snapshot encoding of a `MetaState`, and the `StateMachine` impl the Raft driver uses.
 //!
 //! Layout: magic `b"TPMS"`, format version (u32 LE), crc32c of the payload (u32 LE), then
-//! the postcard encoding of `MetaState`. Version 2 (written now) added the access keys;
-//! version 1 (no access keys) is still read and migrated with an empty key map. A newer
-//! version is a clear error (this build cannot know its layout), never a panic.
+//! the postcard encoding of `MetaState`. Version 3 (written now) added the cold tier;
+//! version 2 added the access keys. Versions 1 and 2 are still read and migrated: no access
+//! keys (v1), and every block `Dirty` with `written` 0 (before version 3 nothing was ever
+//! uploaded, so a v1/v2 locator never named a real object and the NVMe copy is the data).
+//! A newer version is a clear error (this build cannot know its layout), never a panic.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 
-use super::{Applied, BlockId, BlockMeta, Command, Ino, Inode, MetaError, MetaState, SNAPSHOT_VERSION};
+use super::{
+    AccessKey, Applied, BlockId, BlockMeta, BlockState, Command, Ino, Inode, MetaError, MetaState, SNAPSHOT_VERSION,
+};
 
-/// The version 1 layout of `MetaState`, kept to read old snapshots. Do not change it.
+/// The version 1 and 2 layout of a block's state, kept to read old snapshots. Do not change it.
+#[derive(Deserialize)]
+#[allow(dead_code)] // the payloads are decoded (postcard needs their shape) but not used
+enum BlockStateV2 {
+    Dirty,
+    Clean(LocatorV2),
+    Cold(LocatorV2),
+    Rehydrating(LocatorV2),
+}
+
+#[derive(Deserialize)]
+#[allow(dead_code)]
+struct LocatorV2 {
+    key: String,
+    offset: u64,
+    len: u32,
+    crc: u32,
+}
+
+#[derive(Deserialize)]
+struct BlockMetaV2 {
+    len: u32,
+    #[allow(dead_code)]
+    state: BlockStateV2,
+    refs: u32,
+}
+
+/// The version 1 layout of `MetaState`. Do not change it.
 #[derive(Deserialize)]
 struct MetaStateV1 {
     inodes: BTreeMap<Ino, Inode>,
     entries: BTreeMap<Ino, BTreeMap<Vec<u8>, Ino>>,
-    blocks: BTreeMap<BlockId, BlockMeta>,
+    blocks: BTreeMap<BlockId, BlockMetaV2>,
     next_ino: Ino,
     next_block_id: BlockId,
     applied: u64,
 }
 
-impl From<MetaStateV1> for MetaState {
+/// The version 2 layout of `MetaState`. Do not change it.
+#[derive(Deserialize)]
+struct MetaStateV2 {
+    inodes: BTreeMap<Ino, Inode>,
+    entries: BTreeMap<Ino, BTreeMap<Vec<u8>, Ino>>,
+    blocks: BTreeMap<BlockId, BlockMetaV2>,
+    next_ino: Ino,
+    next_block_id: BlockId,
+    applied: u64,
+    access_keys: BTreeMap<String, AccessKey>,
+}
+
+impl From<MetaStateV1> for MetaStateV2 {
     fn from(v: MetaStateV1) -> Self {
-        MetaState {
+        MetaStateV2 {
             inodes: v.inodes,
             entries: v.entries,
             blocks: v.blocks,
@@ -32,6 +75,29 @@ impl From<MetaStateV1> for MetaState {
             next_block_id: v.next_block_id,
             applied: v.applied,
             access_keys: BTreeMap::new(),
+        }
+    }
+}
+
+impl From<MetaStateV2> for MetaState {
+    fn from(v: MetaStateV2) -> Self {
+        let blocks: BTreeMap<BlockId, BlockMeta> = v
+            .blocks
+            .into_iter()
+            .map(|(id, b)| (id, BlockMeta { len: b.len, state: BlockState::Dirty, refs: b.refs, written: 0 }))
+            .collect();
+        let dirty_bytes = blocks.values().map(|b| u64::from(b.len)).sum();
+        MetaState {
+            inodes: v.inodes,
+            entries: v.entries,
+            blocks,
+            next_ino: v.next_ino,
+            next_block_id: v.next_block_id,
+            applied: v.applied,
+            access_keys: v.access_keys,
+            objects: BTreeMap::new(),
+            pins: BTreeSet::new(),
+            dirty_bytes,
         }
     }
 }
@@ -72,7 +138,7 @@ impl MetaState {
             return Err(format!("not a meta snapshot: bad magic {:02x?}", &header[0..4]));
         }
         let version = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
-        if version != SNAPSHOT_VERSION && version != 1 {
+        if !(1..=SNAPSHOT_VERSION).contains(&version) {
             return Err(format!("unsupported meta snapshot version found={version} supported=1..={SNAPSHOT_VERSION}"));
         }
         let want = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
@@ -83,8 +149,11 @@ impl MetaState {
                 payload.len()
             ));
         }
-        let state: MetaState =
-            if version == 1 { decode_payload::<MetaStateV1>(payload)?.into() } else { decode_payload(payload)? };
+        let state: MetaState = match version {
+            1 => MetaStateV2::from(decode_payload::<MetaStateV1>(payload)?).into(),
+            2 => decode_payload::<MetaStateV2>(payload)?.into(),
+            _ => decode_payload(payload)?,
+        };
         state.check_invariants().map_err(|e| format!("meta snapshot inconsistent: {e}"))?;
         Ok(state)
     }

@@ -283,7 +283,7 @@ fn xattr_alloc_and_block_state_errors() {
     );
     assert_eq!(alloc(&mut s, ALLOC_MAX), 1);
     assert_eq!(alloc(&mut s, 1), ALLOC_MAX + 1);
-    fails(&mut s, Command::SetBlockState { id: 1, state: BlockState::Dirty }, MetaError::NoBlock(1));
+    fails(&mut s, Command::SetPin { ino: 999, pinned: true }, MetaError::NoInode(999));
 }
 
 #[test]
@@ -328,10 +328,38 @@ fn set_attr_errors_and_block_state() {
     assert_eq!((a.mode, a.ctime), (0o4755, 6));
     let id = alloc(&mut s, 1);
     write(&mut s, f, 0, &[(id, 10)]).expect("write");
-    let loc = ObjectLocator { key: "k".into(), offset: 0, len: 10, crc: 1 };
-    s.apply(&Command::SetBlockState { id, state: BlockState::Cold(loc.clone()) }).expect("set state");
-    assert_eq!(s.blocks[&id].state, BlockState::Cold(loc));
+    let tb = TieredBlock { id, offset: 0, len: 10, crc: 1 };
+    let rec = |object, blocks: Vec<TieredBlock>, from| Command::RecordTiered {
+        object,
+        kind: ObjectKind::Chunk,
+        size_bytes: 100,
+        blocks,
+        from,
+        now: 7,
+    };
+    assert_eq!(s.dirty_bytes, 10);
+    assert_eq!(s.apply(&rec(5, vec![tb], None)).expect("record").tiered, 1);
+    assert_eq!(s.blocks[&id].state, BlockState::Tiered(ObjectLocator { object: 5, offset: 0, len: 10, crc: 1 }));
+    assert_eq!((s.dirty_bytes, s.objects[&5].live_bytes, s.objects[&5].live_blocks), (0, 10, 1));
+    fails(&mut s, rec(5, vec![], None), MetaError::Invalid("object already recorded"));
+    fails(&mut s, rec(6, vec![tb, tb], None), MetaError::Invalid("block listed twice in one object"));
+    let far = TieredBlock { offset: 95, ..tb };
+    fails(&mut s, rec(6, vec![far], None), MetaError::Invalid("tiered block outside its object"));
+    // A second first-upload of the same block does not take (it is no longer dirty) ...
+    assert_eq!(s.apply(&rec(6, vec![tb], None)).expect("record").tiered, 0);
+    assert_eq!(s.objects[&6].live_blocks, 0);
+    // ... but a rewrite from its object does, and empties the old object.
+    assert_eq!(s.apply(&rec(7, vec![TieredBlock { offset: 50, ..tb }], Some(5))).expect("rewrite").tiered, 1);
+    assert_eq!((s.objects[&5].live_blocks, s.objects[&7].live_bytes), (0, 10));
+    fails(&mut s, Command::DropObjects { objects: vec![5, 7] }, MetaError::Invalid("object still has live blocks"));
+    s.apply(&Command::DropObjects { objects: vec![5, 6, 1234] }).expect("drop");
+    assert_eq!(s.objects.keys().copied().collect::<Vec<_>>(), vec![7]);
+    s.apply(&Command::SetPin { ino: f, pinned: true }).expect("pin");
+    assert!(s.is_pinned(f) && !s.is_pinned(ROOT_INO));
+    s.check_invariants().expect("invariants");
     assert_eq!(s.apply(&unlink(ROOT_INO, "f")).expect("unlink").freed, vec![id]);
+    assert_eq!((s.objects[&7].live_blocks, s.objects[&7].live_bytes), (0, 0));
+    assert!(s.pins.is_empty(), "a removed inode's pin goes with it");
     s.check_invariants().expect("invariants");
 }
 

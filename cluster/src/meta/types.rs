@@ -64,25 +64,38 @@ pub struct Inode {
     pub target: Vec<u8>,
 }
 
-/// Where a tiered block's bytes are in the object store.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// Names an object in the bucket: a random 128-bit id chosen by the uploader (so a crash
+/// mid-upload leaves only an unreferenced object for GC, never a clash). The key is derived
+/// from the id and the kind (`tidepool_tiering::format`).
+pub type ObjectId = u128;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ObjectKind {
+    /// Consecutive blocks of one large file.
+    Chunk,
+    /// Blocks of many small files, with a footer index.
+    Pack,
+}
+
+/// Where a tiered block's bytes are in the object store: bytes `offset..offset + len` of
+/// object `object`, whose crc32c is `crc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ObjectLocator {
-    pub key: String,
+    pub object: ObjectId,
     pub offset: u64,
     pub len: u32,
     pub crc: u32,
 }
 
+/// The replicated state of a block. Whether a tiered block also has a copy on this node's
+/// NVMe (clean) or not (cold) is node-local: the block store's index says, not the meta group
+/// (so eviction and read-through caching cost no consensus round).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum BlockState {
     /// On NVMe only; never evicted.
     Dirty,
-    /// On NVMe and in the object store; evictable.
-    Clean(ObjectLocator),
-    /// In the object store only; read through.
-    Cold(ObjectLocator),
-    /// Being copied back onto NVMe.
-    Rehydrating(ObjectLocator),
+    /// In the object store at this locator (and maybe still on NVMe: clean; or not: cold).
+    Tiered(ObjectLocator),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -92,6 +105,30 @@ pub struct BlockMeta {
     /// Number of extents (over all files) that point at this block. A block whose count
     /// drops to zero leaves the table and is returned in `Applied::freed`.
     pub refs: u32,
+    /// When the block was laid into a file (the command's time): `tier_after` counts from it.
+    pub written: Nanos,
+}
+
+/// An object in the bucket that tiered blocks point into.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectMeta {
+    pub kind: ObjectKind,
+    /// Whole object, footer included: what the bucket bills.
+    pub size_bytes: u64,
+    /// Bytes of the blocks that still point into it.
+    pub live_bytes: u64,
+    /// Number of blocks that still point into it; at zero the object is garbage.
+    pub live_blocks: u32,
+    pub created: Nanos,
+}
+
+/// A block as uploaded into an object (`Command::RecordTiered`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TieredBlock {
+    pub id: BlockId,
+    pub offset: u64,
+    pub len: u32,
+    pub crc: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -180,10 +217,20 @@ pub enum Command {
     AllocBlockIds {
         count: u64,
     },
-    /// Tiering: record a block's new state.
-    SetBlockState {
-        id: BlockId,
-        state: BlockState,
+    /// Tiering: `object` (already written to the bucket) holds `blocks`. Each block still in
+    /// the table with that length becomes `Tiered` at its place in the object if it is `Dirty`
+    /// (`from: None`: a first upload) or tiered in object `from` (a GC rewrite); other blocks
+    /// (freed or moved meanwhile) are skipped. The object enters the table with the live
+    /// bytes of the blocks that took, possibly none (then GC deletes it). An object id already
+    /// in the table is `Invalid`. (This variant took the slot of `SetBlockState`, which no
+    /// release ever proposed.)
+    RecordTiered {
+        object: ObjectId,
+        kind: ObjectKind,
+        size_bytes: u64,
+        blocks: Vec<TieredBlock>,
+        from: Option<ObjectId>,
+        now: Nanos,
     },
     /// Append the contents of each file of `srcs`, in order, at the end of file `dst` (holes
     /// kept), then remove the sources' entries. Extents move (shifted), blocks are not copied
@@ -219,6 +266,17 @@ pub enum Command {
         gid: u32,
         now: Nanos,
     },
+    /// GC: forget objects already deleted from the bucket. Each must be in the table with no
+    /// live block (else `Invalid`); ids not in the table are skipped (a retried drop).
+    DropObjects {
+        objects: Vec<ObjectId>,
+    },
+    /// Pin (or unpin) an inode: blocks of files at or below a pinned inode are never evicted
+    /// and are rehydrated first.
+    SetPin {
+        ino: Ino,
+        pinned: bool,
+    },
 }
 
 /// An S3 access key as the meta group keeps it: only what is needed to verify a signature.
@@ -241,6 +299,8 @@ pub struct Applied {
     pub freed: Vec<BlockId>,
     /// AllocBlockIds: the first id of the range.
     pub first_block_id: Option<BlockId>,
+    /// RecordTiered: how many of the listed blocks now point into the object.
+    pub tiered: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
