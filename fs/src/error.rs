@@ -40,6 +40,8 @@ pub enum FsError {
     Invalid(&'static str),
     #[error("block missing from the hot tier block_id={0}")]
     MissingBlock(u64),
+    #[error(transparent)]
+    Tier(#[from] crate::TierError),
 }
 
 impl FsError {
@@ -70,6 +72,12 @@ impl FsError {
             FsError::ReadOnly => ErrorKind::ReadOnly,
             FsError::NotFile(_) | FsError::NotSymlink(_) | FsError::Invalid(_) => ErrorKind::Invalid,
             FsError::MissingBlock(_) => ErrorKind::Corrupt,
+            FsError::Tier(e) => match e {
+                crate::TierError::DirtyLimit { .. } => ErrorKind::Unavailable,
+                crate::TierError::Fetch { retryable: true, .. } => ErrorKind::Unavailable,
+                crate::TierError::Fetch { retryable: false, .. } => ErrorKind::Internal,
+                crate::TierError::Checksum { .. } => ErrorKind::Corrupt,
+            },
         }
     }
 

@@ -7,6 +7,7 @@
 //! It does not speak any protocol (front ends do) and does not wire concrete parts
 //! together (the `tidepool` binary does).
 
+mod cold;
 mod error;
 mod keys;
 mod metrics;
@@ -20,6 +21,7 @@ use tidepool_cluster::meta::{Attr, Command, MetaState};
 use tidepool_cluster::{Applied, Clock, MetaGroup};
 use tidepool_spdk::BlockStore;
 
+pub use cold::{ColdTier, TierError};
 pub use error::{ErrorKind, FsError, Result};
 pub use keys::AccessKeyInfo;
 pub use metrics::{FsMetrics, MetricsSnapshot};
@@ -91,6 +93,8 @@ pub struct Fs {
     ids: tokio::sync::Mutex<(u64, u64)>,
     read_only: AtomicBool,
     metrics: FsMetrics,
+    /// The cold tier, once plugged in (`set_cold_tier`).
+    cold: std::sync::OnceLock<Arc<dyn ColdTier>>,
 }
 
 impl Fs {
@@ -110,6 +114,7 @@ impl Fs {
             ids: tokio::sync::Mutex::new((0, 0)),
             read_only: AtomicBool::new(false),
             metrics: FsMetrics::default(),
+            cold: std::sync::OnceLock::new(),
         };
         let report = fs.reconcile().await?;
         Ok((fs, report))

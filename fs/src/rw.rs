@@ -66,12 +66,22 @@ impl Fs {
     /// [`Fs::commit_staged`]; if the process dies first, the next open frees them.
     pub async fn stage(&self, data: &[u8]) -> Result<Staged> {
         self.check_writable()?;
+        self.admit_write(data.len() as u64)?;
         let chunks: Vec<&[u8]> = data.chunks(self.opts.block_size).collect();
         let first = self.alloc_ids(chunks.len() as u64).await?;
         let blocks: Vec<NewBlock> =
             chunks.iter().enumerate().map(|(i, c)| NewBlock { id: first + i as u64, len: c.len() as u32 }).collect();
         let puts = blocks.iter().zip(&chunks).map(|(b, c)| self.store.put(b.id, c));
-        if let Err(e) = try_join_all(puts).await {
+        let mut res = try_join_all(puts).await;
+        if let (Err(StoreError::NoSpace { .. }), Some(cold)) = (&res, self.cold()) {
+            // The device is full: have the cold tier evict clean blocks, then put what is missing.
+            let freed = cold.make_room(2 * data.len() as u64).await;
+            if freed > 0 {
+                let missing = blocks.iter().zip(&chunks).filter(|(b, _)| !self.store.contains(b.id));
+                res = try_join_all(missing.map(|(b, c)| self.store.put(b.id, c))).await;
+            }
+        }
+        if let Err(e) = res {
             self.discard(&blocks).await;
             return Err(e.into());
         }
@@ -262,13 +272,29 @@ impl Fs {
     async fn read_extents(&self, offset: u64, len: usize, extents: &[(u64, Extent)]) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len];
         let reads = extents.iter().map(|(file_off, e)| async move {
-            let bytes = self.store.get(e.block, e.block_offset, e.len as u32).await?;
+            let bytes = self.read_block(e.block, e.block_offset, e.len as u32).await?;
             Ok::<_, FsError>((*file_off, bytes))
         });
         for (file_off, bytes) in try_join_all(reads).await? {
             let at = (file_off - offset) as usize;
             buf[at..at + bytes.len()].copy_from_slice(&bytes);
         }
+        if let Some(cold) = self.cold() {
+            let ids: Vec<u64> = extents.iter().map(|(_, e)| e.block).collect();
+            cold.touch(&ids);
+        }
         Ok(buf)
+    }
+
+    /// A byte range of one block: from NVMe, or through the cold tier if the block is tiered
+    /// and not on NVMe (evicted, or never fetched after a rehydrate).
+    async fn read_block(&self, id: u64, offset: u32, len: u32) -> Result<Vec<u8>> {
+        match self.store.get(id, offset, len).await {
+            Err(StoreError::NotFound(id)) => match (self.cold(), self.locator(id)) {
+                (Some(cold), Some(loc)) => cold.read_through(id, loc, offset, len).await,
+                _ => Err(StoreError::NotFound(id).into()),
+            },
+            res => Ok(res?),
+        }
     }
 }
