@@ -6,6 +6,12 @@
 //! (retry with backoff, fault injection), so each can be tested alone.
 
 pub mod azure;
+pub mod fault;
+pub mod key;
+pub mod local;
+pub mod retry;
+pub mod s3;
+pub mod url;
 
 use std::ops::Range;
 
