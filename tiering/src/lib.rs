@@ -5,6 +5,7 @@
 //! layout in `format/`; and the write-back tiering engine, eviction and garbage collection.
 //! It does not own the namespace (tidepool-cluster) or the NVMe copies (tidepool-spdk).
 
+pub mod format;
 pub mod store;
 
 pub use store::{ListPage, ObjectError, ObjectInfo, ObjectStore, PutIfAbsent};
