@@ -33,6 +33,21 @@ if ! command -v nfs-ls >/dev/null || ! command -v nfs-cp >/dev/null || ! command
         echo "test.sh: libnfs's tools are needed (apt-get install libnfs-utils)" >&2
     fi
 fi
+# The Azure Blob tests start Azurite's blob service (npm) themselves; install it into a
+# git-ignored folder of the repo (nodejs and npm from Debian if npm is missing). 3.35.0 is the
+# release known to work with the SDK version and the Debian nodejs here.
+if ! command -v npm >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && apt-get install -y -qq nodejs npm >/dev/null
+    else
+        echo "test.sh: npm is needed for Azurite (apt-get install nodejs npm)" >&2
+    fi
+fi
+if [ ! -x .peers/azurite/node_modules/.bin/azurite-blob ] && command -v npm >/dev/null; then
+    mkdir -p .peers/azurite
+    npm install --prefix .peers/azurite --no-audit --no-fund --loglevel=error azurite@3.35.0
+fi
+export TIDEPOOL_AZURITE_BIN="$PWD/.peers/azurite/node_modules/.bin/azurite-blob"
 if ! cargo nextest --version >/dev/null 2>&1; then
     cargo install cargo-nextest --locked
 fi

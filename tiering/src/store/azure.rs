@@ -141,10 +141,15 @@ impl AzureStore {
     pub fn new(config: AzureConfig) -> Result<Self> {
         let AzureConfig { account, container, prefix, endpoint, credential, .. } = &config;
         if account.is_empty() || container.is_empty() {
-            return Err(invalid_config(format!("account and container must be set account={account} container={container}")));
+            return Err(invalid_config(format!(
+                "account and container must be set account={account} container={container}"
+            )));
         }
         if config.block_size_bytes == 0 || config.block_size_bytes > MAX_BLOCK_SIZE_BYTES {
-            return Err(invalid_config(format!("block size out of range block_size_bytes={}", config.block_size_bytes)));
+            return Err(invalid_config(format!(
+                "block size out of range block_size_bytes={}",
+                config.block_size_bytes
+            )));
         }
         if config.single_put_max_bytes > MAX_SINGLE_PUT_BYTES {
             return Err(invalid_config(format!(
@@ -188,7 +193,9 @@ impl AzureStore {
             }
             AzureCredential::Default => {
                 if url.scheme() != "https" {
-                    return Err(invalid_config(format!("entra id credentials need an https endpoint endpoint={endpoint}")));
+                    return Err(invalid_config(format!(
+                        "entra id credentials need an https endpoint endpoint={endpoint}"
+                    )));
                 }
                 token = Some(DefaultChain::new(&client_options)? as Arc<dyn TokenCredential>);
             }
@@ -370,9 +377,10 @@ impl AzureStore {
             ErrorKind::Credential => {
                 ObjectError::Auth(format!("azure {op} got no token: {} store={store} key={key}", error_chain(&err)))
             }
-            ErrorKind::DataConversion => {
-                ObjectError::Corrupt(format!("azure {op} answer unreadable: {} store={store} key={key}", error_chain(&err)))
-            }
+            ErrorKind::DataConversion => ObjectError::Corrupt(format!(
+                "azure {op} answer unreadable: {} store={store} key={key}",
+                error_chain(&err)
+            )),
             _ => ObjectError::Invalid(format!("azure {op} failed: {} store={store} key={key}", error_chain(&err))),
         }
     }
@@ -416,7 +424,9 @@ impl ObjectStore for AzureStore {
     async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Bytes> {
         match range {
             None => self.get_whole(key).await,
-            Some(r) if r.start > r.end => Err(ObjectError::Invalid(format!("range ends before it starts key={key} range={r:?}"))),
+            Some(r) if r.start > r.end => {
+                Err(ObjectError::Invalid(format!("range ends before it starts key={key} range={r:?}")))
+            }
             Some(r) if r.is_empty() => {
                 // HTTP cannot ask for zero bytes: check the object and the offset instead.
                 let info = self.head(key).await?.ok_or_else(|| ObjectError::NotFound(key.to_string()))?;
@@ -467,11 +477,14 @@ impl ObjectStore for AzureStore {
         for item in page.blob_items {
             let name = item.name.unwrap_or_default();
             let Some(key) = name.strip_prefix(&self.key_prefix) else {
-                return Err(ObjectError::Corrupt(format!("listed a name outside the prefix name={name} prefix={prefix}")));
+                return Err(ObjectError::Corrupt(format!(
+                    "listed a name outside the prefix name={name} prefix={prefix}"
+                )));
             };
-            let size_bytes = item.properties.and_then(|p| p.content_length).ok_or_else(|| {
-                ObjectError::Corrupt(format!("listing without a content length name={name}"))
-            })?;
+            let size_bytes = item
+                .properties
+                .and_then(|p| p.content_length)
+                .ok_or_else(|| ObjectError::Corrupt(format!("listing without a content length name={name}")))?;
             objects.push(ObjectInfo { key: key.to_string(), size_bytes });
         }
         Ok(ListPage { objects, next: page.next_marker.filter(|m| !m.is_empty()) })
@@ -521,7 +534,10 @@ fn error_code(err: &azure_core::Error) -> Option<&str> {
 fn is_auth_code(code: &str) -> bool {
     code.starts_with("Authentication")
         || code.starts_with("Authorization")
-        || matches!(code, "InvalidAuthenticationInfo" | "NoAuthenticationInformation" | "InsufficientAccountPermissions")
+        || matches!(
+            code,
+            "InvalidAuthenticationInfo" | "NoAuthenticationInformation" | "InsufficientAccountPermissions"
+        )
 }
 
 /// An error and its sources, `: `-joined (the SDK's message alone often hides the cause).
@@ -594,7 +610,8 @@ fn shared_key_string_to_sign(account: &str, request: &Request) -> String {
         text.push_str(value);
         text.push('\n');
     }
-    for name in ["content-type", "date", "if-modified-since", "if-match", "if-none-match", "if-unmodified-since", "range"]
+    for name in
+        ["content-type", "date", "if-modified-since", "if-match", "if-none-match", "if-unmodified-since", "range"]
     {
         text.push_str(header(name));
         text.push('\n');
