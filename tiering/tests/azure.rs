@@ -2,6 +2,8 @@
 //! port and killed at its end. `./test.sh` installs Azurite (npm) into `.peers/azurite/`;
 //! without it these tests fail, saying so.
 
+mod common;
+
 use std::io::Read;
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
@@ -18,6 +20,8 @@ use sha2::Sha256;
 use tidepool_tiering::store::azure::{AzureConfig, AzureCredential, AzureStore};
 use tidepool_tiering::{ObjectError, ObjectStore, PutIfAbsent};
 
+use common::conformance::{self, pattern};
+
 /// Azurite's development account and its key, public in Azurite's documentation.
 const ACCOUNT: &str = "devstoreaccount1";
 const ACCOUNT_KEY: &str = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
@@ -28,7 +32,7 @@ const WRONG_KEY: &str = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA
 struct Azurite {
     child: Child,
     port: u16,
-    _data: tempfile::TempDir,
+    data: tempfile::TempDir,
 }
 
 impl Azurite {
@@ -47,7 +51,7 @@ impl Azurite {
             .stderr(log)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start azurite: {e} bin={}", bin.display()));
-        let mut azurite = Azurite { child, port, _data: data };
+        let mut azurite = Azurite { child, port, data };
         azurite.wait_ready();
         azurite
     }
@@ -73,7 +77,7 @@ impl Azurite {
 
     fn log(&self) -> String {
         let mut text = String::new();
-        if let Ok(mut f) = std::fs::File::open(self._data.path().join("azurite.log")) {
+        if let Ok(mut f) = std::fs::File::open(self.data.path().join("azurite.log")) {
             let _ = f.read_to_string(&mut text);
         }
         text
@@ -83,10 +87,13 @@ impl Azurite {
         format!("http://127.0.0.1:{}/{ACCOUNT}", self.port)
     }
 
+    /// Blocks of 4 MiB above 6 MiB, so the suite's 12 MiB object goes up as staged blocks.
     fn config(&self, container: &str, credential: AzureCredential) -> AzureConfig {
         AzureConfig {
             prefix: "tp".into(),
             endpoint: Some(self.endpoint()),
+            block_size_bytes: 4 << 20,
+            single_put_max_bytes: 6 << 20,
             ..AzureConfig::new(ACCOUNT, container, credential)
         }
     }
@@ -168,20 +175,6 @@ fn encode(text: &str) -> String {
             _ => format!("%{b:02X}"),
         })
         .collect()
-}
-
-/// Deterministic bytes that differ at every offset (xorshift), so misplaced blocks show.
-fn pattern(len: usize, seed: u64) -> Bytes {
-    let mut x = seed | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect::<Vec<u8>>()
-        .into()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,73 +289,4 @@ async fn a_stopped_azurite_is_unavailable() {
     assert!(matches!(err, ObjectError::Unavailable(_)), "put: {err:?}");
     let err = store.head("k").await.expect_err("head after azurite stopped");
     assert!(matches!(err, ObjectError::Unavailable(_)), "head: {err:?}");
-}
-
-/// The trait's contract, checked here until the shared conformance suite lands.
-mod conformance {
-    use std::sync::Arc;
-
-    use bytes::Bytes;
-    use tidepool_tiering::{ObjectError, ObjectInfo, ObjectStore, PutIfAbsent};
-
-    pub async fn run(store: Arc<dyn ObjectStore>) {
-        let hello = Bytes::from_static(b"hello, azure");
-        store.put("a/one", hello.clone()).await.expect("put");
-        assert_eq!(store.get("a/one", None).await.expect("get"), hello);
-        assert_eq!(store.get("a/one", Some(7..12)).await.expect("ranged get"), Bytes::from_static(b"azure"));
-        assert_eq!(store.get("a/one", Some(3..3)).await.expect("empty range"), Bytes::new());
-        let err = store.get("a/one", Some(5..13)).await.expect_err("range past the end");
-        assert!(matches!(err, ObjectError::Invalid(_)), "{err:?}");
-        let err = store.get("a/one", Some(12..20)).await.expect_err("range starting at the end");
-        assert!(matches!(err, ObjectError::Invalid(_)), "{err:?}");
-        assert_eq!(
-            store.head("a/one").await.expect("head"),
-            Some(ObjectInfo { key: "a/one".into(), size_bytes: hello.len() as u64 })
-        );
-
-        store.put("a/one", Bytes::from_static(b"v2")).await.expect("overwrite");
-        assert_eq!(store.get("a/one", None).await.expect("get v2"), Bytes::from_static(b"v2"));
-        store.put("a/empty", Bytes::new()).await.expect("put empty");
-        assert_eq!(store.get("a/empty", None).await.expect("get empty"), Bytes::new());
-
-        assert_eq!(store.head("missing").await.expect("head missing"), None);
-        let err = store.get("missing", None).await.expect_err("get missing");
-        assert!(matches!(err, ObjectError::NotFound(_)), "{err:?}");
-        let err = store.get("missing", Some(0..1)).await.expect_err("ranged get missing");
-        assert!(matches!(err, ObjectError::NotFound(_)), "{err:?}");
-
-        let body = Bytes::from_static(b"first");
-        assert_eq!(store.put_if_absent("m/LATEST", body.clone()).await.expect("create"), PutIfAbsent::Created);
-        assert_eq!(
-            store.put_if_absent("m/LATEST", Bytes::from_static(b"x")).await.expect("again"),
-            PutIfAbsent::Exists
-        );
-        assert_eq!(store.get("m/LATEST", None).await.expect("kept"), body);
-
-        for i in 0..7 {
-            store.put(&format!("l/{i:02}"), Bytes::from(vec![b'x'; i])).await.expect("put for list");
-        }
-        let mut seen = Vec::new();
-        let mut next = None;
-        loop {
-            let page = store.list("l/", next, 3).await.expect("list page");
-            assert!(page.objects.len() <= 3);
-            seen.extend(page.objects);
-            next = page.next;
-            if next.is_none() {
-                break;
-            }
-        }
-        let want: Vec<ObjectInfo> =
-            (0..7).map(|i| ObjectInfo { key: format!("l/{i:02}"), size_bytes: i as u64 }).collect();
-        assert_eq!(seen, want);
-        let all = store.list("", None, 100).await.expect("list all");
-        let keys: Vec<&str> = all.objects.iter().map(|o| o.key.as_str()).collect();
-        assert_eq!(keys[..3], ["a/empty", "a/one", "l/00"]);
-        assert_eq!(all.objects.len(), 10);
-
-        store.delete("a/one").await.expect("delete");
-        assert_eq!(store.head("a/one").await.expect("head deleted"), None);
-        store.delete("a/one").await.expect("delete missing");
-    }
 }
