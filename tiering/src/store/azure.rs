@@ -413,7 +413,10 @@ impl ObjectStore for AzureStore {
             Err(PutFailure::Sdk(e)) if matches!(error_code(&e), Some("BlobAlreadyExists" | "ConditionNotMet")) => {
                 Ok(PutIfAbsent::Exists)
             }
-            Err(PutFailure::Sdk(e)) if matches!(e.http_status().map(u16::from), Some(409 | 412)) => {
+            // An answer without a code (none seen, but HTTP allows it): the status alone.
+            Err(PutFailure::Sdk(e))
+                if error_code(&e).is_none() && matches!(e.http_status().map(u16::from), Some(409 | 412)) =>
+            {
                 Ok(PutIfAbsent::Exists)
             }
             Err(PutFailure::Sdk(e)) => Err(self.map_err(e, "put if absent", key)),
@@ -741,7 +744,9 @@ mod tests {
         for config in bad {
             assert!(matches!(AzureStore::new(config), Err(ObjectError::Invalid(_))));
         }
-        let store = AzureStore::new(AzureConfig { prefix: "/tp/".into(), ..base }).expect("valid config");
+        let store = AzureStore::new(AzureConfig { prefix: "/tp/".into(), ..base.clone() }).expect("valid config");
         assert_eq!(store.describe(), "azure://acct/c/tp");
+        // Entra ID on the default https endpoint: built without any I/O (tokens come later).
+        AzureStore::new(AzureConfig { credential: AzureCredential::Default, ..base }).expect("entra id config");
     }
 }
