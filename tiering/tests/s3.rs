@@ -155,7 +155,7 @@ async fn put_if_absent_falls_back_when_conditional_writes_are_not_implemented() 
     let counters = Arc::new(Counters::default());
     let server = {
         let counters = counters.clone();
-        Server::start_with(move |fs| Box::new(Quirky { fs, counters, fail_part: None })).await
+        Server::start_with(move |fs| Box::new(Quirky { fs, counters, fail_part: None, slow_down_gets: false })).await
     };
     conformance::run(Arc::new(server.store("fallback").await)).await;
     assert!(counters.refused_conditional.load(Ordering::Relaxed) >= 1, "the server refused If-None-Match");
@@ -167,7 +167,7 @@ async fn a_failed_part_aborts_the_upload() {
     let counters = Arc::new(Counters::default());
     let server = {
         let counters = counters.clone();
-        Server::start_with(move |fs| Box::new(Quirky { fs, counters, fail_part: Some(2) })).await
+        Server::start_with(move |fs| Box::new(Quirky { fs, counters, fail_part: Some(2), slow_down_gets: false })).await
     };
     let store = server.store("").await;
     let body = conformance::pattern(11 * MIB as usize, 3);
@@ -175,6 +175,21 @@ async fn a_failed_part_aborts_the_upload() {
     assert!(matches!(put, Err(ObjectError::Unavailable(_))), "a 503 on part 2 is retryable: {put:?}");
     assert_eq!(counters.aborts.load(Ordering::Relaxed), 1, "the upload was aborted");
     assert_eq!(store.head("chunks/aa/big").await.expect("head"), None, "no object appeared");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_down_is_throttled() {
+    let counters = Arc::new(Counters::default());
+    let server = {
+        let counters = counters.clone();
+        Server::start_with(move |fs| Box::new(Quirky { fs, counters, fail_part: None, slow_down_gets: true })).await
+    };
+    let store = server.store("").await;
+    store.put("k", Bytes::from_static(b"v")).await.expect("put");
+    let got = store.get("k", None).await;
+    assert!(matches!(got, Err(ObjectError::Throttled(_))), "503 SlowDown: {got:?}");
+    let got = store.get("k", Some(0..1)).await;
+    assert!(matches!(got, Err(ObjectError::Throttled(_))), "503 SlowDown on a ranged get: {got:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,12 +302,14 @@ struct Counters {
     aborts: AtomicU64,
 }
 
-/// s3s-fs as an older S3-compatible server: `If-None-Match` on writes is not implemented
-/// (501), and optionally one part number always fails with 503.
+/// s3s-fs as an older or busier S3-compatible server: `If-None-Match` on writes is not
+/// implemented (501); optionally one part number always fails with 503 ServiceUnavailable,
+/// and every GET is answered 503 SlowDown.
 struct Quirky {
     fs: s3s_fs::FileSystem,
     counters: Arc<Counters>,
     fail_part: Option<i32>,
+    slow_down_gets: bool,
 }
 
 #[async_trait]
@@ -346,6 +363,9 @@ impl S3 for Boxed {
 #[async_trait]
 impl S3 for Quirky {
     async fn get_object(&self, req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
+        if self.slow_down_gets {
+            return Err(s3_error!(SlowDown, "reduce your request rate"));
+        }
         self.fs.get_object(req).await
     }
 

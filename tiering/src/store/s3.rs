@@ -52,7 +52,9 @@ pub struct S3Config {
     pub region: Option<String>,
     /// An S3-compatible endpoint (`http://127.0.0.1:9000`); `None`: AWS.
     pub endpoint: Option<String>,
-    /// Path-style addressing (`endpoint/bucket/key`); default true when `endpoint` is set.
+    /// Path-style addressing (`endpoint/bucket/key`) rather than virtual-host style
+    /// (`bucket.endpoint/key`); `with_endpoint` turns it on, as most S3-compatible servers
+    /// want (default false: AWS).
     pub path_style: bool,
     /// Bodies of at least this size go up as multipart uploads (default 16 MiB).
     pub multipart_threshold_bytes: u64,

@@ -46,14 +46,14 @@ pub fn parse_bucket_url(url: &str) -> Result<BucketUrl> {
         }
         "s3" => {
             let (bucket, prefix) = split_name_prefix(rest);
-            check_s3_bucket(bucket).map_err(|reason| invalid(reason))?;
-            check_prefix(&prefix).map_err(|reason| invalid(reason))?;
+            check_s3_bucket(bucket).map_err(&invalid)?;
+            check_prefix(&prefix).map_err(&invalid)?;
             Ok(BucketUrl::S3 { bucket: bucket.to_owned(), prefix })
         }
         "az" | "azure" => {
             let (container, prefix) = split_name_prefix(rest);
-            check_azure_container(container).map_err(|reason| invalid(reason))?;
-            check_prefix(&prefix).map_err(|reason| invalid(reason))?;
+            check_azure_container(container).map_err(&invalid)?;
+            check_prefix(&prefix).map_err(&invalid)?;
             Ok(BucketUrl::Azure { container: container.to_owned(), prefix })
         }
         _ => Err(invalid("unknown scheme (want file://, s3:// or az://)")),
