@@ -174,3 +174,68 @@ async fn readers_never_see_half_an_object() {
     writer.await.expect("writer");
     assert!(reads > 0);
 }
+
+/// The writer half of `a_killed_writer_leaves_whole_objects_only`: does nothing unless the
+/// parent test started this binary with `TIDEPOOL_CRASH_ROOT` set; then writes (and
+/// overwrites) objects forever, printing each key once its put returned.
+#[tokio::test]
+async fn crash_writer_child() {
+    let Ok(root) = std::env::var("TIDEPOOL_CRASH_ROOT") else { return };
+    let store = LocalStore::new(root.into()).expect("open in the child");
+    for i in 0u64.. {
+        let key = format!("crash/{:02x}/object-{}", i % 7, i % 50);
+        store.put(&key, conformance::pattern(64 * 1024 + (i % 50) as usize, i % 50)).await.expect("put in the child");
+        println!("acked {key}");
+    }
+}
+
+/// SIGKILL a process in the middle of writing: every object it acknowledged is there whole,
+/// no object is torn (each listed key holds exactly one write's bytes), the temp folder is
+/// never listed, and the next open with no age limit empties it.
+#[test]
+fn a_killed_writer_leaves_whole_objects_only() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("store");
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["--exact", "crash_writer_child", "--nocapture", "--test-threads=1"])
+        .env("TIDEPOOL_CRASH_ROOT", &root)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start the writer");
+    let stdout = child.stdout.take().expect("piped stdout");
+    // Killed while it overwrites: after 300 puts over 350 keys (7 folders x 50 names).
+    let mut acked = std::collections::BTreeSet::new();
+    let mut puts = 0;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("read the writer's output");
+        if let Some(key) = line.strip_prefix("acked ") {
+            acked.insert(key.to_owned());
+            puts += 1;
+        }
+        if puts >= 300 {
+            break;
+        }
+    }
+    child.kill().expect("SIGKILL the writer");
+    child.wait().expect("reap the writer");
+    assert_eq!(puts, 300, "the writer acknowledged 300 puts before it was killed");
+
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    rt.block_on(async {
+        let store = LocalStore::with_stale_tmp_after(root.clone(), Duration::ZERO).expect("reopen after the crash");
+        let (listed, _) = conformance::list_all(&store, "", 7).await;
+        let listed: Vec<String> = listed.into_iter().map(|o| o.key).collect();
+        for key in &acked {
+            assert!(listed.contains(key), "acknowledged {key} is listed");
+        }
+        for key in &listed {
+            let n: u64 = key.rsplit_once('-').and_then(|(_, n)| n.parse().ok()).expect("a writer's key");
+            let body = store.get(key, None).await.expect("read back");
+            assert!(body == conformance::pattern(64 * 1024 + n as usize, n), "{key} holds one whole write");
+        }
+        assert_eq!(fs::read_dir(root.join(".tmp")).expect("read .tmp").count(), 0, "reopen emptied .tmp");
+    });
+}
