@@ -24,7 +24,9 @@ pub enum TierError {
     #[error("cannot fetch block from the object store block_id={block}: {reason}")]
     Fetch { block: BlockId, reason: String, retryable: bool },
     /// The object store gave back bytes that do not match the block's checksum.
-    #[error("block from the object store fails its checksum block_id={block} expected={expected:#010x} actual={actual:#010x}")]
+    #[error(
+        "block from the object store fails its checksum block_id={block} expected={expected:#010x} actual={actual:#010x}"
+    )]
     Checksum { block: BlockId, expected: u32, actual: u32 },
 }
 
@@ -37,9 +39,10 @@ pub trait ColdTier: Send + Sync + 'static {
     /// Blocks a read just used (the eviction order is least recently used first).
     fn touch(&self, ids: &[BlockId]);
 
-    /// A writer is about to add `new_bytes` dirty bytes to the `dirty_bytes` there are:
-    /// `TierError::DirtyLimit` if that passes the limit.
-    fn admit_write(&self, dirty_bytes: u64, new_bytes: u64) -> Result<()>;
+    /// A writer is about to add `new_bytes` dirty bytes. Over the dirty limit this waits for
+    /// uploads to make room while the object store takes them, and answers
+    /// `TierError::DirtyLimit` when it does not (unreachable) or the wait runs out.
+    async fn admit_write(&self, new_bytes: u64) -> Result<()>;
 
     /// The device is full: evict clean blocks (least recently used first) to free at least
     /// `bytes`. Returns the bytes evicted.
@@ -67,9 +70,9 @@ impl Fs {
     }
 
     /// Asks the cold tier whether `new_bytes` more dirty bytes may be written.
-    pub(crate) fn admit_write(&self, new_bytes: u64) -> Result<()> {
+    pub(crate) async fn admit_write(&self, new_bytes: u64) -> Result<()> {
         match self.cold() {
-            Some(cold) => cold.admit_write(self.meta.read(|s| s.dirty_bytes), new_bytes),
+            Some(cold) => cold.admit_write(new_bytes).await,
             None => Ok(()),
         }
     }

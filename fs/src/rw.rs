@@ -66,7 +66,7 @@ impl Fs {
     /// [`Fs::commit_staged`]; if the process dies first, the next open frees them.
     pub async fn stage(&self, data: &[u8]) -> Result<Staged> {
         self.check_writable()?;
-        self.admit_write(data.len() as u64)?;
+        self.admit_write(data.len() as u64).await?;
         let chunks: Vec<&[u8]> = data.chunks(self.opts.block_size).collect();
         let first = self.alloc_ids(chunks.len() as u64).await?;
         let blocks: Vec<NewBlock> =

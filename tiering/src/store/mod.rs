@@ -108,3 +108,30 @@ pub trait ObjectStore: Send + Sync + 'static {
     /// Delete the object at `key`; deleting a missing key succeeds.
     async fn delete(&self, key: &str) -> Result<()>;
 }
+
+/// A shared store is a store: wrappers can wrap an `Arc` (a test keeps a handle on the
+/// fault injector it wrapped).
+#[async_trait]
+impl<T: ObjectStore + ?Sized> ObjectStore for std::sync::Arc<T> {
+    fn describe(&self) -> String {
+        (**self).describe()
+    }
+    async fn put(&self, key: &str, body: Bytes) -> Result<()> {
+        (**self).put(key, body).await
+    }
+    async fn put_if_absent(&self, key: &str, body: Bytes) -> Result<PutIfAbsent> {
+        (**self).put_if_absent(key, body).await
+    }
+    async fn get(&self, key: &str, range: Option<Range<u64>>) -> Result<Bytes> {
+        (**self).get(key, range).await
+    }
+    async fn head(&self, key: &str) -> Result<Option<ObjectInfo>> {
+        (**self).head(key).await
+    }
+    async fn list(&self, prefix: &str, next: Option<String>, limit: usize) -> Result<ListPage> {
+        (**self).list(prefix, next, limit).await
+    }
+    async fn delete(&self, key: &str) -> Result<()> {
+        (**self).delete(key).await
+    }
+}
