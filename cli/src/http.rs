@@ -35,6 +35,8 @@ pub struct StatusSource {
     pub nfs_metrics: Arc<tidepool_nfs::NfsMetrics>,
     /// The admin routes (S3 keys); `None` answers them 404.
     pub admin: Option<Arc<Admin>>,
+    /// The tiering engine (`/tier/status`, `/admin/tier/*`, `/admin/pin`, tier metrics).
+    pub tier: Arc<tidepool_tiering::Tier>,
 }
 
 impl StatusSource {
@@ -46,7 +48,12 @@ impl StatusSource {
             "data_dir": self.data_dir,
             "endpoints": { "http": self.http, "s3": self.s3, "nfs": self.nfs },
             "device": { "path": self.device, "engine": self.engine, "capacity_bytes": st.capacity_bytes },
-            "object_store": { "url": self.object_store, "tiering": "not available until the cold tier lands" },
+            "object_store": {
+                "url": self.object_store,
+                "dirty_bytes": self.fs.meta().read(|s| s.dirty_bytes),
+                "last_upload_error": self.tier.last_error(),
+                "counters": self.tier.counters().snapshot().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            },
             "block_store": {
                 "capacity_bytes": st.capacity_bytes, "used_bytes": st.used_bytes, "live_bytes": st.live_bytes,
                 "blocks": st.blocks, "segments_total": st.segments_total, "segments_free": st.segments_free,
@@ -74,11 +81,15 @@ impl StatusSource {
         gauge("tidepool_nvme_blocks", "Blocks on NVMe.", st.blocks);
         gauge("tidepool_nvme_segments_free", "Free segments of the block store.", st.segments_free);
         gauge("tidepool_nvme_index_bytes", "Heap bytes of the block index.", st.index_bytes);
-        gauge(
-            "tidepool_dirty_bytes",
-            "Bytes on NVMe not yet in the object store (all of them until the cold tier lands).",
-            st.live_bytes,
-        );
+        let (dirty, objects, bucket_bytes, bucket_live) = self.fs.meta().read(|s| {
+            let (b, l) = s.objects.values().fold((0, 0), |(b, l), o| (b + o.size_bytes, l + o.live_bytes));
+            (s.dirty_bytes, s.objects.len() as u64, b, l)
+        });
+        gauge("tidepool_dirty_bytes", "Bytes on NVMe only, not yet in the object store.", dirty);
+        gauge("tidepool_bucket_objects", "Chunk and pack objects in the bucket.", objects);
+        gauge("tidepool_bucket_bytes", "Bytes of the chunk and pack objects in the bucket.", bucket_bytes);
+        gauge("tidepool_bucket_live_bytes", "Bytes in the bucket that files still use.", bucket_live);
+        gauge("tidepool_tier_failing", "1 while the last upload failed.", self.tier.last_error().is_some() as u64);
         gauge("tidepool_files", "Regular files in the namespace.", fsst.files);
         gauge("tidepool_directories", "Directories in the namespace.", fsst.dirs);
         gauge("tidepool_file_bytes", "Sum of file sizes.", fsst.file_bytes);
@@ -100,6 +111,13 @@ impl StatusSource {
         );
         let _ = writeln!(out, "tidepool_fs_bytes_total{{dir=\"read\"}} {}", m.bytes_read);
         let _ = writeln!(out, "tidepool_fs_bytes_total{{dir=\"write\"}} {}", m.bytes_written);
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_tier_total Tiering engine counters (uploads, eviction, read-through, gc).\n# TYPE tidepool_tier_total counter"
+        );
+        for (name, n) in self.tier.counters().snapshot() {
+            let _ = writeln!(out, "tidepool_tier_total{{what=\"{name}\"}} {n}");
+        }
         self.s3_metrics.render(&mut out);
         self.nfs_metrics.render(&mut out);
         out
@@ -178,8 +196,38 @@ async fn read_request(sock: &mut tokio::net::TcpStream) -> Result<Request, &'sta
     Ok(Request { method, path, authorization, body })
 }
 
+fn status_line(code: u16) -> &'static str {
+    match code {
+        200 => "200 OK",
+        400 => "400 Bad Request",
+        404 => "404 Not Found",
+        409 => "409 Conflict",
+        503 => "503 Service Unavailable",
+        _ => "500 Internal Server Error",
+    }
+}
+
 async fn route(src: &StatusSource, req: Request) -> (&'static str, &'static str, String) {
     let json = "application/json";
+    if let Some(query) = req.path.strip_prefix("/tier/status") {
+        let (code, body) = crate::tier::status_route(&src.tier, query.trim_start_matches('?'));
+        return (status_line(code), json, body);
+    }
+    if req.path.starts_with("/admin/tier/") || req.path == "/admin/pin" || req.path == "/admin/unpin" {
+        let Some(admin) = &src.admin else {
+            return ("404 Not Found", "text/plain", "no admin routes on this node\n".into());
+        };
+        let token = req.authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).unwrap_or("");
+        if !admin.node_key.check_admin_token(token.trim()) {
+            let msg = "missing or wrong admin token: the CLI sends it (derived from <data_dir>/node.key)";
+            return ("401 Unauthorized", json, serde_json::json!({ "error": msg }).to_string());
+        }
+        if req.method != "POST" {
+            return ("405 Method Not Allowed", "text/plain", "only POST\n".into());
+        }
+        let (code, body) = crate::tier::admin_route(&src.tier, &req.path, &req.body).await;
+        return (status_line(code), json, body);
+    }
     if req.path == "/admin/keys" || req.path.starts_with("/admin/keys/") {
         let Some(admin) = &src.admin else {
             return ("404 Not Found", "text/plain", "no admin routes on this node\n".into());
@@ -190,15 +238,7 @@ async fn route(src: &StatusSource, req: Request) -> (&'static str, &'static str,
             return ("401 Unauthorized", json, serde_json::json!({ "error": msg }).to_string());
         }
         let (code, body) = admin.handle(&req.method, &req.path, &req.body).await;
-        let code = match code {
-            200 => "200 OK",
-            400 => "400 Bad Request",
-            404 => "404 Not Found",
-            409 => "409 Conflict",
-            503 => "503 Service Unavailable",
-            _ => "500 Internal Server Error",
-        };
-        return (code, json, body);
+        return (status_line(code), json, body);
     }
     match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", src.metrics_text()),
@@ -225,9 +265,21 @@ pub fn request(
     token: Option<&str>,
     body: &str,
 ) -> std::io::Result<(u16, String)> {
+    request_with_timeout(addr, method, path, token, body, 30)
+}
+
+/// [`request`] with a read timeout of `timeout_secs` (long work: `tier fetch`, `tier flush`).
+pub fn request_with_timeout(
+    addr: &str,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    body: &str,
+    timeout_secs: u64,
+) -> std::io::Result<(u16, String)> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr)?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(timeout_secs)))?;
     let auth = token.map(|t| format!("authorization: Bearer {t}\r\n")).unwrap_or_default();
     write!(
         s,

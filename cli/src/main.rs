@@ -2,6 +2,7 @@
 //! together (see `node`) and runs a subcommand.
 
 mod bench;
+mod bucket;
 mod datadir;
 mod http;
 mod keys;
@@ -9,6 +10,7 @@ mod node;
 mod nodekey;
 mod offline;
 mod settings;
+mod tier;
 mod up;
 mod workload;
 
@@ -39,7 +41,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Start a node: a file as the NVMe device, a folder as the object store, the S3 endpoint, the status endpoint.
-    Up,
+    Up {
+        /// The cold tier (`s3://bucket/prefix`, `az://container/prefix`, `file:///path`);
+        /// overrides the `bucket` setting.
+        #[arg(long)]
+        bucket: Option<String>,
+    },
     /// Show what a running node is doing.
     Status {
         /// Status endpoint (default: the `http_listen` setting).
@@ -52,6 +59,13 @@ enum Cmd {
     /// S3 access keys of the running node: create, list, revoke.
     #[command(subcommand)]
     Keys(keys::KeysCmd),
+    /// The cold tier of the running node: status, fetch, release, flush.
+    #[command(subcommand)]
+    Tier(tier::TierCmd),
+    /// Keep the files below PATH on NVMe (never evicted, rehydrated first).
+    Pin { path: String },
+    /// Undo `tidepool pin`.
+    Unpin { path: String },
     /// Work on a stopped node's data folder directly (no front end needed).
     #[command(subcommand)]
     Fs(offline::FsCmd),
@@ -66,7 +80,7 @@ fn main() {
     let cli = Cli::parse();
     // A server logs what it does; a one-shot command only what went wrong. s3s logs every
     // S3 error answer (a 404 included) at error level: the S3 front end logs its own failures.
-    let default = if matches!(cli.cmd, Cmd::Up) { "info,s3s=off" } else { "warn" };
+    let default = if matches!(cli.cmd, Cmd::Up { .. }) { "info,s3s=off" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_env("TIDEPOOL_LOG").unwrap_or_else(|_| default.into());
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
     if let Err(e) = run(cli) {
@@ -93,11 +107,20 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 }
 
 fn run(cli: Cli) -> Result<()> {
-    let settings = load_settings(&cli)?;
+    let mut settings = load_settings(&cli)?;
     match cli.cmd {
-        Cmd::Up => runtime()?.block_on(up::run(settings)),
+        Cmd::Up { bucket } => {
+            if let Some(b) = bucket {
+                tidepool_tiering::parse_bucket_url(&b)?;
+                settings.bucket = Some(b);
+            }
+            runtime()?.block_on(up::run(settings))
+        }
         Cmd::Status { addr, json } => up::status(&addr.unwrap_or(settings.http_listen), json),
         Cmd::Keys(cmd) => keys::run(cmd, &settings.data_dir, &settings.http_listen),
+        Cmd::Tier(cmd) => tier::run(cmd, &settings.data_dir, &settings.http_listen),
+        Cmd::Pin { path } => tier::pin(&path, true, &settings.data_dir, &settings.http_listen),
+        Cmd::Unpin { path } => tier::pin(&path, false, &settings.data_dir, &settings.http_listen),
         Cmd::Fs(cmd) => runtime()?.block_on(offline::run(settings, cmd)),
         Cmd::Workload(args) => runtime()?.block_on(workload::run(settings, args)),
         Cmd::Bench(cmd) => runtime()?.block_on(bench::run(settings, cmd)),

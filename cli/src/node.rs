@@ -1,5 +1,6 @@
 //! The composition root: turns settings into a running node (device -> block store ->
-//! meta group -> fs). The only place that picks concrete implementations.
+//! meta group -> fs, and the object store -> the tiering engine plugged into fs). The only
+//! place that picks concrete implementations.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -7,6 +8,7 @@ use std::sync::Arc;
 use tidepool_cluster::{MetaGroup, MetaState, RaftOptions, SystemClock};
 use tidepool_fs::{Fs, FsOptions, OpenReport};
 use tidepool_spdk::{BlockStore, EngineKind, OpenOptions, StoreOptions, open_device};
+use tidepool_tiering::{Tier, TierConfig};
 
 use crate::datadir::{DataDir, anyhow_free::Result};
 use crate::settings::{EngineSetting, Settings};
@@ -17,6 +19,28 @@ pub struct Node {
     pub fs: Arc<Fs>,
     pub report: OpenReport,
     pub engine: EngineKind,
+    /// The tiering engine (read-through works from open; uploads, eviction and GC run once
+    /// `start_tiering` is called).
+    pub tier: Arc<Tier>,
+    tier_task: Option<tokio::task::JoinHandle<()>>,
+}
+
+fn tier_config(s: &Settings, capacity_bytes: u64) -> TierConfig {
+    let d = TierConfig::for_capacity(capacity_bytes);
+    TierConfig {
+        tier_after: std::time::Duration::from_secs(s.tier_after_secs),
+        retain_for: (s.retain_for_secs > 0).then(|| std::time::Duration::from_secs(s.retain_for_secs)),
+        evict_high: s.evict_high,
+        evict_low: s.evict_low,
+        pack_threshold_bytes: s.pack_threshold.0,
+        chunk_object_bytes: s.chunk_object_size.0,
+        pack_object_bytes: s.pack_object_size.0,
+        dirty_high_bytes: s.dirty_high.map_or(d.dirty_high_bytes, |b| b.0),
+        dirty_limit_bytes: s.dirty_limit.map_or(d.dirty_limit_bytes, |b| b.0),
+        upload_parallelism: s.upload_parallelism,
+        gc_interval: std::time::Duration::from_secs(s.gc_interval_secs),
+        ..d
+    }
 }
 
 fn store_options(s: &Settings) -> StoreOptions {
@@ -72,8 +96,21 @@ impl Node {
         let meta_dir = data.path.join("meta");
         let meta = tokio::task::block_in_place(|| MetaGroup::open(&meta_dir, raft_opts, MetaState::new()))?;
         let fs_opts = FsOptions { block_size: settings.block_size.0 as usize, ..FsOptions::default() };
-        let (fs, report) = Fs::open(meta, store, Arc::new(SystemClock), fs_opts).await?;
-        Ok(Node { settings, data, fs: Arc::new(fs), report, engine })
+        let (fs, report) = Fs::open(meta, store.clone(), Arc::new(SystemClock), fs_opts).await?;
+        let fs = Arc::new(fs);
+        let backend = crate::bucket::open_backend(&settings).await?;
+        crate::bucket::check(&backend).await?;
+        let objects = crate::bucket::wrap(&settings, backend);
+        let cfg = tier_config(&settings, store.stats().capacity_bytes);
+        let tier = Tier::new(&fs, objects, cfg, Arc::new(SystemClock));
+        Ok(Node { settings, data, fs, report, engine, tier, tier_task: None })
+    }
+
+    /// Start the background tiering loop (write-back, eviction, GC).
+    pub fn start_tiering(&mut self) {
+        if self.tier_task.is_none() {
+            self.tier_task = Some(self.tier.spawn());
+        }
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -83,6 +120,13 @@ impl Node {
     /// Flush the block store and stop the meta group. Waits (up to 5 s) for the last users of
     /// the filesystem, such as a response body still being read, to let go of it.
     pub async fn shutdown(self) -> Result<()> {
+        self.tier.stop();
+        if let Some(task) = self.tier_task
+            && let Err(e) = task.await
+        {
+            tracing::warn!(error = %e, "tiering task ended badly");
+        }
+        drop(self.tier);
         let fs = self.fs;
         for _ in 0..100 {
             if Arc::strong_count(&fs) == 1 {

@@ -111,8 +111,43 @@ pub struct Settings {
     pub segment_size: ByteSize,
     /// Largest block a file is cut into. Default 4MiB.
     pub block_size: ByteSize,
-    /// Cold tier location. Default `file://<data_dir>/objects` (tiering itself comes with the cold tier).
-    pub object_store: Option<String>,
+    /// The cold tier: `file:///path`, `s3://bucket/prefix` or `az://container/prefix`.
+    /// Default `file://<data_dir>/objects`. (`object_store` is accepted as an older name.)
+    #[serde(alias = "object_store")]
+    pub bucket: Option<String>,
+    /// Region of an `s3://` bucket. Default: the AWS chain (`AWS_REGION`, profile, IMDS), else us-east-1.
+    pub bucket_region: Option<String>,
+    /// Endpoint of an S3-compatible server (`http://127.0.0.1:9000`, path-style) or of the Azure
+    /// blob service (`http://127.0.0.1:10000/devstoreaccount1` for Azurite). Default: AWS / Azure.
+    pub bucket_endpoint: Option<String>,
+    /// A dirty block goes up this long after it was written. Default 30.
+    pub tier_after_secs: u64,
+    /// A clean block stays on NVMe at least this long after its upload, whatever the
+    /// pressure. Default 0 (space alone decides).
+    pub retain_for_secs: u64,
+    /// Evict clean blocks above this fraction of the device. Default 0.90.
+    pub evict_high: f64,
+    /// ... down to this fraction. Default 0.80.
+    pub evict_low: f64,
+    /// Files at least this large go into chunk objects, smaller ones into pack objects. Default 1MiB.
+    pub pack_threshold: ByteSize,
+    /// Largest chunk object. Default 64MiB.
+    pub chunk_object_size: ByteSize,
+    /// Largest pack object. Default 64MiB.
+    pub pack_object_size: ByteSize,
+    /// Above this many dirty bytes blocks go up at once. Default: a quarter of the device.
+    pub dirty_high: Option<ByteSize>,
+    /// Above this many dirty bytes writers wait, then get an error if the bucket does not take
+    /// uploads. Default: 60 % of the device.
+    pub dirty_limit: Option<ByteSize>,
+    /// Objects uploaded at once. Default 4.
+    pub upload_parallelism: usize,
+    /// Seconds between garbage collection passes over the bucket. Default 60.
+    pub gc_interval_secs: u64,
+    /// Testing only: fraction of object store calls that fail (the fault-injecting wrapper). Default 0.
+    pub fault_fail_rate: f64,
+    /// Testing only: fraction of object store calls delayed by 50 ms. Default 0.
+    pub fault_delay_rate: f64,
     /// Status and metrics HTTP endpoint. Default `127.0.0.1:9100`.
     pub http_listen: String,
     /// Snapshot the metadata and compact the Raft log once the log passes this. Default 64MiB.
@@ -135,7 +170,22 @@ impl Default for Settings {
             queue_depth: 64,
             segment_size: ByteSize(256 << 20),
             block_size: ByteSize(4 << 20),
-            object_store: None,
+            bucket: None,
+            bucket_region: None,
+            bucket_endpoint: None,
+            tier_after_secs: 30,
+            retain_for_secs: 0,
+            evict_high: 0.90,
+            evict_low: 0.80,
+            pack_threshold: ByteSize(1 << 20),
+            chunk_object_size: ByteSize(64 << 20),
+            pack_object_size: ByteSize(64 << 20),
+            dirty_high: None,
+            dirty_limit: None,
+            upload_parallelism: 4,
+            gc_interval_secs: 60,
+            fault_fail_rate: 0.0,
+            fault_delay_rate: 0.0,
             http_listen: "127.0.0.1:9100".into(),
             snapshot_log_size: ByteSize(64 << 20),
             s3_listen: "127.0.0.1:9000".into(),
@@ -234,10 +284,34 @@ impl Settings {
         if self.snapshot_log_size.0 < 4096 {
             return bad("snapshot_log_size", self.snapshot_log_size.to_string(), "must be at least 4KiB");
         }
-        if let Some(url) = &self.object_store
-            && !url.starts_with("file://")
+        if let Some(url) = &self.bucket
+            && let Err(e) = tidepool_tiering::parse_bucket_url(url)
         {
-            return bad("object_store", url.clone(), "only file:// is supported until the S3/Azure cold tier lands");
+            return bad("bucket", url.clone(), &e.to_string());
+        }
+        let frac = |x: f64| (0.0..=1.0).contains(&x);
+        if !frac(self.evict_low) || !frac(self.evict_high) || self.evict_low >= self.evict_high {
+            return bad(
+                "evict_high",
+                format!("{} (evict_low={})", self.evict_high, self.evict_low),
+                "need 0 <= evict_low < evict_high <= 1",
+            );
+        }
+        if !frac(self.fault_fail_rate) || !frac(self.fault_delay_rate) {
+            return bad("fault_fail_rate", self.fault_fail_rate.to_string(), "fault rates are fractions in [0, 1]");
+        }
+        for (key, v) in [("chunk_object_size", self.chunk_object_size), ("pack_object_size", self.pack_object_size)] {
+            if v.0 < self.block_size.0 || v.0 > 5 << 30 {
+                return bad(key, v.to_string(), "must be between block_size and 5GiB");
+            }
+        }
+        if !(1..=64).contains(&self.upload_parallelism) {
+            return bad("upload_parallelism", self.upload_parallelism.to_string(), "must be between 1 and 64");
+        }
+        if let (Some(h), Some(l)) = (self.dirty_high, self.dirty_limit)
+            && h > l
+        {
+            return bad("dirty_high", h.to_string(), "must not be above dirty_limit");
         }
         Ok(())
     }
@@ -246,8 +320,8 @@ impl Settings {
         self.device_path.clone().unwrap_or_else(|| self.data_dir.join("nvme.img"))
     }
 
-    pub fn object_store_url(&self) -> String {
-        self.object_store.clone().unwrap_or_else(|| {
+    pub fn bucket_url(&self) -> String {
+        self.bucket.clone().unwrap_or_else(|| {
             let abs =
                 std::path::absolute(self.data_dir.join("objects")).unwrap_or_else(|_| self.data_dir.join("objects"));
             format!("file://{}", abs.display())
@@ -306,6 +380,19 @@ mod tests {
         std::fs::write(&f, "block_size = \"3KiB\"\n").unwrap();
         let e = Settings::load(Some(&f), env(&[])).unwrap_err();
         assert!(e.to_string().contains("block_size"), "{e}");
+        let s = Settings::load(Some(&f), env(&[("TIDEPOOL_TIER_AFTER_SECS", "2"), ("TIDEPOOL_BLOCK_SIZE", "1MiB")]))
+            .unwrap();
+        assert_eq!(s.tier_after_secs, 2);
+        let e = Settings::load(Some(&f), env(&[("TIDEPOOL_BUCKET", "ftp://x"), ("TIDEPOOL_BLOCK_SIZE", "1MiB")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown scheme"), "{e}");
+        let e = Settings::load(Some(&f), env(&[("TIDEPOOL_EVICT_LOW", "0.95"), ("TIDEPOOL_BLOCK_SIZE", "1MiB")]))
+            .unwrap_err();
+        assert!(e.to_string().contains("evict_low < evict_high"), "{e}");
+        let s =
+            Settings::load(Some(&f), env(&[("TIDEPOOL_OBJECT_STORE", "s3://b-1/p"), ("TIDEPOOL_BLOCK_SIZE", "1MiB")]))
+                .unwrap();
+        assert_eq!(s.bucket.as_deref(), Some("s3://b-1/p"));
         std::fs::write(&f, "device_size = [").unwrap();
         assert!(matches!(Settings::load(Some(&f), env(&[])), Err(SettingsError::Parse { .. })));
     }

@@ -24,7 +24,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let s3_listener = tokio::net::TcpListener::bind(&settings.s3_listen)
         .await
         .map_err(|e| format!("cannot listen on s3_listen={}: {e}", settings.s3_listen))?;
-    let node = Node::open(settings).await?;
+    let mut node = Node::open(settings).await?;
     // The NFS listener needs the filesystem, so it binds once the node is open (still before
     // the banner); a refused address stops the node cleanly.
     let nfs_metrics = Arc::new(NfsMetrics::default());
@@ -51,13 +51,14 @@ pub async fn run(settings: Settings) -> Result<()> {
         data_dir: node.data_dir().display().to_string(),
         device: s.device_path().display().to_string(),
         engine: node.engine.to_string(),
-        object_store: s.object_store_url(),
+        object_store: s.bucket_url(),
         http: format!("http://{}", listener.local_addr()?),
         s3: s3_endpoint.clone(),
         s3_metrics: s3_metrics.clone(),
         nfs: format!("nfs://{nfs_addr}/"),
         nfs_metrics,
         admin: Some(Arc::new(Admin { fs: node.fs.clone(), node_key })),
+        tier: node.tier.clone(),
     });
     let stat = node.fs.stat();
     println!(
@@ -67,7 +68,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     );
     println!("  data folder   {}", src.data_dir);
     println!("  NVMe device   {} ({}, {} engine)", src.device, human_bytes(stat.capacity_bytes), src.engine);
-    println!("  object store  {} (tiering comes with the cold tier; not active yet)", src.object_store);
+    println!("  object store  {} (write-back {} s after a write)", src.object_store, s.tier_after_secs);
     println!("  status        {}/status", src.http);
     println!("  metrics       {}/metrics", src.http);
     println!(
@@ -100,6 +101,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         );
     }
     println!("Ctrl-C to stop.");
+    node.start_tiering();
     let server = tokio::spawn(http::serve(listener, src));
     let (stop_s3, s3_stopped) = tokio::sync::oneshot::channel::<()>();
     let s3_server = tokio::spawn(tidepool_s3::serve(s3_listener, service, s3_metrics, async {
