@@ -164,6 +164,16 @@ pub fn status(addr: &str, json: bool) -> Result<()> {
         n("/meta/snapshot_index"),
         b("/meta/log_bytes")
     );
-    println!("object store   {}", v.pointer("/object_store/url").and_then(|x| x.as_str()).unwrap_or("?"));
+    println!(
+        "object store   {} ({} dirty; {} objects uploaded, {} evicted, {} read through)",
+        v.pointer("/object_store/url").and_then(|x| x.as_str()).unwrap_or("?"),
+        b("/object_store/dirty_bytes"),
+        n("/object_store/counters/uploaded_objects"),
+        b("/object_store/counters/evicted_bytes"),
+        b("/object_store/counters/read_through_bytes"),
+    );
+    if let Some(e) = v.pointer("/object_store/last_upload_error").and_then(|x| x.as_str()) {
+        println!("               last upload failed: {e}");
+    }
     Ok(())
 }

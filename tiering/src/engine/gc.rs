@@ -45,6 +45,8 @@ impl Tier {
             report.orphans_deleted = self.sweep_orphans().await?;
         }
         (report.bucket_bytes, report.live_bytes) = self.fs()?.meta().read(totals);
+        // The LRU map forgets blocks that left NVMe some other way (freed, released).
+        super::lock(&self.access).retain(|id, _| self.store.contains(*id));
         Ok(report)
     }
 
