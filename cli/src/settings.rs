@@ -196,9 +196,15 @@ impl Default for Settings {
 }
 
 /// Environment variables with the prefix that are not settings (read elsewhere; the S3 key
-/// pair is a secret, read by `up` and never part of the settings).
-const NOT_SETTINGS: &[&str] =
-    &["TIDEPOOL_LOG", "TIDEPOOL_BIN", "TIDEPOOL_S3_ACCESS_KEY_ID", "TIDEPOOL_S3_SECRET_ACCESS_KEY"];
+/// pair is a secret, read by `up` and never part of the settings; `TIDEPOOL_AZURITE_BIN` is
+/// the test suite's, exported by test.sh and inherited by every node a test starts).
+const NOT_SETTINGS: &[&str] = &[
+    "TIDEPOOL_LOG",
+    "TIDEPOOL_BIN",
+    "TIDEPOOL_AZURITE_BIN",
+    "TIDEPOOL_S3_ACCESS_KEY_ID",
+    "TIDEPOOL_S3_SECRET_ACCESS_KEY",
+];
 
 impl Settings {
     /// Load `file` (if given, it must exist; else `./tidepool.toml` if present), then overlay
@@ -362,7 +368,11 @@ mod tests {
         assert!(e.to_string().contains("queue_depth"), "{e}");
         let s = Settings::load(
             Some(&f),
-            env(&[("TIDEPOOL_S3_LISTEN", "127.0.0.1:9999"), ("TIDEPOOL_S3_SECRET_ACCESS_KEY", "not a setting")]),
+            env(&[
+                ("TIDEPOOL_S3_LISTEN", "127.0.0.1:9999"),
+                ("TIDEPOOL_S3_SECRET_ACCESS_KEY", "not a setting"),
+                ("TIDEPOOL_AZURITE_BIN", "/opt/azurite-blob"),
+            ]),
         )
         .unwrap();
         assert_eq!((s.s3_listen.as_str(), s.s3_region.as_str()), ("127.0.0.1:9999", "us-east-1"));
