@@ -94,10 +94,11 @@ fn fixed_state_v2() -> MetaState {
     s
 }
 
-/// `fixed_state_v3` plus a pin (snapshot version 3 added the cold tier).
+/// `fixed_state_v2` plus a pin and a manifest epoch (snapshot version 3 added the cold tier).
 fn fixed_state_v3() -> MetaState {
     let mut s = fixed_state_v2();
     s.apply(&Command::SetPin { ino: 2, pinned: true }).expect("pin");
+    s.apply(&Command::KeepObjects { epoch: 1, oldest_retained: 1 }).expect("keep");
     s.check_invariants().expect("fixed state is consistent");
     s
 }
@@ -111,6 +112,7 @@ fn as_migrated(mut s: MetaState) -> MetaState {
     }
     s.objects.clear();
     s.pins.clear();
+    (s.manifest_epoch, s.manifest_oldest_retained) = (0, 0);
     s.dirty_bytes = s.blocks.values().map(|b| u64::from(b.len)).sum();
     s.check_invariants().expect("migrated state is consistent");
     s

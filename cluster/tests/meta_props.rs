@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use tidepool_cluster::meta::{
-    AccessKey, Applied, BlockId, Command, Ino, InodeKind, MetaError, MetaState, NewBlock, NewKind,
-    ObjectKind, TieredBlock,
+    AccessKey, Applied, BlockId, Command, Ino, InodeKind, MetaError, MetaState, NewBlock, NewKind, ObjectKind,
+    TieredBlock,
 };
 
 /// An abstract command: selectors are resolved against the state in `concrete`.
@@ -30,6 +30,7 @@ enum Op {
     RecordTiered { object: u8, ids: Vec<u8>, from: bool },
     DropObjects { objects: Vec<u8> },
     SetPin { ino: u8, pinned: bool },
+    KeepObjects { epoch: u8, back: u8 },
     Concat { dst: u8, srcs: Vec<u8> },
     PutAccessKey { id: u8, seal: u8 },
     DeleteAccessKey { id: u8 },
@@ -55,6 +56,7 @@ fn op() -> impl Strategy<Value = Op> {
             .prop_map(|(object, ids, from)| Op::RecordTiered { object, ids, from }),
         1 => proptest::collection::vec(sel(), 0..3).prop_map(|objects| Op::DropObjects { objects }),
         1 => (sel(), any::<bool>()).prop_map(|(ino, pinned)| Op::SetPin { ino, pinned }),
+        1 => (0u8..3, 0u8..3).prop_map(|(epoch, back)| Op::KeepObjects { epoch, back }),
         2 => (sel(), proptest::collection::vec(sel(), 0..4)).prop_map(|(dst, srcs)| Op::Concat { dst, srcs }),
         1 => (sel(), sel()).prop_map(|(id, seal)| Op::PutAccessKey { id, seal }),
         1 => sel().prop_map(|id| Op::DeleteAccessKey { id }),
@@ -200,6 +202,14 @@ fn concrete(s: &MetaState, op: &Op, now: i64) -> Command {
             Command::DropObjects { objects }
         }
         Op::SetPin { ino, pinned } => Command::SetPin { ino: pick(s, ino, false), pinned },
+        Op::KeepObjects { epoch, back } => {
+            // Mostly the next epoch, keeping the last few; now and then a stale one (refused).
+            let epoch = s.manifest_epoch + u64::from(epoch);
+            Command::KeepObjects {
+                epoch,
+                oldest_retained: epoch.saturating_sub(u64::from(back)).max(s.manifest_oldest_retained),
+            }
+        }
         Op::Concat { dst, srcs: sels } => {
             let dst = pick_file(s, dst);
             let mut srcs: Vec<Ino> = sels.iter().map(|&x| pick_file(s, x)).collect();
@@ -443,6 +453,7 @@ fn generator_reaches_successful_commands() {
         "RecordTiered",
         "DropObjects",
         "SetPin",
+        "KeepObjects",
         "Concat",
         "PutAccessKey",
         "DeleteAccessKey",
@@ -468,6 +479,7 @@ fn cmd_kind(cmd: &Command) -> &'static str {
         Command::RecordTiered { .. } => "RecordTiered",
         Command::DropObjects { .. } => "DropObjects",
         Command::SetPin { .. } => "SetPin",
+        Command::KeepObjects { .. } => "KeepObjects",
         Command::Concat { .. } => "Concat",
         Command::PutAccessKey { .. } => "PutAccessKey",
         Command::DeleteAccessKey { .. } => "DeleteAccessKey",

@@ -91,6 +91,8 @@ impl MetaState {
             objects: BTreeMap::new(),
             pins: std::collections::BTreeSet::new(),
             dirty_bytes: 0,
+            manifest_epoch: 0,
+            manifest_oldest_retained: 0,
         }
     }
 
@@ -143,6 +145,7 @@ impl MetaState {
             }
             Command::DropObjects { objects } => self.drop_objects(objects),
             Command::SetPin { ino, pinned } => self.set_pin(*ino, *pinned),
+            Command::KeepObjects { epoch, oldest_retained } => self.keep_objects(*epoch, *oldest_retained),
             Command::Concat { dst, srcs, now } => self.concat(*dst, srcs, *now),
             Command::PutAccessKey { id, key } => self.put_access_key(id, key),
             Command::DeleteAccessKey { id } => self.delete_access_key(id),

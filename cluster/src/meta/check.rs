@@ -49,6 +49,12 @@ impl MetaState {
                 ));
             }
         }
+        if self.manifest_oldest_retained > self.manifest_epoch {
+            return Err(format!(
+                "manifest_oldest_retained={} above manifest_epoch={}",
+                self.manifest_oldest_retained, self.manifest_epoch
+            ));
+        }
         if let Some(p) = self.pins.iter().find(|p| !self.inodes.contains_key(p)) {
             return Err(format!("pin of a missing inode ino={p}"));
         }

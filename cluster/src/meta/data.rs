@@ -165,7 +165,6 @@ impl MetaState {
         self.next_block_id = first.checked_add(count).ok_or(MetaError::Invalid("block ids exhausted"))?;
         Ok(Applied { first_block_id: Some(first), ..Applied::default() })
     }
-
 }
 
 impl MetaState {

@@ -8,9 +8,9 @@ mod data;
 mod keys;
 mod read;
 mod snapshot;
-mod tier;
 #[cfg(test)]
 mod tests;
+mod tier;
 mod types;
 
 pub use apply::SYMLINK_MAX;
@@ -48,4 +48,15 @@ pub struct MetaState {
     pub pins: BTreeSet<Ino>,
     /// Total length of the `Dirty` blocks (kept so writers can be held back cheaply).
     pub dirty_bytes: u64,
+    /// Newest manifest epoch written (0: none), and the oldest one still retained: objects
+    /// kept by a retained manifest are not deleted by GC.
+    pub manifest_epoch: u64,
+    pub manifest_oldest_retained: u64,
+}
+
+impl MetaState {
+    /// An object GC may delete: no live block, and no retained manifest may point into it.
+    pub fn object_deletable(&self, o: &ObjectMeta) -> bool {
+        o.live_blocks == 0 && o.kept_epoch.is_none_or(|k| k < self.manifest_oldest_retained)
+    }
 }

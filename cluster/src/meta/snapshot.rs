@@ -98,6 +98,8 @@ impl From<MetaStateV2> for MetaState {
             objects: BTreeMap::new(),
             pins: BTreeSet::new(),
             dirty_bytes,
+            manifest_epoch: 0,
+            manifest_oldest_retained: 0,
         }
     }
 }

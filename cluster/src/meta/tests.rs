@@ -354,11 +354,25 @@ fn set_attr_errors_and_block_state() {
     fails(&mut s, Command::DropObjects { objects: vec![5, 7] }, MetaError::Invalid("object still has live blocks"));
     s.apply(&Command::DropObjects { objects: vec![5, 6, 1234] }).expect("drop");
     assert_eq!(s.objects.keys().copied().collect::<Vec<_>>(), vec![7]);
+    // A manifest keeps the objects in the table: an emptied one stays until it ages out.
+    s.apply(&Command::KeepObjects { epoch: 3, oldest_retained: 1 }).expect("keep");
+    fails(
+        &mut s,
+        Command::KeepObjects { epoch: 3, oldest_retained: 1 },
+        MetaError::Invalid("manifest epochs must grow"),
+    );
+    s.apply(&rec(8, vec![TieredBlock { offset: 0, ..tb }], Some(7))).expect("rewrite");
+    fails(&mut s, Command::DropObjects { objects: vec![7] }, MetaError::Invalid("object kept by a retained manifest"));
+    s.apply(&Command::KeepObjects { epoch: 5, oldest_retained: 3 }).expect("keep");
+    assert_eq!((s.objects[&7].kept_epoch, s.objects[&8].kept_epoch), (Some(3), Some(5)));
+    fails(&mut s, Command::DropObjects { objects: vec![7] }, MetaError::Invalid("object kept by a retained manifest"));
+    s.apply(&Command::KeepObjects { epoch: 6, oldest_retained: 4 }).expect("keep");
+    s.apply(&Command::DropObjects { objects: vec![7] }).expect("drop once no retained manifest keeps it");
     s.apply(&Command::SetPin { ino: f, pinned: true }).expect("pin");
     assert!(s.is_pinned(f) && !s.is_pinned(ROOT_INO));
     s.check_invariants().expect("invariants");
     assert_eq!(s.apply(&unlink(ROOT_INO, "f")).expect("unlink").freed, vec![id]);
-    assert_eq!((s.objects[&7].live_blocks, s.objects[&7].live_bytes), (0, 0));
+    assert_eq!((s.objects[&8].live_blocks, s.objects[&8].live_bytes), (0, 0));
     assert!(s.pins.is_empty(), "a removed inode's pin goes with it");
     s.check_invariants().expect("invariants");
 }

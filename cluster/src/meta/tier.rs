@@ -34,7 +34,7 @@ impl MetaState {
             }
         }
         // Validation done: mutate.
-        let mut meta = ObjectMeta { kind, size_bytes, live_bytes: 0, live_blocks: 0, created: now };
+        let mut meta = ObjectMeta { kind, size_bytes, live_bytes: 0, live_blocks: 0, created: now, kept_epoch: None };
         let mut tiered = 0u32;
         for b in blocks {
             let Some(block) = self.blocks.get_mut(&b.id) else { continue };
@@ -66,6 +66,9 @@ impl MetaState {
         if objects.iter().any(|o| self.objects.get(o).is_some_and(|m| m.live_blocks > 0)) {
             return Err(MetaError::Invalid("object still has live blocks"));
         }
+        if objects.iter().any(|o| self.objects.get(o).is_some_and(|m| !self.object_deletable(m))) {
+            return Err(MetaError::Invalid("object kept by a retained manifest"));
+        }
         for o in objects {
             self.objects.remove(o);
         }
@@ -80,6 +83,19 @@ impl MetaState {
             self.pins.remove(&ino);
         }
         Ok(Applied { attr: Some(attr), ..Applied::default() })
+    }
+
+    pub(super) fn keep_objects(&mut self, epoch: u64, oldest_retained: u64) -> Result<Applied, MetaError> {
+        if epoch <= self.manifest_epoch || oldest_retained > epoch || oldest_retained < self.manifest_oldest_retained {
+            return Err(MetaError::Invalid("manifest epochs must grow"));
+        }
+        // Only objects with live blocks can be pointed at by the manifest.
+        for o in self.objects.values_mut().filter(|o| o.live_blocks > 0) {
+            o.kept_epoch = Some(epoch);
+        }
+        self.manifest_epoch = epoch;
+        self.manifest_oldest_retained = oldest_retained;
+        Ok(Applied::default())
     }
 
     /// Removes a block whose last reference went (see `data::unref_block`).

@@ -120,6 +120,9 @@ pub struct ObjectMeta {
     /// Number of blocks that still point into it; at zero the object is garbage.
     pub live_blocks: u32,
     pub created: Nanos,
+    /// The newest manifest (epoch) written while this object was in the table: a manifest may
+    /// point into it, so GC keeps it while that manifest is retained. `None`: in no manifest.
+    pub kept_epoch: Option<u64>,
 }
 
 /// A block as uploaded into an object (`Command::RecordTiered`).
@@ -276,6 +279,13 @@ pub enum Command {
     SetPin {
         ino: Ino,
         pinned: bool,
+    },
+    /// A manifest of epoch `epoch` is being written: every object with live blocks is kept
+    /// (`kept_epoch = epoch`) while manifests of epoch `oldest_retained` or newer are kept.
+    /// `epoch` must be above every earlier one.
+    KeepObjects {
+        epoch: u64,
+        oldest_retained: u64,
     },
 }
 
