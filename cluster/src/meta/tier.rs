@@ -89,8 +89,10 @@ impl MetaState {
         if epoch <= self.manifest_epoch || oldest_retained > epoch || oldest_retained < self.manifest_oldest_retained {
             return Err(MetaError::Invalid("manifest epochs must grow"));
         }
-        // Only objects with live blocks can be pointed at by the manifest.
-        for o in self.objects.values_mut().filter(|o| o.live_blocks > 0) {
+        // Every object in the table: the manifest was cut from a state a little older than
+        // this command, in which an object empty now may still have had live blocks (the
+        // writer holds GC off from that state until here, so none was deleted meanwhile).
+        for o in self.objects.values_mut() {
             o.kept_epoch = Some(epoch);
         }
         self.manifest_epoch = epoch;

@@ -280,7 +280,7 @@ pub enum Command {
         ino: Ino,
         pinned: bool,
     },
-    /// A manifest of epoch `epoch` is being written: every object with live blocks is kept
+    /// A manifest of epoch `epoch` is being written: every object in the table is kept
     /// (`kept_epoch = epoch`) while manifests of epoch `oldest_retained` or newer are kept.
     /// `epoch` must be above every earlier one.
     KeepObjects {
