@@ -98,7 +98,8 @@ fn fixed_state_v2() -> MetaState {
 fn fixed_state_v3() -> MetaState {
     let mut s = fixed_state_v2();
     s.apply(&Command::SetPin { ino: 2, pinned: true }).expect("pin");
-    s.apply(&Command::KeepObjects { epoch: 1, oldest_retained: 1 }).expect("keep");
+    let objects = s.objects.keys().copied().collect();
+    s.apply(&Command::KeepObjects { epoch: 1, oldest_retained: 1, objects }).expect("keep");
     s.check_invariants().expect("fixed state is consistent");
     s
 }

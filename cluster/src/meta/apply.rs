@@ -145,7 +145,9 @@ impl MetaState {
             }
             Command::DropObjects { objects } => self.drop_objects(objects),
             Command::SetPin { ino, pinned } => self.set_pin(*ino, *pinned),
-            Command::KeepObjects { epoch, oldest_retained } => self.keep_objects(*epoch, *oldest_retained),
+            Command::KeepObjects { epoch, oldest_retained, objects } => {
+                self.keep_objects(*epoch, *oldest_retained, objects)
+            }
             Command::Concat { dst, srcs, now } => self.concat(*dst, srcs, *now),
             Command::PutAccessKey { id, key } => self.put_access_key(id, key),
             Command::DeleteAccessKey { id } => self.delete_access_key(id),

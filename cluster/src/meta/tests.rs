@@ -363,10 +363,10 @@ fn set_attr_errors_and_block_state() {
     );
     s.apply(&rec(8, vec![TieredBlock { offset: 0, ..tb }], Some(7))).expect("rewrite");
     fails(&mut s, Command::DropObjects { objects: vec![7] }, MetaError::Invalid("object kept by a retained manifest"));
-    s.apply(&Command::KeepObjects { epoch: 5, oldest_retained: 3 }).expect("keep");
-    assert_eq!((s.objects[&7].kept_epoch, s.objects[&8].kept_epoch), (Some(5), Some(5)));
+    s.apply(&keep(5, 3, &[8, 99])).expect("keep");
+    assert_eq!((s.objects[&7].kept_epoch, s.objects[&8].kept_epoch), (Some(3), Some(5)));
     fails(&mut s, Command::DropObjects { objects: vec![7] }, MetaError::Invalid("object kept by a retained manifest"));
-    s.apply(&Command::KeepObjects { epoch: 6, oldest_retained: 6 }).expect("keep");
+    s.apply(&keep(6, 4, &[8])).expect("keep");
     s.apply(&Command::DropObjects { objects: vec![7] }).expect("drop once no retained manifest keeps it");
     s.apply(&Command::SetPin { ino: f, pinned: true }).expect("pin");
     assert!(s.is_pinned(f) && !s.is_pinned(ROOT_INO));

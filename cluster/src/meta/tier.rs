@@ -85,15 +85,20 @@ impl MetaState {
         Ok(Applied { attr: Some(attr), ..Applied::default() })
     }
 
-    pub(super) fn keep_objects(&mut self, epoch: u64, oldest_retained: u64) -> Result<Applied, MetaError> {
+    pub(super) fn keep_objects(
+        &mut self,
+        epoch: u64,
+        oldest_retained: u64,
+        objects: &[ObjectId],
+    ) -> Result<Applied, MetaError> {
         if epoch <= self.manifest_epoch || oldest_retained > epoch || oldest_retained < self.manifest_oldest_retained {
             return Err(MetaError::Invalid("manifest epochs must grow"));
         }
-        // Every object in the table: the manifest was cut from a state a little older than
-        // this command, in which an object empty now may still have had live blocks (the
-        // writer holds GC off from that state until here, so none was deleted meanwhile).
-        for o in self.objects.values_mut() {
-            o.kept_epoch = Some(epoch);
+        // The objects the manifest points into (ids no longer in the table are skipped).
+        for id in objects {
+            if let Some(o) = self.objects.get_mut(id) {
+                o.kept_epoch = Some(epoch);
+            }
         }
         self.manifest_epoch = epoch;
         self.manifest_oldest_retained = oldest_retained;

@@ -280,12 +280,15 @@ pub enum Command {
         ino: Ino,
         pinned: bool,
     },
-    /// A manifest of epoch `epoch` is being written: every object in the table is kept
-    /// (`kept_epoch = epoch`) while manifests of epoch `oldest_retained` or newer are kept.
-    /// `epoch` must be above every earlier one.
+    /// A manifest of epoch `epoch` is being written and points into `objects`: they are kept
+    /// from GC (`kept_epoch = epoch`) while manifests of epoch `oldest_retained` or newer are
+    /// retained. `epoch` must be above every earlier one. (The writer cuts the manifest from a
+    /// state a little older than this command and holds GC off in between, so every object it
+    /// names is still in the table.)
     KeepObjects {
         epoch: u64,
         oldest_retained: u64,
+        objects: Vec<ObjectId>,
     },
 }
 
