@@ -205,10 +205,9 @@ fn concrete(s: &MetaState, op: &Op, now: i64) -> Command {
         Op::KeepObjects { epoch, back } => {
             // Mostly the next epoch, keeping the last few; now and then a stale one (refused).
             let epoch = s.manifest_epoch + u64::from(epoch);
-            Command::KeepObjects {
-                epoch,
-                oldest_retained: epoch.saturating_sub(u64::from(back)).max(s.manifest_oldest_retained),
-            }
+            let oldest_retained = epoch.saturating_sub(u64::from(back)).max(s.manifest_oldest_retained);
+            let objects = s.objects.keys().copied().filter(|o| o % 2 == 0).collect();
+            Command::KeepObjects { epoch, oldest_retained, objects }
         }
         Op::Concat { dst, srcs: sels } => {
             let dst = pick_file(s, dst);

@@ -354,13 +354,14 @@ fn set_attr_errors_and_block_state() {
     fails(&mut s, Command::DropObjects { objects: vec![5, 7] }, MetaError::Invalid("object still has live blocks"));
     s.apply(&Command::DropObjects { objects: vec![5, 6, 1234] }).expect("drop");
     assert_eq!(s.objects.keys().copied().collect::<Vec<_>>(), vec![7]);
-    // A manifest keeps the objects in the table: an emptied one stays until it ages out.
-    s.apply(&Command::KeepObjects { epoch: 3, oldest_retained: 1 }).expect("keep");
-    fails(
-        &mut s,
-        Command::KeepObjects { epoch: 3, oldest_retained: 1 },
-        MetaError::Invalid("manifest epochs must grow"),
-    );
+    // A manifest keeps the objects it points into: an emptied one stays until it ages out.
+    let keep = |epoch, oldest_retained, objects: &[u128]| Command::KeepObjects {
+        epoch,
+        oldest_retained,
+        objects: objects.to_vec(),
+    };
+    s.apply(&keep(3, 1, &[7])).expect("keep");
+    fails(&mut s, keep(3, 1, &[7]), MetaError::Invalid("manifest epochs must grow"));
     s.apply(&rec(8, vec![TieredBlock { offset: 0, ..tb }], Some(7))).expect("rewrite");
     fails(&mut s, Command::DropObjects { objects: vec![7] }, MetaError::Invalid("object kept by a retained manifest"));
     s.apply(&keep(5, 3, &[8, 99])).expect("keep");
