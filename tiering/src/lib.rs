@@ -9,6 +9,7 @@
 
 pub mod engine;
 pub mod format;
+pub mod manifest;
 pub mod store;
 
 pub use store::{ListPage, ObjectError, ObjectInfo, ObjectStore, PutIfAbsent};
