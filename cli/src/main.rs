@@ -3,6 +3,7 @@
 
 mod bench;
 mod bucket;
+mod cost;
 mod datadir;
 mod http;
 mod keys;
@@ -74,6 +75,9 @@ enum Cmd {
     /// Benchmarks (release build recommended).
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// Monthly cost running all day versus spun down part of it (instances, bucket, requests),
+    /// and the rehydrate time, from deploy/pricing.toml (or --pricing FILE) and the bucket.
+    Cost(cost::Args),
 }
 
 fn main() {
@@ -124,5 +128,6 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Fs(cmd) => runtime()?.block_on(offline::run(settings, cmd)),
         Cmd::Workload(args) => runtime()?.block_on(workload::run(settings, args)),
         Cmd::Bench(cmd) => runtime()?.block_on(bench::run(settings, cmd)),
+        Cmd::Cost(args) => runtime()?.block_on(cost::run(settings, args)),
     }
 }
