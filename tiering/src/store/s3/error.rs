@@ -107,7 +107,18 @@ pub(super) fn failure<E>(err: SdkError<E, HttpResponse>, op: &str, bucket: &str,
 where
     E: ProvideErrorMetadata + StdError + Send + Sync + 'static,
 {
-    let detail = |what: &str| format!("s3 {op} {what} bucket={bucket} key={key:?} error={}", DisplayErrorContext(&err));
+    // A service error is said by its answer (status, code, message); the SDK's error context
+    // would print the whole raw response in Debug form. Anything else (connect, timeout,
+    // credentials) by its context chain, which is what explains it.
+    let detail = |what: &str| match &err {
+        SdkError::ServiceError(_) => format!(
+            "s3 {op} {what} bucket={bucket} key={key:?} status={} code={}{}",
+            err.raw_response().map_or(0, |r| r.status().as_u16()),
+            err.code().unwrap_or("none"),
+            err.message().map(|m| format!(" message={m:?}")).unwrap_or_default()
+        ),
+        _ => format!("s3 {op} {what} bucket={bucket} key={key:?} error={}", DisplayErrorContext(&err)),
+    };
     let kind = match &err {
         SdkError::ServiceError(_) => {
             let status = err.raw_response().map(|r| r.status().as_u16());
