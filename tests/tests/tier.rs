@@ -388,7 +388,7 @@ fn s3_bucket_tiers_releases_and_reads_through() {
 
     // Fetch the large files back onto NVMe; the small ones stay cold.
     let out = node.ok(&["tier", "fetch", "/data/big"]);
-    assert_eq!(count_in(&out, "fetched"), 12, "3 + 5 + 2 MiB and a bit each: 12 blocks\n{out}");
+    assert_eq!(count_in(&out, "fetched"), 4 + 6 + 3, "3, 5 and 2 MiB and a bit: 13 blocks\n{out}");
     assert_eq!(node.tier_status("/data/big")["path"]["resident_percent"].as_f64(), Some(100.0));
     assert_eq!(node.tier_status("/data/small")["path"]["resident_percent"].as_f64(), Some(0.0));
     let again = node.ok(&["tier", "fetch", "/data/big"]);
@@ -408,7 +408,7 @@ fn s3_bucket_tiers_releases_and_reads_through() {
     read_back(&node, &src, &dir.path().join("back"));
     let text = node.ok(&["tier", "status"]);
     assert!(text.contains("resident      100.0 %") && text.contains("dirty         0 B"), "{text}");
-    assert!(text.contains(&format!("bucket        s3://{COLD}/{PREFIX}")) || text.contains(COLD), "{text}");
+    assert!(text.contains(&format!("bucket        s3://{COLD}/{PREFIX}")), "{text}");
     assert!(node.metric("tidepool_tier_total{what=\"read_through_blocks\"}") >= blocks);
 }
 
@@ -531,9 +531,11 @@ fn wrong_credentials_or_missing_bucket_stop_up_with_one_error() {
         assert_eq!(status.code(), Some(1), "{case}: {err}");
         let errors: Vec<&str> = err.lines().filter(|l| l.starts_with("error:")).collect();
         assert_eq!(errors.len(), 1, "{case}: one error line:\n{err}");
+        eprintln!("{case}: {}", errors[0]);
         let lower = errors[0].to_lowercase();
         assert!(words.iter().all(|w| lower.contains(w)), "{case}: the error names {words:?}: {}", errors[0]);
-        assert!(!err.to_lowercase().contains("retry"), "{case}: no retries at start:\n{err}");
+        assert!(!err.contains("WARN"), "{case}: no retries or warnings at start, one error:\n{err}");
+        assert!(errors[0].len() < 400, "{case}: a clear error, not a dump: {}", errors[0]);
     }
 }
 
