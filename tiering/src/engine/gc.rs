@@ -39,6 +39,7 @@ fn totals(s: &MetaState) -> (u64, u64) {
 impl Tier {
     /// One GC pass; `sweep` also lists the bucket for unrecorded objects.
     pub async fn gc(&self, sweep: bool) -> Result<GcReport> {
+        let _gc = self.gc_lock.lock().await;
         let mut report = GcReport { rewritten_objects: self.rewrite_dead().await?, ..GcReport::default() };
         report.deleted_objects = self.delete_empty().await?;
         if sweep {

@@ -13,6 +13,8 @@
 
 mod evict;
 mod gc;
+mod rehydrate;
+mod snapshot;
 mod status;
 mod upload;
 
@@ -26,6 +28,8 @@ use tidepool_fs::Fs;
 use tidepool_spdk::BlockStore;
 
 pub use gc::GcReport;
+pub use rehydrate::{RehydrateMode, RehydrateProgress, RehydrateStatus};
+pub use snapshot::{ManifestReport, SpinDownProgress};
 pub use status::{PathStatus, TierStatus};
 pub use upload::RoundReport;
 
@@ -67,6 +71,14 @@ pub struct TierConfig {
     pub interval: Duration,
     /// How often GC runs (delete empty objects, rewrite, sweep orphans). Default 60 s.
     pub gc_interval: Duration,
+    /// A manifest is written this often while running (`None`: never). Default 15 min.
+    pub snapshot_interval: Option<Duration>,
+    /// Manifests kept (the newest ones; their objects are kept from GC). Default 3.
+    pub manifest_retain: u64,
+    /// Compressed bytes per manifest part. Default 64 MiB.
+    pub manifest_part_bytes: usize,
+    /// Blocks fetched at once by rehydration. Default 8.
+    pub rehydrate_parallelism: usize,
 }
 
 impl TierConfig {
@@ -88,6 +100,10 @@ impl TierConfig {
             gc_dead_ratio: 0.10,
             interval: Duration::from_secs(1),
             gc_interval: Duration::from_secs(60),
+            snapshot_interval: Some(Duration::from_secs(15 * 60)),
+            manifest_retain: 3,
+            manifest_part_bytes: 64 << 20,
+            rehydrate_parallelism: 8,
         }
     }
 }
@@ -105,6 +121,10 @@ pub enum TierEngineError {
     Format(#[from] crate::format::FormatError),
     #[error("the filesystem is shut down")]
     Stopped,
+    #[error("manifest: {0}")]
+    Manifest(String),
+    #[error("{0}")]
+    Busy(&'static str),
 }
 
 pub type Result<T, E = TierEngineError> = std::result::Result<T, E>;
@@ -175,7 +195,14 @@ pub struct Tier {
     uploaded: tokio::sync::Notify,
     /// Serialises upload rounds (the loop, `flush_all`).
     round: tokio::sync::Mutex<()>,
+    /// Held by a GC pass, and by a manifest writer from its cut until `KeepObjects`.
+    gc_lock: tokio::sync::Mutex<()>,
     stop: AtomicBool,
+    spin: SpinDownProgress,
+    rehydrate: Arc<RehydrateProgress>,
+    last_manifest: Mutex<Option<std::time::Instant>>,
+    /// Settings written into periodic manifests (set by the binary).
+    manifest_settings: Mutex<std::collections::BTreeMap<String, String>>,
 }
 
 impl Tier {
@@ -196,7 +223,12 @@ impl Tier {
             wake: tokio::sync::Notify::new(),
             uploaded: tokio::sync::Notify::new(),
             round: tokio::sync::Mutex::new(()),
+            gc_lock: tokio::sync::Mutex::new(()),
             stop: AtomicBool::new(false),
+            spin: SpinDownProgress::default(),
+            rehydrate: Arc::new(RehydrateProgress::default()),
+            last_manifest: Mutex::new(Some(std::time::Instant::now())),
+            manifest_settings: Mutex::new(Default::default()),
         });
         fs.set_cold_tier(tier.clone());
         tier
@@ -217,6 +249,15 @@ impl Tier {
     /// The last upload error, if the last upload failed.
     pub fn last_error(&self) -> Option<String> {
         lock(&self.last_error).clone()
+    }
+
+    /// The settings periodic manifests carry.
+    pub fn set_manifest_settings(&self, settings: std::collections::BTreeMap<String, String>) {
+        *lock(&self.manifest_settings) = settings;
+    }
+
+    pub fn manifest_settings(&self) -> std::collections::BTreeMap<String, String> {
+        lock(&self.manifest_settings).clone()
     }
 
     fn fs(&self) -> Result<Arc<Fs>> {
@@ -252,6 +293,16 @@ impl Tier {
             }
             if let Err(e) = self.evict_if_needed().await {
                 tracing::warn!(error = %e, "tiering: eviction failed");
+            }
+            if let Some(every) = self.cfg.snapshot_interval {
+                let due = lock(&self.last_manifest).is_none_or(|t| t.elapsed() >= every);
+                let read_only = self.fs().map(|f| f.is_read_only()).unwrap_or(true);
+                if due && !read_only {
+                    if let Err(e) = self.write_manifest(self.manifest_settings()).await {
+                        tracing::warn!(error = %e, "periodic manifest failed; next interval");
+                    }
+                    *lock(&self.last_manifest) = Some(std::time::Instant::now());
+                }
             }
             if !swept || last_gc.elapsed() >= self.cfg.gc_interval {
                 match self.gc(!swept).await {

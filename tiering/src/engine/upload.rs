@@ -26,6 +26,19 @@ pub struct RoundReport {
     pub remaining_dirty_bytes: u64,
 }
 
+/// One object put and recorded.
+#[derive(Debug, Clone)]
+pub(super) struct Uploaded {
+    pub id: ObjectId,
+    pub kind: ObjectKind,
+    /// Object size (0: nothing was left to upload, no object).
+    pub size: u64,
+    /// Where each block sits in it.
+    pub entries: Vec<TieredBlock>,
+    /// How many of them the meta group took (the others were freed or moved meanwhile).
+    pub tiered: u32,
+}
+
 /// A block picked for upload, with where it sits in its file (the footer index records it).
 #[derive(Debug, Clone, Copy)]
 pub(super) struct Pick {
@@ -137,7 +150,7 @@ impl Tier {
         if planned.is_empty() {
             return Ok(report);
         }
-        let results: Vec<Result<(u64, u64)>> = stream::iter(planned)
+        let results: Vec<Result<Uploaded>> = stream::iter(planned)
             .map(|p| self.upload_object(p, None))
             .buffer_unordered(self.cfg.upload_parallelism.max(1))
             .collect()
@@ -145,10 +158,10 @@ impl Tier {
         let mut first_err = None;
         for r in results {
             match r {
-                Ok((blocks, bytes)) => {
-                    report.objects += 1;
-                    report.blocks += blocks;
-                    report.bytes += bytes;
+                Ok(up) => {
+                    report.objects += u64::from(up.size > 0);
+                    report.blocks += u64::from(up.tiered);
+                    report.bytes += up.size;
                 }
                 Err(e) => {
                     TierCounters::add(&self.counters.upload_errors, 1);
@@ -173,9 +186,8 @@ impl Tier {
     }
 
     /// Builds one object from `p`'s blocks (read from NVMe; blocks freed meanwhile are left
-    /// out), uploads it and records it (`from`: the object a GC rewrite empties). Returns the
-    /// blocks recorded and the object's size.
-    pub(super) async fn upload_object(&self, p: Planned, from: Option<ObjectId>) -> Result<(u64, u64)> {
+    /// out), uploads it and records it (`from`: the object a GC rewrite empties).
+    pub(super) async fn upload_object(&self, p: Planned, from: Option<ObjectId>) -> Result<Uploaded> {
         let id = ObjectId::random();
         let mut builder = ObjectBuilder::new(p.kind, id);
         let reads = stream::iter(p.blocks.iter().copied())
@@ -191,7 +203,7 @@ impl Tier {
             }
         }
         if builder.is_empty() {
-            return Ok((0, 0));
+            return Ok(Uploaded { id, kind: p.kind, size: 0, entries: Vec::new(), tiered: 0 });
         }
         let entries: Vec<TieredBlock> = builder
             .entries()
@@ -208,7 +220,7 @@ impl Tier {
                 object: id.0,
                 kind: cluster_kind(p.kind),
                 size_bytes: size,
-                blocks: entries,
+                blocks: entries.clone(),
                 from: from.map(|o| o.0),
                 now: self.now(),
             };
@@ -224,7 +236,7 @@ impl Tier {
         TierCounters::add(&c.uploaded_objects, 1);
         TierCounters::add(&c.uploaded_bytes, size);
         TierCounters::add(&c.uploaded_blocks, u64::from(tiered));
-        Ok((u64::from(tiered), size))
+        Ok(Uploaded { id, kind: p.kind, size, entries, tiered })
     }
 
     /// The bytes of a block for an upload: from NVMe, or (a GC rewrite of a cold block) from
