@@ -926,7 +926,7 @@ pub fn render(r: &Report) -> String {
                 duration(m.secs),
                 m.finished_unix
             ),
-            (None, Some(n)) => format!("ASSUMED, {n}"),
+            (None, Some(n)) => format!("ASSUMED: {n}"),
             (None, None) => String::new(),
         }
     );
