@@ -191,12 +191,8 @@ impl Node {
     fn start(data: &Path, env: Vec<(String, String)>) -> Node {
         let log = data.with_extension("log");
         let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("open the node log");
-        let mut child = tidepool(data, &env)
-            .arg("up")
-            .stdout(Stdio::piped())
-            .stderr(f)
-            .spawn()
-            .expect("start tidepool up");
+        let mut child =
+            tidepool(data, &env).arg("up").stdout(Stdio::piped()).stderr(f).spawn().expect("start tidepool up");
         let banner = read_banner(&mut child);
         let get = |k: &str| env.iter().find(|(x, _)| x == k).map(|(_, v)| v.clone()).unwrap();
         let http_port = get("TIDEPOOL_HTTP_LISTEN").rsplit(':').next().unwrap().parse().unwrap();
@@ -491,7 +487,9 @@ fn sigkill_during_uploads_loses_nothing_and_gc_leaves_no_orphan() {
 fn wrong_credentials_or_missing_bucket_stop_up_with_one_error() {
     let dir = tempfile::tempdir().unwrap();
     let s3 = S3Server::start(&dir.path().join("s3"), 0);
-    let cases: [(&str, Vec<(&str, String)>, &[&str]); 3] = [
+    // (what is wrong, the environment that makes it so, words the error must hold)
+    type Case = (&'static str, Vec<(&'static str, String)>, &'static [&'static str]);
+    let cases: [Case; 3] = [
         ("wrong secret", vec![("AWS_SECRET_ACCESS_KEY", "not-the-secret".into())], &["credential"]),
         ("unknown key", vec![("AWS_ACCESS_KEY_ID", "nobody".into())], &["credential"]),
         ("missing bucket", vec![("TIDEPOOL_BUCKET", "s3://nosuch/tp".into())], &["nosuch", "bucket"]),
@@ -556,7 +554,8 @@ fn unreachable_bucket_stops_writers_at_the_dirty_limit_until_it_is_back() {
     let put = |name: &str, seed: u64| {
         let f = work.join(name);
         std::fs::write(&f, pattern(seed, MIB)).unwrap();
-        let mut c = node.aws(&["s3api", "put-object", "--bucket", "data", "--key", name, "--body", f.to_str().unwrap()]);
+        let mut c =
+            node.aws(&["s3api", "put-object", "--bucket", "data", "--key", name, "--body", f.to_str().unwrap()]);
         // One attempt: the CLI's own retries would only hide the answer.
         c.env("AWS_MAX_ATTEMPTS", "1").env("AWS_RETRY_MODE", "standard");
         run(c)
