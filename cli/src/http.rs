@@ -35,8 +35,11 @@ pub struct StatusSource {
     pub nfs_metrics: Arc<tidepool_nfs::NfsMetrics>,
     /// The admin routes (S3 keys); `None` answers them 404.
     pub admin: Option<Arc<Admin>>,
-    /// The tiering engine (`/tier/status`, `/admin/tier/*`, `/admin/pin`, tier metrics).
+    /// The tiering engine (`/tier/status`, `/admin/tier/*`, `/admin/pin`, tier metrics;
+    /// spin-down, snapshots and rehydration routes).
     pub tier: Arc<tidepool_tiering::Tier>,
+    /// Settings a manifest written on request carries.
+    pub manifest_settings: std::collections::BTreeMap<String, String>,
 }
 
 impl StatusSource {
@@ -90,6 +93,12 @@ impl StatusSource {
         gauge("tidepool_bucket_bytes", "Bytes of the chunk and pack objects in the bucket.", bucket_bytes);
         gauge("tidepool_bucket_live_bytes", "Bytes in the bucket that files still use.", bucket_live);
         gauge("tidepool_tier_failing", "1 while the last upload failed.", self.tier.last_error().is_some() as u64);
+        let r = self.tier.rehydrate_progress().status();
+        gauge("tidepool_rehydrate_files_total", "Files rehydration brings back onto NVMe.", r.files_total);
+        gauge("tidepool_rehydrate_files_done", "Files rehydrated so far.", r.files_done);
+        gauge("tidepool_rehydrate_bytes_total", "Bytes rehydration brings back onto NVMe.", r.bytes_total);
+        gauge("tidepool_rehydrate_bytes_done", "Bytes rehydrated so far.", r.bytes_done);
+        gauge("tidepool_rehydrate_rate_bytes_per_second", "Rehydration rate.", r.rate_bytes_per_sec as u64);
         gauge("tidepool_files", "Regular files in the namespace.", fsst.files);
         gauge("tidepool_directories", "Directories in the namespace.", fsst.dirs);
         gauge("tidepool_file_bytes", "Sum of file sizes.", fsst.file_bytes);
@@ -211,6 +220,22 @@ async fn route(src: &StatusSource, req: Request) -> (&'static str, &'static str,
     let json = "application/json";
     if let Some(query) = req.path.strip_prefix("/tier/status") {
         let (code, body) = crate::tier::status_route(&src.tier, query.trim_start_matches('?'));
+        return (status_line(code), json, body);
+    }
+    if req.path == "/spin-down/status" || req.path == "/rehydrate/status" {
+        let (code, body) = crate::spin::route(&src.tier, &src.manifest_settings, &req.method, &req.path).await;
+        return (status_line(code), json, body);
+    }
+    if req.path == "/admin/spin-down" || req.path == "/admin/snapshot" {
+        let Some(admin) = &src.admin else {
+            return ("404 Not Found", "text/plain", "no admin routes on this node\n".into());
+        };
+        let token = req.authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).unwrap_or("");
+        if !admin.node_key.check_admin_token(token.trim()) {
+            let msg = "missing or wrong admin token: the CLI sends it (derived from <data_dir>/node.key)";
+            return ("401 Unauthorized", json, serde_json::json!({ "error": msg }).to_string());
+        }
+        let (code, body) = crate::spin::route(&src.tier, &src.manifest_settings, &req.method, &req.path).await;
         return (status_line(code), json, body);
     }
     if req.path.starts_with("/admin/tier/") || req.path == "/admin/pin" || req.path == "/admin/unpin" {

@@ -11,6 +11,7 @@ mod node;
 mod nodekey;
 mod offline;
 mod settings;
+mod spin;
 mod tier;
 mod up;
 mod workload;
@@ -47,7 +48,23 @@ enum Cmd {
         /// overrides the `bucket` setting.
         #[arg(long)]
         bucket: Option<String>,
+        /// Start a NEW node (empty data folder) from the bucket's latest manifest, as left by
+        /// `tidepool spin-down` (`s3://bucket/prefix`, `az://...`, `file:///...`).
+        #[arg(long)]
+        from: Option<String>,
+        /// With --from: `eager` (everything back onto NVMe in the background), `lazy` (only
+        /// what is read), or `paths=/a,/b`.
+        #[arg(long, default_value = "eager")]
+        rehydrate: String,
     },
+    /// Make the filesystem read-only, upload every dirty block, write a manifest and switch
+    /// LATEST to it: afterwards the nodes may be terminated.
+    SpinDown,
+    /// Write a manifest of the metadata now (as the periodic snapshots do).
+    Snapshot,
+    /// Rehydration after `up --from`: `tidepool rehydrate status`.
+    #[command(subcommand)]
+    Rehydrate(RehydrateCmd),
     /// Show what a running node is doing.
     Status {
         /// Status endpoint (default: the `http_listen` setting).
@@ -78,6 +95,15 @@ enum Cmd {
     /// Monthly cost running all day versus spun down part of it (instances, bucket, requests),
     /// and the rehydrate time, from deploy/pricing.toml (or --pricing FILE) and the bucket.
     Cost(cost::Args),
+}
+
+#[derive(Subcommand)]
+enum RehydrateCmd {
+    /// Files and bytes done / total, rate and ETA.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() {
@@ -113,13 +139,24 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> Result<()> {
     let mut settings = load_settings(&cli)?;
     match cli.cmd {
-        Cmd::Up { bucket } => {
+        Cmd::Up { bucket, from, rehydrate } => {
             if let Some(b) = bucket {
                 tidepool_tiering::parse_bucket_url(&b)?;
                 settings.bucket = Some(b);
             }
-            runtime()?.block_on(up::run(settings))
+            let from = match from {
+                Some(url) => {
+                    tidepool_tiering::parse_bucket_url(&url)?;
+                    rehydrate.parse::<tidepool_tiering::engine::RehydrateMode>()?;
+                    Some((url, rehydrate))
+                }
+                None => None,
+            };
+            runtime()?.block_on(up::run(settings, from))
         }
+        Cmd::SpinDown => spin::spin_down(&settings.http_listen, &settings.data_dir),
+        Cmd::Snapshot => spin::snapshot(&settings.http_listen, &settings.data_dir),
+        Cmd::Rehydrate(RehydrateCmd::Status { json }) => spin::rehydrate_status(&settings.http_listen, json),
         Cmd::Status { addr, json } => up::status(&addr.unwrap_or(settings.http_listen), json),
         Cmd::Keys(cmd) => keys::run(cmd, &settings.data_dir, &settings.http_listen),
         Cmd::Tier(cmd) => tier::run(cmd, &settings.data_dir, &settings.http_listen),

@@ -23,6 +23,10 @@ pub struct Node {
     /// `start_tiering` is called).
     pub tier: Arc<Tier>,
     tier_task: Option<tokio::task::JoinHandle<()>>,
+    /// Set when this namespace came from a manifest (`up --from`): where from, and whether
+    /// rehydration finished.
+    pub rehydrate: Option<crate::spin::Marker>,
+    rehydrate_task: Option<tokio::task::JoinHandle<()>>,
 }
 
 fn tier_config(s: &Settings, capacity_bytes: u64) -> TierConfig {
@@ -39,6 +43,10 @@ fn tier_config(s: &Settings, capacity_bytes: u64) -> TierConfig {
         dirty_limit_bytes: s.dirty_limit.map_or(d.dirty_limit_bytes, |b| b.0),
         upload_parallelism: s.upload_parallelism,
         gc_interval: std::time::Duration::from_secs(s.gc_interval_secs),
+        snapshot_interval: (s.snapshot_interval_secs > 0)
+            .then(|| std::time::Duration::from_secs(s.snapshot_interval_secs)),
+        manifest_retain: s.manifest_retain,
+        rehydrate_parallelism: s.rehydrate_parallelism,
         ..d
     }
 }
@@ -65,8 +73,16 @@ fn device_options(s: &Settings) -> OpenOptions {
 
 impl Node {
     /// Open the data folder (initialising it on first use), the device, the block store,
-    /// the meta group and the filesystem.
+    /// the meta group and the filesystem. With `from` (`up --from URL` and its rehydrate
+    /// mode), a new data folder starts from the bucket's `LATEST` manifest.
     pub async fn open(settings: Settings) -> Result<Node> {
+        Self::open_from(settings, None).await
+    }
+
+    pub async fn open_from(mut settings: Settings, from: Option<(String, String)>) -> Result<Node> {
+        if let Some((url, _)) = &from {
+            settings.bucket = Some(url.clone());
+        }
         let dev_path = settings.device_path();
         let init_settings = settings.clone();
         let rt = tokio::runtime::Handle::current();
@@ -94,16 +110,66 @@ impl Node {
             ..RaftOptions::default()
         };
         let meta_dir = data.path.join("meta");
-        let meta = tokio::task::block_in_place(|| MetaGroup::open(&meta_dir, raft_opts, MetaState::new()))?;
-        let fs_opts = FsOptions { block_size: settings.block_size.0 as usize, ..FsOptions::default() };
-        let (fs, report) = Fs::open(meta, store.clone(), Arc::new(SystemClock), fs_opts).await?;
-        let fs = Arc::new(fs);
         let backend = crate::bucket::open_backend(&settings).await?;
         crate::bucket::check(&backend).await?;
         let objects = crate::bucket::wrap(&settings, backend);
+        let mut marker = crate::spin::read_marker(&data.path)?;
+        let mut initial = MetaState::new();
+        let mut loaded = None;
+        match (&from, &marker) {
+            (Some((url, _)), Some(m)) if &m.from != url => {
+                return Err(format!(
+                    "this data folder was rehydrated from {}, not {url}; use an empty data folder",
+                    m.from
+                )
+                .into());
+            }
+            (Some((url, mode)), None) => {
+                let epoch = tidepool_tiering::manifest::read_latest(&objects).await?;
+                let l = tidepool_tiering::manifest::read_manifest(&objects, epoch).await?;
+                println!(
+                    "loaded manifest epoch {epoch} from {url}: {} files, {} directories, {} in {} objects",
+                    l.root.summary.files,
+                    l.root.summary.dirs,
+                    crate::settings::human_bytes(l.root.summary.file_bytes),
+                    l.root.summary.objects
+                );
+                initial = l.state.clone();
+                loaded = Some((l, epoch, url.clone(), mode.clone()));
+            }
+            _ => {}
+        }
+        let meta = tokio::task::block_in_place(|| MetaGroup::open(&meta_dir, raft_opts, initial))?;
+        if let Some((l, epoch, url, mode)) = loaded {
+            // The manifest's state is the meta group's only if the folder held none before.
+            let same = meta.read(|s| s.manifest_epoch == l.state.manifest_epoch && s.applied == l.state.applied);
+            if !same {
+                return Err("--from needs an empty data folder: this one already holds a namespace".into());
+            }
+            meta.snapshot_now().await?;
+            crate::spin::write_heat(&data.path, &l.heat)?;
+            let m = crate::spin::Marker { from: url, epoch, mode, done: false };
+            crate::spin::write_marker(&data.path, &m)?;
+            marker = Some(m);
+        }
+        let fs_opts = FsOptions { block_size: settings.block_size.0 as usize, ..FsOptions::default() };
+        let (fs, report) = Fs::open(meta, store.clone(), Arc::new(SystemClock), fs_opts).await?;
+        let fs = Arc::new(fs);
         let cfg = tier_config(&settings, store.stats().capacity_bytes);
         let tier = Tier::new(&fs, objects, cfg, Arc::new(SystemClock));
-        Ok(Node { settings, data, fs, report, engine, tier, tier_task: None })
+        tier.set_manifest_settings(crate::spin::manifest_settings(&settings));
+        Ok(Node { settings, data, fs, report, engine, tier, tier_task: None, rehydrate: marker, rehydrate_task: None })
+    }
+
+    /// Resume or start rehydration if this namespace came from a manifest and it is not done.
+    pub fn start_rehydration(&mut self) {
+        if let Some(m) = &self.rehydrate
+            && !m.done
+            && self.rehydrate_task.is_none()
+        {
+            self.rehydrate_task =
+                Some(crate::spin::spawn_rehydrate(self.tier.clone(), self.data.path.clone(), m.clone()));
+        }
     }
 
     /// Start the background tiering loop (write-back, eviction, GC).
@@ -121,6 +187,10 @@ impl Node {
     /// the filesystem, such as a response body still being read, to let go of it.
     pub async fn shutdown(self) -> Result<()> {
         self.tier.stop();
+        if let Some(task) = self.rehydrate_task {
+            task.abort();
+            let _ = task.await;
+        }
         if let Some(task) = self.tier_task
             && let Err(e) = task.await
         {

@@ -144,6 +144,13 @@ pub struct Settings {
     pub upload_parallelism: usize,
     /// Seconds between garbage collection passes over the bucket. Default 60.
     pub gc_interval_secs: u64,
+    /// A manifest of the metadata goes to the bucket this often while running, so losing every
+    /// node at once loses at most this window. Default 900 (15 min); 0 = off.
+    pub snapshot_interval_secs: u64,
+    /// Manifests kept in the bucket (the newest). Default 3.
+    pub manifest_retain: u64,
+    /// Blocks fetched at once when rehydrating. Default 8.
+    pub rehydrate_parallelism: usize,
     /// Testing only: fraction of object store calls that fail (the fault-injecting wrapper). Default 0.
     pub fault_fail_rate: f64,
     /// Testing only: fraction of object store calls delayed by 50 ms. Default 0.
@@ -184,6 +191,9 @@ impl Default for Settings {
             dirty_limit: None,
             upload_parallelism: 4,
             gc_interval_secs: 60,
+            snapshot_interval_secs: 900,
+            manifest_retain: 3,
+            rehydrate_parallelism: 8,
             fault_fail_rate: 0.0,
             fault_delay_rate: 0.0,
             http_listen: "127.0.0.1:9100".into(),
@@ -310,6 +320,12 @@ impl Settings {
             if v.0 < self.block_size.0 || v.0 > 5 << 30 {
                 return bad(key, v.to_string(), "must be between block_size and 5GiB");
             }
+        }
+        if self.manifest_retain == 0 {
+            return bad("manifest_retain", "0".into(), "must keep at least 1 manifest");
+        }
+        if !(1..=256).contains(&self.rehydrate_parallelism) {
+            return bad("rehydrate_parallelism", self.rehydrate_parallelism.to_string(), "must be between 1 and 256");
         }
         if !(1..=64).contains(&self.upload_parallelism) {
             return bad("upload_parallelism", self.upload_parallelism.to_string(), "must be between 1 and 64");

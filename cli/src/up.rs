@@ -13,7 +13,7 @@ use crate::keys::{self, Admin, Banner, MetaKeys};
 use crate::node::Node;
 use crate::settings::{Settings, human_bytes};
 
-pub async fn run(settings: Settings) -> Result<()> {
+pub async fn run(settings: Settings, from: Option<(String, String)>) -> Result<()> {
     // Before anything is printed: a Ctrl-C right after the banner must be a clean stop.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -24,7 +24,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let s3_listener = tokio::net::TcpListener::bind(&settings.s3_listen)
         .await
         .map_err(|e| format!("cannot listen on s3_listen={}: {e}", settings.s3_listen))?;
-    let mut node = Node::open(settings).await?;
+    let mut node = Node::open_from(settings, from).await?;
     // The NFS listener needs the filesystem, so it binds once the node is open (still before
     // the banner); a refused address stops the node cleanly.
     let nfs_metrics = Arc::new(NfsMetrics::default());
@@ -59,6 +59,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         nfs_metrics,
         admin: Some(Arc::new(Admin { fs: node.fs.clone(), node_key })),
         tier: node.tier.clone(),
+        manifest_settings: crate::spin::manifest_settings(s),
     });
     let stat = node.fs.stat();
     println!(
@@ -100,8 +101,17 @@ pub async fn run(settings: Settings) -> Result<()> {
             node.report.orphans_freed, node.report.missing_blocks
         );
     }
+    if let Some(m) = &node.rehydrate {
+        println!(
+            "  rehydrate     {} from {} (manifest epoch {}; `tidepool rehydrate status`)",
+            if m.done { "done".to_string() } else { m.mode.clone() },
+            m.from,
+            m.epoch
+        );
+    }
     println!("Ctrl-C to stop.");
     node.start_tiering();
+    node.start_rehydration();
     let server = tokio::spawn(http::serve(listener, src));
     let (stop_s3, s3_stopped) = tokio::sync::oneshot::channel::<()>();
     let s3_server = tokio::spawn(tidepool_s3::serve(s3_listener, service, s3_metrics, async {

@@ -1,3 +1,4 @@
+use super::render::{bytes, duration, fmt_num, ibytes, price, usd};
 use super::*;
 
 use tidepool_tiering::LocalStore;

@@ -17,7 +17,12 @@ pub fn fs_error(e: FsError, what: &str) -> S3Error {
         ErrorKind::NoSpace => (S3ErrorCode::Custom("InsufficientStorage".into()), format!("{what}: {e}")),
         ErrorKind::Unavailable => (S3ErrorCode::ServiceUnavailable, format!("{what}: {e}; retry")),
         ErrorKind::Corrupt => (S3ErrorCode::InternalError, format!("{what}: data error: {e}")),
-        ErrorKind::ReadOnly => (S3ErrorCode::Custom("ReadOnly".into()), format!("{what}: the filesystem is read-only")),
+        ErrorKind::ReadOnly => (
+            S3ErrorCode::AccessDenied,
+            format!(
+                "{what}: the filesystem is read-only (spun down: writes resume on a node started with `tidepool up --from`)"
+            ),
+        ),
         ErrorKind::Internal => (S3ErrorCode::InternalError, format!("{what}: {e}")),
     };
     if matches!(code, S3ErrorCode::InternalError) {
@@ -25,7 +30,8 @@ pub fn fs_error(e: FsError, what: &str) -> S3Error {
     }
     let status = match e.kind() {
         ErrorKind::NoSpace => Some(hyper::StatusCode::INSUFFICIENT_STORAGE),
-        ErrorKind::ReadOnly => Some(hyper::StatusCode::SERVICE_UNAVAILABLE),
+        // Not 503: a spun-down namespace stays read-only, so clients must not retry.
+        ErrorKind::ReadOnly => Some(hyper::StatusCode::FORBIDDEN),
         _ => None,
     };
     let mut err = S3Error::with_message(code, msg);
