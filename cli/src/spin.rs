@@ -165,7 +165,7 @@ pub fn spin_down(addr: &str, data_dir: &Path) -> Result<()> {
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
         indicatif::ProgressStyle::with_template(
-            "{msg:12} {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+            "{msg:24} {bar:30} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
         )
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
@@ -175,7 +175,13 @@ pub fn spin_down(addr: &str, data_dir: &Path) -> Result<()> {
         let g = |k: &str| v[k].as_u64().unwrap_or(0);
         bar.set_length(g("dirty_bytes_start"));
         bar.set_position(g("dirty_bytes_start").saturating_sub(g("dirty_bytes_now")));
-        bar.set_message(v["phase"].as_str().unwrap_or("").to_string());
+        let files_left = g("dirty_files_now").min(g("dirty_files_start"));
+        bar.set_message(format!(
+            "{} {}/{} files",
+            v["phase"].as_str().unwrap_or(""),
+            g("dirty_files_start") - files_left,
+            g("dirty_files_start")
+        ));
         match v["phase"].as_str() {
             Some("done") => {
                 bar.finish_and_clear();
