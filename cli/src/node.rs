@@ -71,6 +71,32 @@ fn device_options(s: &Settings) -> OpenOptions {
     }
 }
 
+/// The bucket a data folder tiers to is fixed at its first start (`<data_dir>/bucket.url`):
+/// a restart without `--bucket` keeps it, and a different one is refused, since the
+/// metadata points into the first one.
+fn bind_bucket(data_dir: &Path, s: &Settings) -> Result<String> {
+    let path = data_dir.join("bucket.url");
+    match std::fs::read_to_string(&path) {
+        Ok(recorded) => {
+            let recorded = recorded.trim().to_string();
+            match &s.bucket {
+                Some(asked) if asked.trim_end_matches('/') != recorded.trim_end_matches('/') => Err(format!(
+                    "this data folder tiers to {recorded}, not {asked}: its metadata points into that bucket \
+                     (start without --bucket / bucket, or use a new data folder)"
+                )
+                .into()),
+                _ => Ok(recorded),
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let url = s.bucket_url();
+            crate::datadir::write_atomic(&path, format!("{url}\n").as_bytes())?;
+            Ok(url)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
 impl Node {
     /// Open the data folder (initialising it on first use), the device, the block store,
     /// the meta group and the filesystem. With `from` (`up --from URL` and its rehydrate
@@ -110,6 +136,7 @@ impl Node {
             ..RaftOptions::default()
         };
         let meta_dir = data.path.join("meta");
+        settings.bucket = Some(bind_bucket(&data.path, &settings)?);
         let backend = crate::bucket::open_backend(&settings).await?;
         crate::bucket::check(&backend).await?;
         let objects = crate::bucket::wrap(&settings, backend);
