@@ -458,6 +458,19 @@ fn sigkill_during_uploads_loses_nothing_and_gc_leaves_no_orphan() {
     let _ = flush.wait();
     let (c, p) = bucket_objects(&folder);
     eprintln!("bucket after the kill: {c} chunk and {p} pack objects");
+    // Whether the kill fell between a PUT and its record is luck: make sure one such object
+    // exists, a chunk PUT through the server under a key tidepool could have made.
+    let orphan = orphan_key();
+    let body = dir.path().join("orphan.bin");
+    std::fs::write(&body, pattern(99, 4096)).unwrap();
+    let mut c = Command::new("aws");
+    c.arg("--endpoint-url").arg(s3.endpoint());
+    c.args(["s3", "cp", "--only-show-errors", body.to_str().unwrap(), &format!("s3://{COLD}/{PREFIX}/{orphan}")]);
+    c.env("AWS_ACCESS_KEY_ID", BUCKET_KEY).env("AWS_SECRET_ACCESS_KEY", BUCKET_SECRET);
+    c.env("AWS_DEFAULT_REGION", "us-east-1").env("AWS_CONFIG_FILE", "/dev/null");
+    c.env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null").env_remove("AWS_PROFILE");
+    ok(c);
+    assert!(folder.join(&orphan).exists(), "the planted object is in the bucket folder");
 
     let mut second = sizes.clone();
     second.extend([("TIDEPOOL_TIER_AFTER_SECS", "0".to_string()), ("TIDEPOOL_GC_INTERVAL_SECS", "1".to_string())]);
@@ -474,11 +487,17 @@ fn sigkill_during_uploads_loses_nothing_and_gc_leaves_no_orphan() {
         let n = (c + p) as u64;
         (recorded == n).then_some((recorded, n))
     });
-    eprintln!(
-        "after restart: {recorded} objects recorded and in the bucket; gc swept {} orphans",
-        node.metric("tidepool_tier_total{what=\"gc_orphans_deleted\"}")
-    );
+    let swept = node.metric("tidepool_tier_total{what=\"gc_orphans_deleted\"}");
+    eprintln!("after restart: {recorded} objects recorded and in the bucket; gc swept {swept} orphans");
     assert!(in_bucket > 0);
+    assert!(swept >= 1 && !folder.join(&orphan).exists(), "the planted unrecorded object is swept");
+}
+
+/// A chunk key as the engine makes them (`chunks/<low byte of crc32c(id LE)>/<32 hex>`), for
+/// an id no upload draws.
+fn orphan_key() -> String {
+    let id: u128 = 0x0123_4567_89ab_cdef_0123_4567_89ab_cdef;
+    format!("chunks/{:02x}/{id:032x}", crc32c::crc32c(&id.to_le_bytes()) as u8)
 }
 
 /// 3. A wrong secret, an unknown key and a missing bucket stop `tidepool up` at once with one
