@@ -223,7 +223,8 @@ async fn route(src: &StatusSource, req: Request) -> (&'static str, &'static str,
         return (status_line(code), json, body);
     }
     if req.path == "/spin-down/status" || req.path == "/rehydrate/status" {
-        let (code, body) = crate::spin::route(&src.tier, &src.manifest_settings, &req.method, &req.path).await;
+        let (code, body) =
+            crate::spin::route(&src.tier, &src.manifest_settings, &src.object_store, &req.method, &req.path).await;
         return (status_line(code), json, body);
     }
     if req.path == "/admin/spin-down" || req.path == "/admin/snapshot" {
@@ -235,7 +236,8 @@ async fn route(src: &StatusSource, req: Request) -> (&'static str, &'static str,
             let msg = "missing or wrong admin token: the CLI sends it (derived from <data_dir>/node.key)";
             return ("401 Unauthorized", json, serde_json::json!({ "error": msg }).to_string());
         }
-        let (code, body) = crate::spin::route(&src.tier, &src.manifest_settings, &req.method, &req.path).await;
+        let (code, body) =
+            crate::spin::route(&src.tier, &src.manifest_settings, &src.object_store, &req.method, &req.path).await;
         return (status_line(code), json, body);
     }
     if req.path.starts_with("/admin/tier/") || req.path == "/admin/pin" || req.path == "/admin/unpin" {

@@ -278,8 +278,15 @@ fn error_of(body: &str) -> String {
 }
 
 /// The node's side of `/admin/spin-down` (starts it), `/spin-down/status`, `/admin/snapshot`,
-/// `/rehydrate/status`. `(code, json)`.
-pub async fn route(tier: &Arc<Tier>, settings: &BTreeMap<String, String>, method: &str, path: &str) -> (u16, String) {
+/// `/rehydrate/status`. `(code, json)`. `bucket_url` is the bucket as `up --from` takes it (the
+/// object store's own description names its wrappers, e.g. `faulty(...)` in tests).
+pub async fn route(
+    tier: &Arc<Tier>,
+    settings: &BTreeMap<String, String>,
+    bucket_url: &str,
+    method: &str,
+    path: &str,
+) -> (u16, String) {
     let err = |code: u16, msg: String| (code, serde_json::json!({ "error": msg }).to_string());
     match (method, path) {
         ("POST", "/admin/spin-down") => {
@@ -310,7 +317,7 @@ pub async fn route(tier: &Arc<Tier>, settings: &BTreeMap<String, String>, method
             let g = |a: &std::sync::atomic::AtomicU64| a.load(std::sync::atomic::Ordering::SeqCst);
             let v = serde_json::json!({
                 "phase": phase,
-                "bucket": tier.object_store().describe(),
+                "bucket": bucket_url,
                 "dirty_bytes_start": g(&p.dirty_bytes_start),
                 "dirty_files_start": g(&p.dirty_files_start),
                 "dirty_bytes_now": dirty_now,
