@@ -210,7 +210,12 @@ impl Node {
         let mut child = c.stdout(Stdio::piped()).stderr(f).spawn().expect("start tidepool up");
         let banner = read_banner(&mut child);
         let node = Node { child, data: data.to_path_buf(), log, env: env.to_vec(), banner };
-        assert!(node.banner.contains("Ctrl-C to stop."), "tidepool up did not start:\n{}\n{}", node.banner, node.log_text());
+        assert!(
+            node.banner.contains("Ctrl-C to stop."),
+            "tidepool up did not start:\n{}\n{}",
+            node.banner,
+            node.log_text()
+        );
         node
     }
 
@@ -614,8 +619,8 @@ fn check_tree(node: &Node, exp: &Expect, work: &Path) {
     // Holes stay holes: only the written data is stored.
     for (path, data) in &exp.sparse {
         let p = &node.tier_status(path)["path"];
-        let stored = p["dirty_bytes"].as_u64().unwrap() + p["clean_bytes"].as_u64().unwrap()
-            + p["cold_bytes"].as_u64().unwrap();
+        let stored =
+            p["dirty_bytes"].as_u64().unwrap() + p["clean_bytes"].as_u64().unwrap() + p["cold_bytes"].as_u64().unwrap();
         assert_eq!(stored, *data, "{path}: stored bytes (the holes must not become data): {p}");
     }
 }
@@ -650,11 +655,7 @@ fn data_bytes(exp: &Expect) -> u64 {
 
 /// A rehydrated node's banner names the bucket and the mode.
 fn assert_rehydrate_banner(node: &Node, mode: &str) {
-    assert!(
-        node.banner.contains(&format!("rehydrate     {mode} from {}", bucket_url())),
-        "banner:\n{}",
-        node.banner
-    );
+    assert!(node.banner.contains(&format!("rehydrate     {mode} from {}", bucket_url())), "banner:\n{}", node.banner);
 }
 
 // ---------------------------------------------------------------------------------------
