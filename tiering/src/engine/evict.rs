@@ -31,7 +31,7 @@ pub(super) fn subtree_blocks(s: &MetaState, ino: u64) -> Vec<u64> {
 
 impl Tier {
     /// The object key of a locator (its kind is in the object table).
-    fn key_of(&self, s: &MetaState, loc: &ObjectLocator) -> String {
+    pub(super) fn key_of(&self, s: &MetaState, loc: &ObjectLocator) -> String {
         let kind = match s.objects.get(&loc.object).map(|o| o.kind) {
             Some(tidepool_cluster::meta::ObjectKind::Chunk) => ObjectKind::Chunk,
             _ => ObjectKind::Pack,
@@ -99,7 +99,7 @@ impl Tier {
     }
 
     /// Puts a fetched block back on NVMe. If the block was freed meanwhile, the copy goes again.
-    async fn cache(&self, id: u64, data: &[u8]) {
+    pub(super) async fn cache(&self, id: u64, data: &[u8]) {
         let mut res = self.store.put(id, data).await;
         if let Err(tidepool_spdk::StoreError::NoSpace { .. }) = res
             && self.evict_bytes(2 * data.len() as u64).await.unwrap_or(0) > 0

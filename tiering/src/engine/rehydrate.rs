@@ -132,7 +132,87 @@ fn targets(s: &MetaState, roots: &[u64], heat: &BTreeMap<u64, u64>) -> Vec<(u64,
         .collect()
 }
 
+/// Bytes of queue one window covers (bounds memory: a window's runs are in flight at once).
+const WINDOW_BYTES: u64 = 256 << 20;
+/// Blocks of one object closer than this are fetched together (the gap is read and dropped).
+const COALESCE_GAP: u64 = 256 << 10;
+/// Largest single ranged GET of a run.
+const RUN_MAX: u64 = 16 << 20;
+
+type Target = (u64, u64, ObjectLocator);
+
+/// Consecutive slices of `queue` of about `max` bytes each.
+fn windows(queue: &[Target], max: u64) -> Vec<&[Target]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, (_, _, loc)) in queue.iter().enumerate() {
+        if bytes > 0 && bytes + u64::from(loc.len) > max {
+            out.push(&queue[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += u64::from(loc.len);
+    }
+    if start < queue.len() {
+        out.push(&queue[start..]);
+    }
+    out
+}
+
+/// Blocks of one object, sorted by offset and cut into runs that one ranged GET covers.
+fn coalesce(mut blocks: Vec<Target>) -> Vec<Vec<Target>> {
+    blocks.sort_by_key(|(_, _, l)| l.offset);
+    let mut runs: Vec<Vec<Target>> = Vec::new();
+    for b in blocks {
+        let end = b.2.offset + u64::from(b.2.len);
+        match runs.last_mut() {
+            Some(run)
+                if {
+                    let start = run[0].2.offset;
+                    let last = run[run.len() - 1].2;
+                    b.2.offset <= last.offset + u64::from(last.len) + COALESCE_GAP && end - start <= RUN_MAX
+                } =>
+            {
+                run.push(b)
+            }
+            _ => runs.push(vec![b]),
+        }
+    }
+    runs
+}
+
 impl Tier {
+    /// One ranged GET over a run of blocks of one object; each block checked and cached.
+    async fn fetch_run(&self, key: &str, run: &[Target]) -> Result<()> {
+        let start = run[0].2.offset;
+        let end = run.iter().map(|(_, _, l)| l.offset + u64::from(l.len)).max().unwrap_or(start);
+        let data = match self.objects.get(key, Some(start..end)).await {
+            Ok(d) => d,
+            // GC moved these blocks meanwhile: fetch them one by one at their new place.
+            Err(crate::ObjectError::NotFound(_)) => {
+                for (_, id, loc) in run {
+                    self.fetch_block(*id, *loc).await.map_err(super::TierEngineError::Fs)?;
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        for (_, id, loc) in run {
+            let at = (loc.offset - start) as usize;
+            let block = &data[at..at + loc.len as usize];
+            let actual = crc32c::crc32c(block);
+            if actual != loc.crc {
+                return Err(super::TierEngineError::Fs(
+                    tidepool_fs::TierError::Checksum { block: *id, expected: loc.crc, actual }.into(),
+                ));
+            }
+            self.cache(*id, block).await;
+        }
+        let n: u64 = run.iter().map(|(_, _, l)| u64::from(l.len)).sum();
+        self.rehydrate.bytes_fetched.fetch_add(n, Ordering::SeqCst);
+        super::TierCounters::add(&self.counters.read_through_bytes, n);
+        Ok(())
+    }
+
     pub fn rehydrate_progress(&self) -> &Arc<RehydrateProgress> {
         &self.rehydrate
     }
@@ -170,45 +250,70 @@ impl Tier {
             remaining.insert(*ino, blocks.len());
             queue.extend(blocks.iter().map(|(id, loc)| (*ino, *id, *loc)));
         }
+        let keys: HashMap<u128, String> =
+            self.fs()?.meta().read(|s| queue.iter().map(|(_, _, loc)| (loc.object, self.key_of(s, loc))).collect());
         let remaining = std::sync::Mutex::new(remaining);
+        let done = |ino: u64, len: u32| {
+            p.bytes_done.fetch_add(u64::from(len), Ordering::SeqCst);
+            let mut r = lock(&remaining);
+            if let Some(n) = r.get_mut(&ino) {
+                *n -= 1;
+                if *n == 0 {
+                    p.files_done.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        };
         let cap = self.store.stats().capacity_bytes;
         let limit = (cap as f64 * self.cfg.evict_low) as u64;
-        let full = AtomicBool::new(false);
-        let results: Vec<Result<()>> = stream::iter(queue)
-            .map(|(ino, id, loc)| {
-                let (remaining, full) = (&remaining, &full);
-                async move {
-                    if self.stopping() || full.load(Ordering::SeqCst) {
-                        return Ok(());
-                    }
-                    if !self.store.contains(id) {
-                        if self.store.stats().live_bytes + u64::from(loc.len) > limit {
-                            full.store(true, Ordering::SeqCst);
-                            return Ok(());
-                        }
-                        self.fetch_block(id, loc).await.map_err(super::TierEngineError::Fs)?;
-                        p.bytes_fetched.fetch_add(u64::from(loc.len), Ordering::SeqCst);
-                    }
-                    p.bytes_done.fetch_add(u64::from(loc.len), Ordering::SeqCst);
-                    let mut r = lock(remaining);
-                    if let Some(n) = r.get_mut(&ino) {
-                        *n -= 1;
-                        if *n == 0 {
-                            p.files_done.fetch_add(1, Ordering::SeqCst);
-                        }
-                    }
-                    Ok(())
+        let mut full = false;
+        let mut first_err = None;
+        // Windows of the queue, in its order (pinned, then hottest); inside a window, the
+        // blocks of one object that lie close together are fetched with ONE ranged GET (a
+        // pack of small files comes back in a request or two, not one per file).
+        for window in windows(&queue, WINDOW_BYTES) {
+            if self.stopping() {
+                return Ok(false);
+            }
+            let mut runs: BTreeMap<u128, Vec<(u64, u64, ObjectLocator)>> = BTreeMap::new();
+            for &(ino, id, loc) in window {
+                if self.store.contains(id) {
+                    done(ino, loc.len);
+                } else {
+                    runs.entry(loc.object).or_default().push((ino, id, loc));
                 }
-            })
-            .buffer_unordered(self.cfg.rehydrate_parallelism.max(1))
-            .collect()
-            .await;
+            }
+            let runs: Vec<Vec<(u64, u64, ObjectLocator)>> = runs.into_values().flat_map(coalesce).collect();
+            let need: u64 = runs.iter().flatten().map(|(_, _, l)| u64::from(l.len)).sum();
+            if self.store.stats().live_bytes + need > limit {
+                full = true;
+                break;
+            }
+            let results: Vec<Result<()>> = stream::iter(runs)
+                .map(|run| {
+                    let key = &keys[&run[0].2.object];
+                    let done = &done;
+                    async move {
+                        self.fetch_run(key, &run).await?;
+                        for (ino, _, loc) in &run {
+                            done(*ino, loc.len);
+                        }
+                        Ok(())
+                    }
+                })
+                .buffer_unordered(self.cfg.rehydrate_parallelism.max(1))
+                .collect()
+                .await;
+            if let Some(e) = results.into_iter().find_map(|r| r.err()) {
+                first_err = Some(e);
+                break;
+            }
+        }
         p.active.store(false, Ordering::SeqCst);
-        if let Some(e) = results.into_iter().find_map(|r| r.err()) {
+        if let Some(e) = first_err {
             *lock(&p.stopped_reason) = Some(e.to_string());
             return Err(e);
         }
-        if full.load(Ordering::SeqCst) {
+        if full {
             *lock(&p.stopped_reason) = Some(format!(
                 "the device reached evict_low ({:.0} %): the rest stays cold",
                 self.cfg.evict_low * 100.0
@@ -220,5 +325,32 @@ impl Tier {
         }
         p.finished.store(true, Ordering::SeqCst);
         Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(object: u128, offset: u64, len: u32) -> Target {
+        (1, offset, ObjectLocator { object, offset, len, crc: 0 })
+    }
+
+    #[test]
+    fn close_blocks_of_one_object_share_a_get() {
+        // Back to back, a small gap, a large gap, and a run that would pass RUN_MAX.
+        let runs = coalesce(vec![t(1, 4096, 100), t(1, 0, 4096), t(1, 5000, 10), t(1, 10 << 20, 10)]);
+        let shape: Vec<Vec<u64>> = runs.iter().map(|r| r.iter().map(|b| b.2.offset).collect()).collect();
+        assert_eq!(shape, vec![vec![0, 4096, 5000], vec![10 << 20]]);
+        let big: Vec<Target> = (0..8).map(|i| t(2, i * (4 << 20), 4 << 20)).collect();
+        assert_eq!(coalesce(big).iter().map(Vec::len).collect::<Vec<_>>(), vec![4, 4]);
+    }
+
+    #[test]
+    fn windows_cover_the_queue_in_order() {
+        let q: Vec<Target> = (0..10).map(|i| t(1, i * 100, 100)).collect();
+        let w = windows(&q, 350);
+        assert_eq!(w.iter().map(|w| w.len()).collect::<Vec<_>>(), vec![3, 3, 3, 1]);
+        assert!(windows(&[], 10).is_empty());
     }
 }
