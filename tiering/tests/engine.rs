@@ -394,3 +394,47 @@ async fn spin_down_then_a_new_node_starts_from_the_manifest_and_rehydrates() {
     let r = tier.write_manifest(Default::default()).await.unwrap();
     assert_eq!((r.epoch, r.files), (2, 41));
 }
+
+#[tokio::test]
+async fn gc_keeps_empty_objects_a_retained_manifest_points_into() {
+    let e = env(64 << 20).await;
+    put(&e.fs, "a", &pattern(700, 1_500_000)).await;
+    put(&e.fs, "b", &pattern(701, 3_000)).await;
+    assert_eq!(e.tier.write_manifest(Default::default()).await.unwrap().epoch, 1);
+    let objects: Arc<dyn ObjectStore> = e.bucket.clone();
+    let keys: Vec<String> = e.fs.meta().read(|s| {
+        s.objects
+            .iter()
+            .map(|(id, o)| {
+                let kind = match o.kind {
+                    tidepool_cluster::meta::ObjectKind::Chunk => tidepool_tiering::format::ObjectKind::Chunk,
+                    tidepool_cluster::meta::ObjectKind::Pack => tidepool_tiering::format::ObjectKind::Pack,
+                };
+                ObjectId(*id).key(kind)
+            })
+            .collect()
+    });
+    assert!(!keys.is_empty());
+    // Both files replaced: every object manifest 1 points into is empty now, but manifest 1 is
+    // retained (the 3 newest are), so GC leaves them in the bucket and the pass succeeds.
+    put(&e.fs, "a", &pattern(702, 1_500_000)).await;
+    put(&e.fs, "b", &pattern(703, 3_000)).await;
+    e.tier.flush_all().await.unwrap();
+    let r = e.tier.gc(true).await.unwrap();
+    assert_eq!(r.deleted_objects, 0, "{r:?}");
+    for key in &keys {
+        assert!(e.bucket.head(key).await.unwrap().is_some(), "{key} deleted while manifest 1 is retained");
+    }
+    let old = tidepool_tiering::manifest::read_manifest(&objects, 1).await.unwrap();
+    assert_eq!(old.root.summary.files, 2);
+    // Three newer manifests: manifest 1 is no longer retained, and its empty objects go.
+    for epoch in 2..=4 {
+        assert_eq!(e.tier.write_manifest(Default::default()).await.unwrap().epoch, epoch);
+    }
+    let r = e.tier.gc(true).await.unwrap();
+    assert_eq!(r.deleted_objects, keys.len() as u64, "{r:?}");
+    for key in &keys {
+        assert!(e.bucket.head(key).await.unwrap().is_none(), "{key} kept after manifest 1 was deleted");
+    }
+    check_locators(&e).await;
+}

@@ -81,7 +81,10 @@ impl Tier {
         };
         let epoch = snap.manifest_epoch.max(fs.meta().read(|s| s.manifest_epoch)) + 1;
         let oldest = epoch.saturating_sub(self.cfg.manifest_retain.max(1) - 1).max(1);
-        let objects: Vec<u128> = snap.objects.keys().copied().collect();
+        // The objects the manifest points into: those with live blocks in the cut. An object
+        // empty in the cut is not needed by this manifest (an older retained one may still keep
+        // it); naming it would keep it from GC for as long as manifests are written.
+        let objects: Vec<u128> = snap.objects.iter().filter(|(_, o)| o.live_blocks > 0).map(|(id, _)| *id).collect();
         fs.meta()
             .propose(Command::KeepObjects { epoch, oldest_retained: oldest, objects })
             .await
@@ -90,7 +93,7 @@ impl Tier {
         drop(_gc);
         snap.manifest_epoch = epoch;
         snap.manifest_oldest_retained = oldest;
-        for o in snap.objects.values_mut() {
+        for o in snap.objects.values_mut().filter(|o| o.live_blocks > 0) {
             o.kept_epoch = Some(epoch);
         }
         let heat = self.heat(&snap);
