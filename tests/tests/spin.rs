@@ -658,6 +658,41 @@ fn assert_rehydrate_banner(node: &Node, mode: &str) {
     assert!(node.banner.contains(&format!("rehydrate     {mode} from {}", bucket_url())), "banner:\n{}", node.banner);
 }
 
+/// `up --from` (lazy) on a copy of the bucket `<dir>/s3`, with its `LATEST` switched to
+/// `epoch` if given, must give back `exp`. A copy, so that the new cluster's own work (its GC
+/// sweep of objects it does not know, its manifests) cannot touch the bucket the first cluster
+/// still uses: two clusters on one bucket is not a supported state.
+fn up_from_a_copy(dir: &Path, name: &str, epoch: Option<u64>, exp: &Expect, work: &Path) {
+    let copy = dir.join(format!("{name}-s3"));
+    tidepool_e2e::ok({
+        let mut c = Command::new("cp");
+        c.arg("-a").arg(dir.join("s3")).arg(&copy);
+        c
+    });
+    let s3c = S3Server::start(&copy);
+    if let Some(epoch) = epoch {
+        // LATEST as tidepool writes it (tiering/src/manifest/mod.rs), PUT through the server.
+        let body = format!("tidepool-manifest-latest v1\nepoch {epoch}\n");
+        let latest = work.join("LATEST");
+        std::fs::write(&latest, format!("{body}crc {:08x}\n", crc32c::crc32c(body.as_bytes()))).unwrap();
+        let mut c = Command::new("aws");
+        c.arg("--endpoint-url").arg(s3c.endpoint());
+        c.args(["s3", "cp", "--only-show-errors", latest.to_str().unwrap()]);
+        c.arg(format!("s3://{COLD}/{PREFIX}/manifests/LATEST"));
+        c.env("AWS_ACCESS_KEY_ID", BUCKET_KEY).env("AWS_SECRET_ACCESS_KEY", BUCKET_SECRET);
+        c.env("AWS_DEFAULT_REGION", "us-east-1").env("AWS_CONFIG_FILE", "/dev/null");
+        c.env("AWS_SHARED_CREDENTIALS_FILE", "/dev/null").env_remove("AWS_PROFILE");
+        tidepool_e2e::ok(c);
+        assert_eq!(s3c.latest(), Some(epoch));
+    }
+    let node = Node::start(&dir.join(name), &node_env(&s3c, false, &[]), Some("lazy"));
+    if let Some(epoch) = epoch {
+        assert!(node.banner.contains(&format!("loaded manifest epoch {epoch} ")), "{}", node.banner);
+    }
+    check_tree(&node, exp, work);
+    node.kill();
+}
+
 // ---------------------------------------------------------------------------------------
 
 #[test]
@@ -774,23 +809,9 @@ fn sigkill_during_spin_down_keeps_latest_complete_and_spin_down_again_finishes()
     let _ = cli.kill();
     let _ = cli.wait();
 
-    // LATEST still names the last complete manifest, and a new node starts from it: checked on
-    // a copy of the bucket, so that node's own work (GC sweep, manifests) cannot touch the
-    // bucket the crashed cluster is about to finish with.
+    // LATEST still names the last complete manifest, and a new node starts from it.
     assert_eq!(s3.latest(), Some(e1), "LATEST moved although no manifest was finished");
-    let copy = dir.path().join("s3-copy");
-    tidepool_e2e::ok({
-        let mut c = Command::new("cp");
-        c.arg("-a").arg(dir.path().join("s3")).arg(&copy);
-        c
-    });
-    {
-        let s3c = S3Server::start(&copy);
-        let env_s = node_env(&s3c, false, &[]);
-        let scratch = Node::start(&dir.path().join("scratch"), &env_s, Some("lazy"));
-        check_tree(&scratch, &v1, &work);
-        scratch.kill();
-    }
+    up_from_a_copy(dir.path(), "scratch", None, &v1, &work);
 
     // The node restarted on its folder spins down again, to the end.
     let a = Node::start(&dir.path().join("a"), &env, None);
@@ -799,6 +820,9 @@ fn sigkill_during_spin_down_keeps_latest_complete_and_spin_down_again_finishes()
     assert_eq!(s3.latest(), Some(e2));
     a.kill();
     std::fs::remove_dir_all(dir.path().join("a")).unwrap();
+    // The manifest before it is still retained (manifest_retain 3): the objects it points into,
+    // the first 100 MiB among them, are still in the bucket, although empty since.
+    up_from_a_copy(dir.path(), "retained", Some(e1), &v1, &work);
 
     let env_b = node_env(&s3, false, &[]);
     let b = Node::start(&dir.path().join("b"), &env_b, Some("eager"));
