@@ -837,24 +837,33 @@ fn sigkill_during_rehydration_then_up_again_finishes_it() {
     let dir = tempfile::tempdir().unwrap();
     let s3 = S3Server::start(&dir.path().join("s3"));
     let work = dir.path().join("work");
-    let a = Node::start(&dir.path().join("a"), &node_env(&s3, true, &[]), None);
+    // 2 MiB chunk objects: rehydration needs one ranged GET per object at least (it joins
+    // close blocks of one object), so the 100 MiB take 50 of them.
+    let a = Node::start(&dir.path().join("a"), &node_env(&s3, true, &[("TIDEPOOL_CHUNK_OBJECT_SIZE", "2MiB")]), None);
     let exp = build_tree(&a, &work);
     let total = data_bytes(&exp);
     a.spin_down();
     a.kill();
     std::fs::remove_dir_all(dir.path().join("a")).unwrap();
 
-    // One block at a time, every bucket call 50 ms late: a wide window to kill it in.
+    // One fetch at a time, every bucket call 50 ms late: a wide window to kill it in (polled
+    // on the route `tidepool rehydrate status` reads, every 20 ms).
     let slow = [("TIDEPOOL_REHYDRATE_PARALLELISM", "1"), ("TIDEPOOL_FAULT_DELAY_RATE", "1")];
     let env_b = node_env(&s3, false, &slow);
     let data = dir.path().join("b");
     let b = Node::start(&data, &env_b, Some("eager"));
-    let st = b.wait("rehydration part way", LONG, || {
-        let st = b.rehydrate_status();
-        let (done, all) = (st["bytes_done"].as_u64().unwrap(), st["bytes_total"].as_u64().unwrap());
-        assert!(st["finished"] != true, "rehydration finished before the test could kill it: {st}");
-        (done > 0 && done < all).then_some(st)
-    });
+    let deadline = Instant::now() + Duration::from_secs(LONG);
+    let st = loop {
+        if let Some(st) = b.http_json("/rehydrate/status") {
+            let (done, all) = (st["bytes_done"].as_u64().unwrap(), st["bytes_total"].as_u64().unwrap());
+            assert!(st["finished"] != true, "rehydration finished before the test could kill it: {st}");
+            if done > 0 && done < all {
+                break st;
+            }
+        }
+        assert!(Instant::now() < deadline, "rehydration never got part way\n{}", b.log_text());
+        std::thread::sleep(Duration::from_millis(20));
+    };
     b.kill();
     assert_eq!(st["bytes_total"].as_u64(), Some(total), "{st}");
     let marker: Value = serde_json::from_slice(&std::fs::read(data.join("rehydrate.json")).unwrap()).unwrap();
@@ -863,8 +872,15 @@ fn sigkill_during_rehydration_then_up_again_finishes_it() {
     // Up again on the same folder, without --from: rehydration resumes and finishes.
     let b = Node::start(&data, &env_b, None);
     assert_rehydrate_banner(&b, "eager");
-    let st = b.wait_rehydrated();
-    assert_eq!(st["bytes_total"].as_u64(), Some(total), "{st}");
+    let st2 = b.wait_rehydrated();
+    assert_eq!(st2["bytes_total"].as_u64(), Some(total), "{st2}");
+    // It resumed: what was on NVMe before the kill was not fetched again (the finished run
+    // leaves the bytes it fetched in the bucket, for `tidepool cost`).
+    let stats: Value = b.wait("stats/rehydrate.json in the bucket", 60, || {
+        serde_json::from_slice(&s3.object("stats/rehydrate.json")?).ok()
+    });
+    let (fetched, before) = (stats["bytes"].as_u64().unwrap(), st["bytes_done"].as_u64().unwrap());
+    assert!(fetched > 0 && fetched <= total - before, "fetched {fetched} after {before} of {total} were done: {stats}");
     check_tree(&b, &exp, &work);
     b.stop();
     check_dump(&data, &env_b, &exp);
