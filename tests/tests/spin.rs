@@ -10,12 +10,15 @@
 //! to the nanosecond), S3 HeadObject (ETag, Last-Modified, Content-Type, user metadata) and the
 //! bucket listing, symlink targets, holes still holes, and `tidepool fs dump` of the whole
 //! namespace — with `--rehydrate eager` (finished, bytes_done == bytes_total, 100 % resident)
-//! and `--rehydrate lazy` (nothing on NVMe ahead of the reads).
+//! and `--rehydrate lazy` (nothing on NVMe ahead of the reads). The old cluster's S3 keys do
+//! not come along; the spun-down node refuses writes (S3 AccessDenied, NFS ROFS).
 //!
 //! Crashes: SIGKILL of the node while `/spin-down/status` says "uploading" with part of the
 //! dirty data up (LATEST still names the previous complete manifest, which a new node starts
-//! from; the node restarted on its folder spins down again to the end), and SIGKILL while
-//! rehydration is part way (`tidepool up` again, without `--from`, finishes it).
+//! from; the node restarted on its folder spins down again to the end, and the manifest
+//! before it, still retained, still has every object it points into), and SIGKILL while
+//! rehydration is part way (`tidepool up` again, without `--from`, finishes it, fetching only
+//! what was not on NVMe yet).
 //!
 //! Nodes: 512 MiB device, 8 MiB segments, 1 MiB blocks, loopback ports; every wait is a poll
 //! with a deadline. ./test.sh installs the aws CLI and libnfs-utils; a missing one fails.
@@ -705,6 +708,19 @@ fn spin_down_then_up_from_the_bucket_eager_and_lazy_gives_back_every_byte_and_at
     let exp = build_tree(&a, &work);
     let total = data_bytes(&exp);
     assert!(a.tier_status("/")["dirty_bytes_total"].as_u64().unwrap() >= total, "everything is still dirty");
+    // An S3 key of this cluster: it does not go along (a new cluster makes its own).
+    let out = a.ok(&["keys", "create", "--name", "old-cluster"]);
+    let field = |name: &str| {
+        let line = out.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name} in: {out}"));
+        line.split_whitespace().last().unwrap().to_string()
+    };
+    let (old_id, old_secret) = (field("access key id"), field("secret access key"));
+    let with_old_key = |node: &Node| {
+        let mut c = node.aws(&["s3api", "head-object", "--bucket", "data", "--key", "one.byte"]);
+        c.env("AWS_ACCESS_KEY_ID", &old_id).env("AWS_SECRET_ACCESS_KEY", &old_secret);
+        run(c)
+    };
+    assert!(with_old_key(&a).status.success(), "the new key works on its own cluster");
 
     let epoch = a.spin_down();
     assert_eq!(s3.latest(), Some(epoch), "LATEST names the spin-down's manifest");
@@ -732,6 +748,9 @@ fn spin_down_then_up_from_the_bucket_eager_and_lazy_gives_back_every_byte_and_at
     let Kind::File(want) = &exp.entries["/posix/exec.sh"] else { unreachable!() };
     assert!(nfs.read_all(&fh).unwrap() == **want, "a read while rehydrating");
     drop(nfs);
+    let out = with_old_key(&b);
+    assert!(!out.status.success(), "a key of the old cluster works on the new one");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("403"), "{}", String::from_utf8_lossy(&out.stderr));
     let st = b.wait_rehydrated();
     assert_eq!(st["bytes_total"].as_u64(), Some(total), "every stored byte is rehydrated: {st}");
     check_tree(&b, &exp, &work);
