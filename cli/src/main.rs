@@ -56,6 +56,9 @@ enum Cmd {
         /// what is read), or `paths=/a,/b`.
         #[arg(long, default_value = "eager")]
         rehydrate: String,
+        /// With --from: start even though a spin-down to that bucket did not finish.
+        #[arg(long)]
+        force: bool,
     },
     /// Make the filesystem read-only, upload every dirty block, write a manifest and switch
     /// LATEST to it: afterwards the nodes may be terminated.
@@ -139,7 +142,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> Result<()> {
     let mut settings = load_settings(&cli)?;
     match cli.cmd {
-        Cmd::Up { bucket, from, rehydrate } => {
+        Cmd::Up { bucket, from, rehydrate, force } => {
             if let Some(b) = bucket {
                 tidepool_tiering::parse_bucket_url(&b)?;
                 settings.bucket = Some(b);
@@ -152,7 +155,7 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 None => None,
             };
-            runtime()?.block_on(up::run(settings, from))
+            runtime()?.block_on(up::run(settings, from, force))
         }
         Cmd::SpinDown => spin::spin_down(&settings.http_listen, &settings.data_dir),
         Cmd::Snapshot => spin::snapshot(&settings.http_listen, &settings.data_dir),

@@ -102,10 +102,10 @@ impl Node {
     /// the meta group and the filesystem. With `from` (`up --from URL` and its rehydrate
     /// mode), a new data folder starts from the bucket's `LATEST` manifest.
     pub async fn open(settings: Settings) -> Result<Node> {
-        Self::open_from(settings, None).await
+        Self::open_from(settings, None, false).await
     }
 
-    pub async fn open_from(mut settings: Settings, from: Option<(String, String)>) -> Result<Node> {
+    pub async fn open_from(mut settings: Settings, from: Option<(String, String)>, force_from: bool) -> Result<Node> {
         if let Some((url, _)) = &from {
             settings.bucket = Some(url.clone());
         }
@@ -152,6 +152,15 @@ impl Node {
                 .into());
             }
             (Some((url, mode)), None) => {
+                if objects.head(tidepool_tiering::manifest::SPIN_DOWN_KEY).await?.is_some() && !force_from {
+                    return Err(format!(
+                        "a spin-down to {url} did not finish ({url}/{} is there): finish it with `tidepool spin-down` \
+                         on the node that started it, or pass --force to start from the last complete manifest \
+                         (objects that spin-down uploaded since are then swept)",
+                        tidepool_tiering::manifest::SPIN_DOWN_KEY
+                    )
+                    .into());
+                }
                 let epoch = tidepool_tiering::manifest::read_latest(&objects).await?;
                 let l = tidepool_tiering::manifest::read_manifest(&objects, epoch).await?;
                 println!(

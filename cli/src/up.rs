@@ -13,7 +13,7 @@ use crate::keys::{self, Admin, Banner, MetaKeys};
 use crate::node::Node;
 use crate::settings::{Settings, human_bytes};
 
-pub async fn run(settings: Settings, from: Option<(String, String)>) -> Result<()> {
+pub async fn run(settings: Settings, from: Option<(String, String)>, force_from: bool) -> Result<()> {
     // Before anything is printed: a Ctrl-C right after the banner must be a clean stop.
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -24,7 +24,7 @@ pub async fn run(settings: Settings, from: Option<(String, String)>) -> Result<(
     let s3_listener = tokio::net::TcpListener::bind(&settings.s3_listen)
         .await
         .map_err(|e| format!("cannot listen on s3_listen={}: {e}", settings.s3_listen))?;
-    let mut node = Node::open_from(settings, from).await?;
+    let mut node = Node::open_from(settings, from, force_from).await?;
     // The NFS listener needs the filesystem, so it binds once the node is open (still before
     // the banner); a refused address stops the node cleanly.
     let nfs_metrics = Arc::new(NfsMetrics::default());

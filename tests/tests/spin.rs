@@ -203,6 +203,11 @@ impl Node {
     /// `tidepool up [--from URL --rehydrate MODE]` on `data` (stderr to `<data>.log`), once
     /// its banner is out.
     fn start(data: &Path, env: &[(String, String)], from: Option<&str>) -> Node {
+        Self::start_with(data, env, from, &[])
+    }
+
+    /// [`Node::start`] with more arguments for `up`.
+    fn start_with(data: &Path, env: &[(String, String)], from: Option<&str>, extra: &[&str]) -> Node {
         let log = data.with_extension("log");
         let f = std::fs::OpenOptions::new().create(true).append(true).open(&log).expect("open the node log");
         let mut c = tidepool(data, env);
@@ -210,6 +215,7 @@ impl Node {
         if let Some(mode) = from {
             c.args(["--from", &bucket_url(), "--rehydrate", mode]);
         }
+        c.args(extra);
         let mut child = c.stdout(Stdio::piped()).stderr(f).spawn().expect("start tidepool up");
         let banner = read_banner(&mut child);
         let node = Node { child, data: data.to_path_buf(), log, env: env.to_vec(), banner };
@@ -692,7 +698,20 @@ fn up_from_a_copy(dir: &Path, name: &str, epoch: Option<u64>, exp: &Expect, work
         tidepool_e2e::ok(c);
         assert_eq!(s3c.latest(), Some(epoch));
     }
-    let node = Node::start(&dir.join(name), &node_env(&s3c, false, &[]), Some("lazy"));
+    // A spin-down that did not finish leaves its marker: `up --from` refuses, clearly, unless
+    // told to take the last complete manifest anyway.
+    let unfinished = copy.join(COLD).join(PREFIX).join("manifests/SPIN-DOWN").exists();
+    let extra: &[&str] = if unfinished {
+        let mut c = tidepool(&dir.join(format!("{name}-refused")), &node_env(&s3c, false, &[]));
+        c.args(["up", "--from", &bucket_url(), "--rehydrate", "lazy"]);
+        let out = c.output().expect("run tidepool up");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("did not finish"), "up --from must refuse: {err}");
+        &["--force"]
+    } else {
+        &[]
+    };
+    let node = Node::start_with(&dir.join(name), &node_env(&s3c, false, &[]), Some("lazy"), extra);
     if let Some(epoch) = epoch {
         assert!(node.banner.contains(&format!("loaded manifest epoch {epoch} ")), "{}", node.banner);
     }
@@ -834,6 +853,7 @@ fn sigkill_during_spin_down_keeps_latest_complete_and_spin_down_again_finishes()
 
     // LATEST still names the last complete manifest, and a new node starts from it.
     assert_eq!(s3.latest(), Some(e1), "LATEST moved although no manifest was finished");
+    assert!(dir.path().join("s3").join(COLD).join(PREFIX).join("manifests/SPIN-DOWN").exists(), "no spin-down marker");
     up_from_a_copy(dir.path(), "scratch", None, &v1, &work);
 
     // The node restarted on its folder spins down again, to the end.

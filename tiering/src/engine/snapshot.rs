@@ -202,10 +202,20 @@ impl Tier {
             p.dirty_files_start.store(files, Ordering::SeqCst);
             p.uploaded_bytes_start.store(self.counters.uploaded_bytes.load(Ordering::Relaxed), Ordering::SeqCst);
             *lock(&p.started) = Some(Instant::now());
+            // Until LATEST is switched, the bucket says a spin-down is under way: a new node
+            // started from it now would take the older LATEST and sweep the objects this one
+            // is uploading (`up --from` refuses while the marker is there).
+            let marker = format!(
+                "spin-down started; the node finishes it with `tidepool spin-down`\nepoch-before {}\n",
+                self.fs()?.meta().read(|s| s.manifest_epoch)
+            );
+            self.objects.put(crate::manifest::SPIN_DOWN_KEY, marker.into_bytes().into()).await?;
             p.phase.store(1, Ordering::SeqCst);
             self.flush_all().await?;
             p.phase.store(2, Ordering::SeqCst);
-            self.write_manifest(settings).await
+            let report = self.write_manifest(settings).await?;
+            self.objects.delete(crate::manifest::SPIN_DOWN_KEY).await?;
+            Ok::<_, TierEngineError>(report)
         }
         .await;
         p.phase.store(if res.is_ok() { 3 } else { 4 }, Ordering::SeqCst);

@@ -5,6 +5,7 @@
 //! manifests/<epoch:020>.tpm           the root: TPMF, version, postcard(Root), crc32c
 //! manifests/<epoch:020>.tpm.p<00000>  parts: consecutive pieces of ONE zstd stream
 //! manifests/LATEST                    "tidepool-manifest-latest v1\nepoch N\ncrc X\n": the commit point
+//! manifests/SPIN-DOWN                 present while a spin-down is under way
 //! ```
 //!
 //! The stream (zstd of) is a sequence of records `[len u32 LE][postcard(Record)]`: one
@@ -33,6 +34,8 @@ pub const MANIFEST_VERSION: u16 = 1;
 const ROOT_MAGIC: &[u8; 4] = b"TPMF";
 const LATEST_MAGIC: &str = "tidepool-manifest-latest v1";
 pub const LATEST_KEY: &str = "manifests/LATEST";
+/// Present while a spin-down is under way (put at its start, deleted after `LATEST`).
+pub const SPIN_DOWN_KEY: &str = "manifests/SPIN-DOWN";
 
 /// Key of the root object of `epoch`.
 pub fn root_key(epoch: u64) -> String {
