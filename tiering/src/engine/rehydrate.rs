@@ -138,6 +138,8 @@ const WINDOW_BYTES: u64 = 256 << 20;
 const COALESCE_GAP: u64 = 256 << 10;
 /// Largest single ranged GET of a run.
 const RUN_MAX: u64 = 16 << 20;
+/// Blocks of one run written to NVMe at once.
+const CACHE_PARALLELISM: usize = 8;
 
 type Target = (u64, u64, ObjectLocator);
 
@@ -196,17 +198,20 @@ impl Tier {
             }
             Err(e) => return Err(e.into()),
         };
-        for (_, id, loc) in run {
+        let block = |loc: &ObjectLocator| {
             let at = (loc.offset - start) as usize;
-            let block = &data[at..at + loc.len as usize];
-            let actual = crc32c::crc32c(block);
+            &data[at..at + loc.len as usize]
+        };
+        for (_, id, loc) in run {
+            let actual = crc32c::crc32c(block(loc));
             if actual != loc.crc {
                 return Err(super::TierEngineError::Fs(
                     tidepool_fs::TierError::Checksum { block: *id, expected: loc.crc, actual }.into(),
                 ));
             }
-            self.cache(*id, block).await;
         }
+        // The blocks of a run go onto NVMe several at a time (a pack run holds hundreds).
+        stream::iter(run).for_each_concurrent(CACHE_PARALLELISM, |(_, id, loc)| self.cache(*id, block(loc))).await;
         let n: u64 = run.iter().map(|(_, _, l)| u64::from(l.len)).sum();
         self.rehydrate.bytes_fetched.fetch_add(n, Ordering::SeqCst);
         super::TierCounters::add(&self.counters.read_through_bytes, n);
@@ -265,16 +270,21 @@ impl Tier {
         };
         let cap = self.store.stats().capacity_bytes;
         let limit = (cap as f64 * self.cfg.evict_low) as u64;
-        let mut full = false;
-        let mut first_err = None;
+        let full = AtomicBool::new(false);
+        let first_err = std::sync::Mutex::new(None);
+        // Bytes of runs planned and not yet on NVMe: a window is planned while the previous
+        // one's last runs are still in flight, and the evict_low check must count them.
+        let pending = AtomicU64::new(0);
         // Windows of the queue, in its order (pinned, then hottest); inside a window, the
         // blocks of one object that lie close together are fetched with ONE ranged GET (a
-        // pack of small files comes back in a request or two, not one per file).
-        for window in windows(&queue, WINDOW_BYTES) {
-            if self.stopping() {
-                return Ok(false);
+        // pack of small files comes back in a request or two, not one per file). The next
+        // window is planned as soon as every run of this one has started, so
+        // `rehydrate_parallelism` GETs stay in flight across window boundaries (no barrier).
+        let plan = |window: &[Target]| -> Vec<Vec<Target>> {
+            if self.stopping() || full.load(Ordering::SeqCst) || lock(&first_err).is_some() {
+                return Vec::new();
             }
-            let mut runs: BTreeMap<u128, Vec<(u64, u64, ObjectLocator)>> = BTreeMap::new();
+            let mut runs: BTreeMap<u128, Vec<Target>> = BTreeMap::new();
             for &(ino, id, loc) in window {
                 if self.store.contains(id) {
                     done(ino, loc.len);
@@ -282,32 +292,34 @@ impl Tier {
                     runs.entry(loc.object).or_default().push((ino, id, loc));
                 }
             }
-            let runs: Vec<Vec<(u64, u64, ObjectLocator)>> = runs.into_values().flat_map(coalesce).collect();
+            let runs: Vec<Vec<Target>> = runs.into_values().flat_map(coalesce).collect();
             let need: u64 = runs.iter().flatten().map(|(_, _, l)| u64::from(l.len)).sum();
-            if self.store.stats().live_bytes + need > limit {
-                full = true;
-                break;
+            if self.store.stats().live_bytes + pending.load(Ordering::SeqCst) + need > limit {
+                full.store(true, Ordering::SeqCst);
+                return Vec::new();
             }
-            let results: Vec<Result<()>> = stream::iter(runs)
-                .map(|run| {
-                    let key = &keys[&run[0].2.object];
-                    let done = &done;
-                    async move {
-                        self.fetch_run(key, &run).await?;
-                        for (ino, _, loc) in &run {
-                            done(*ino, loc.len);
+            pending.fetch_add(need, Ordering::SeqCst);
+            runs
+        };
+        stream::iter(windows(&queue, WINDOW_BYTES))
+            .flat_map(|window| stream::iter(plan(window)))
+            .for_each_concurrent(self.cfg.rehydrate_parallelism.max(1), |run| {
+                let key = &keys[&run[0].2.object];
+                let (done, pending, first_err) = (&done, &pending, &first_err);
+                async move {
+                    let res = self.fetch_run(key, &run).await;
+                    pending.fetch_sub(run.iter().map(|(_, _, l)| u64::from(l.len)).sum(), Ordering::SeqCst);
+                    match res {
+                        Ok(()) => run.iter().for_each(|(ino, _, loc)| done(*ino, loc.len)),
+                        // The runs in flight finish; no new window is planned.
+                        Err(e) => {
+                            lock(first_err).get_or_insert(e);
                         }
-                        Ok(())
                     }
-                })
-                .buffer_unordered(self.cfg.rehydrate_parallelism.max(1))
-                .collect()
-                .await;
-            if let Some(e) = results.into_iter().find_map(|r| r.err()) {
-                first_err = Some(e);
-                break;
-            }
-        }
+                }
+            })
+            .await;
+        let (full, first_err) = (full.into_inner(), first_err.into_inner().unwrap_or_else(|e| e.into_inner()));
         p.active.store(false, Ordering::SeqCst);
         if let Some(e) = first_err {
             *lock(&p.stopped_reason) = Some(e.to_string());
