@@ -12,10 +12,10 @@ pub mod format;
 pub mod manifest;
 pub mod store;
 
-pub use store::{ListPage, ObjectError, ObjectInfo, ObjectStore, PutIfAbsent};
+pub use engine::{Tier, TierConfig, TierEngineError};
 pub use store::fault::{FaultConfig, Faulty};
 pub use store::local::LocalStore;
 pub use store::retry::{RetryConfig, Retrying};
 pub use store::s3::{S3Config, S3Store};
 pub use store::url::{BucketUrl, parse_bucket_url};
-pub use engine::{Tier, TierConfig, TierEngineError};
+pub use store::{ListPage, ObjectError, ObjectInfo, ObjectStore, PutIfAbsent};
