@@ -60,7 +60,7 @@ RCLONE_FLAGS=${RCLONE_FLAGS:---transfers 4}
 TTFB_AT=${TTFB_AT:-1.0}
 QUIET_LOAD=${QUIET_LOAD:-1.5}               # wait for a 1-minute load under this ...
 QUIET_WAIT=${QUIET_WAIT:-900}               # ... and no other bench script, at most this long before the first run
-QUIET_WAIT_RUN=${QUIET_WAIT_RUN:-120}       # ... and before each later one
+QUIET_WAIT_RUN=${QUIET_WAIT_RUN:-300}       # ... and before each later one
 TIMEOUT=${TIMEOUT:-1800}                    # seconds any one step may take
 TP=${TP_BIN:-}
 KEY=BENCHACCESSKEY0001                      # the s3s-fs server's key
@@ -413,8 +413,10 @@ def report(path):
                      f"{med([sum(v['n'] for k, v in r['counts'].items() if k != 'GetObject') for r in rs]):.0f}",
                      f"{med([r['client_cpu'] for r in rs]) * 100 / wall:.0f} / {med([r['server_cpu'] for r in rs]) * 100 / wall:.0f}",
                      ", ".join(f"{r['wall']:.2f}" for r in rs),
-                     ", ".join(f"{r['load']:.2f}-{r.get('load_end', r['load']):.2f}" for r in rs)))
-    hdr = ("side", "wall s", "MB/s", "GETs", "other reqs", "cpu % client / server", "rounds (wall s)", "load (1 min, start-end)")
+                     ", ".join(f"{r['load']:.2f}-{r.get('load_end', r['load']):.2f}" for r in rs),
+                     ", ".join("%.0f-%.0f" % tuple(r.get("cached_pct", [0, 0])) for r in rs)))
+    hdr = ("side", "wall s", "MB/s", "GETs", "other reqs", "cpu % client / server", "rounds (wall s)", "load (1 min, start-end)",
+           "bucket % in page cache (start-end)")
     if rows:
         r0 = [r for r in runs if r["part"] == "eager"][0]
         print(f"tree: {r0['files']} files, {r0['bytes']} bytes ({r0['bytes'] / 1e6:.0f} MB); median of {max(len([r for r in runs if r['part'] == 'eager' and r['side'] == s]) for s in ('tidepool', 'rclone'))} round(s)")
@@ -534,6 +536,10 @@ bucket_bytes() { du -sb "$SFS_DATA/$1" | cut -f1; }
 warm() { # read a bucket's files once, so that both sides are served from the page cache
   find "$SFS_DATA/$1" -type f -print0 | xargs -0 -r cat >/dev/null
   find "$SFS_DATA" -maxdepth 1 -name ".bucket-$(b64 "$1").*" -print0 | xargs -0 -r cat >/dev/null
+}
+resident() { # % of a bucket's bytes in the page cache (others' work on this machine can evict them)
+  find "$SFS_DATA/$1" -type f -print0 | xargs -0 -r fincore -b -n -o RES,SIZE 2>/dev/null \
+    | awk '{r += $1; s += $2} END {printf "%.1f", s ? 100 * r / s : 0}'
 }
 
 # node_env PREFIX: the settings of every node (ports chosen here); any TIDEPOOL_* of the caller
@@ -658,7 +664,6 @@ record() { # json: one line into runs.jsonl
 run_tidepool() { # round
   local r=$1 tag=r$1-tidepool
   need_free $(( $(bytes_of "$DEVICE_SIZE") + (1 << 30) )) "the rehydrating node"
-  warm tp-tree
   rm -rf "$NODE"; mkdir -p "$NODE"; node_ports
   local urls; urls=$(python3 - "$OUT/buckets/tp-tree.params" "http://127.0.0.1:$TP_S3" <<EOF
 import json, subprocess, sys
@@ -667,11 +672,12 @@ print(json.dumps([[f, subprocess.check_output(["python3", "$OUT/helper.py", "pre
                   for f, m in sorted(cold.items(), key=lambda kv: kv[0].startswith("large"))]))
 EOF
 )
-  wait_quiet; sync; snapshot_top "$tag"
+  wait_quiet; sync; warm tp-tree; snapshot_top "$tag"
   local l; l=$(load1)
+  local res0; res0=$(resident tp-tree)
   counts reset >/dev/null
   local c0; c0=$(cpu_ticks "$SF_PID")
-  log "round $r tidepool: up --from s3://tp-tree/tp (eager), device $DEVICE_SIZE, load $l"
+  log "round $r tidepool: up --from s3://tp-tree/tp (eager), device $DEVICE_SIZE, load $l, bucket $res0 % in the page cache"
   local cfg; cfg=$(python3 -c 'import json,sys; print(json.dumps(dict(tp=sys.argv[1], data=sys.argv[2]+"/data", cwd=sys.argv[2], http=sys.argv[3],
       **{"from": "s3://tp-tree/tp"}, log=sys.argv[4], status_log=sys.argv[5], ttfb_at=float(sys.argv[6]), ttfb=json.loads(sys.argv[7]),
       timeout=float(sys.argv[8]), poll=0.1)))' \
@@ -683,24 +689,26 @@ EOF
   local c1; c1=$(cpu_ticks "$SF_PID")
   local cnt; cnt=$(counts reset)
   local le; le=$(load1)
+  local res1; res1=$(resident tp-tree)
   rm -rf "$NODE"
   record "$(python3 -c 'import json,sys; d=json.loads(sys.argv[1]); d.update(part="eager", side="tidepool", round=int(sys.argv[2]),
       bytes=int(sys.argv[3]), files=int(sys.argv[4]), counts=json.loads(sys.argv[5]), server_cpu=float(sys.argv[6]),
-      client_cpu=d["node_cpu_s"], load=float(sys.argv[7]), load_end=float(sys.argv[8])); print(json.dumps(d))' \
-      "$res" "$r" "$TREE_BYTES" "$TREE_FILES" "$cnt" "$(calc "($c1 - $c0) / $(getconf CLK_TCK)")" "$l" "$le")"
+      client_cpu=d["node_cpu_s"], load=float(sys.argv[7]), load_end=float(sys.argv[8]),
+      cached_pct=[float(sys.argv[9]), float(sys.argv[10])]); print(json.dumps(d))' \
+      "$res" "$r" "$TREE_BYTES" "$TREE_FILES" "$cnt" "$(calc "($c1 - $c0) / $(getconf CLK_TCK)")" "$l" "$le" "$res0" "$res1")"
   log "round $r tidepool: $(echo "$res" | python3 -c 'import json,sys; d=json.load(sys.stdin); ts="; ".join("TTFB %s %.1f ms" % (t["file"], t["ttfb_s"]*1000) for t in d["ttfb"]); print("%s s, %s/%s B; %s" % (d["wall"], d["bytes_done"], d["bytes_total"], ts))')"
 }
 
 run_rclone() { # round
   local r=$1 tag=r$1-rclone
   need_free $(( TREE_BYTES * 11 / 10 + (1 << 30) )) "rclone's destination"
-  warm plain
   rm -rf "$DST"; mkdir -p "$DST"
-  wait_quiet; sync; snapshot_top "$tag"
+  wait_quiet; sync; warm plain; snapshot_top "$tag"
   local l; l=$(load1)
+  local res0; res0=$(resident plain)
   counts reset >/dev/null
   local c0; c0=$(cpu_ticks "$SF_PID")
-  log "round $r rclone: rclone copy sf:plain $DST $RCLONE_FLAGS, load $l"
+  log "round $r rclone: rclone copy sf:plain $DST $RCLONE_FLAGS, load $l, bucket $res0 % in the page cache"
   local t0 t1 t2
   t0=$(date +%s.%N)
   # shellcheck disable=SC2086
@@ -711,6 +719,7 @@ run_rclone() { # round
   local c1; c1=$(cpu_ticks "$SF_PID")
   local cnt; cnt=$(counts reset)
   local le; le=$(load1)
+  local res1; res1=$(resident plain)
   sync -f "$DST"; t2=$(date +%s.%N)
   local files bytes; files=$(find "$DST" -type f | wc -l); bytes=$(find "$DST" -type f -printf '%s\n' | paste -sd+ - | bc)
   if [ "$files" != "$TREE_FILES" ] || [ "$bytes" != "$TREE_BYTES" ]; then
@@ -720,9 +729,9 @@ run_rclone() { # round
   record "$(python3 -c 'import json,sys; print(json.dumps(dict(part="eager", side="rclone", round=int(sys.argv[1]), wall=float(sys.argv[2]),
       sync_s=float(sys.argv[3]), bytes=int(sys.argv[4]), files=int(sys.argv[5]), counts=json.loads(sys.argv[6]),
       server_cpu=float(sys.argv[7]), client_cpu=float(sys.argv[8]), load=float(sys.argv[9]), rclone_flags=sys.argv[10],
-      load_end=float(sys.argv[11]))))' \
+      load_end=float(sys.argv[11]), cached_pct=[float(sys.argv[12]), float(sys.argv[13])])))' \
       "$r" "$(calc "$t1 - $t0")" "$(calc "$t2 - $t1")" "$TREE_BYTES" "$TREE_FILES" "$cnt" \
-      "$(calc "($c1 - $c0) / $(getconf CLK_TCK)")" "$(awk 'END {print $1 + $2}' "$OUT/logs/$tag.time")" "$l" "$RCLONE_FLAGS" "$le")"
+      "$(calc "($c1 - $c0) / $(getconf CLK_TCK)")" "$(awk 'END {print $1 + $2}' "$OUT/logs/$tag.time")" "$l" "$RCLONE_FLAGS" "$le" "$res0" "$res1")"
   log "round $r rclone: $files files in $(calc "$t1 - $t0") s (+ sync $(calc "$t2 - $t1") s)"
 }
 
@@ -748,9 +757,8 @@ EOF
 run_ns() { # round
   local r=$1 tag=r$1-ns
   need_free $(( $(bytes_of "$NS_DEVICE_SIZE") + (1 << 30) )) "the namespace node"
-  warm tp-ns
   rm -rf "$NODE"; mkdir -p "$NODE"; node_ports
-  wait_quiet; sync
+  wait_quiet; sync; warm tp-ns
   local l; l=$(load1)
   counts reset >/dev/null
   log "round $r ns: up --from s3://tp-ns/ns --rehydrate lazy, then ListObjectsV2 names/d000/ every 50 ms, load $l"

@@ -101,6 +101,7 @@ if [ "$(df --output=source "$TP_DATA" | tail -1)" = "$(df --output=source "$SFS_
 else
   need_room "$TP_DATA" "$DEV_BYTES" "the node's device"; need_room "$SFS_DATA" $(( TREE_EST * 12 / 10 )) "the bucket"
 fi
+SFS_FS=$(findmnt -no FSTYPE -T "$SFS_DATA"); TP_FS=$(findmnt -no FSTYPE -T "$TP_DATA")
 [ -f "$TREE.params" ] || need_room "$(dirname "$TREE")" "$TREE_EST" "the tree"
 
 # ---------- the tree ----------
@@ -322,14 +323,16 @@ done
 stop_pid "$SF_PID"; SF_PID=""
 
 {
-  echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r); server data on $(findmnt -no FSTYPE -T "$SFS_DATA") ($SFS_DATA), node device on $(findmnt -no FSTYPE -T "$TP_DATA") ($TP_DATA, $DEVICE_SIZE), tree on $(findmnt -no FSTYPE -T "$TREE"); $(rclone version 2>/dev/null | head -1), s3s-fs 0.14.1 (bench/s3s-fs-server), tidepool $TP_COMMIT"
+  echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r); server data on $SFS_FS ($SFS_DATA), node device on $TP_FS ($TP_DATA, $DEVICE_SIZE), tree on $(findmnt -no FSTYPE -T "$TREE"); $(rclone version 2>/dev/null | head -1), s3s-fs 0.14.1 (bench/s3s-fs-server), tidepool $TP_COMMIT"
   echo "tree: $PARAMS; rclone flags: $RCLONE_FLAGS; node settings: tier_after/dirty marks held back$(env | grep -E '^TIDEPOOL_' | sort | sed 's/^/, /' | tr -d '\n')"
   python3 - "$OUT/runs.jsonl" <<'EOF'
 import json, statistics, sys
 runs = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 PUTS = ("PutObject", "UploadPart", "CreateMultipartUpload", "CompleteMultipartUpload")
 def puts(c): return sum(c.get(k, {}).get("n", 0) for k in PUTS)
-def other(c): return sum(v["n"] for k, v in c.items() if k not in PUTS)
+def other(c): return sum(v["n"] for k, v in c.items() if k not in PUTS and not k.startswith("~"))
+def signing(c):  # requests with a body by how they sign it (counted by the server)
+    return ", ".join(f"{v['n']} {k[len('~payload '):]}" for k, v in c.items() if k.startswith("~payload "))
 def pct(x, r): return f"{x * 100 / r['wall']:.0f}"
 rows, res = [], {}
 NAMES = {"all": "tree", "small": "small files only", "large": "large files only"}
@@ -339,7 +342,7 @@ for wl in ("all", "small", "large"):
         if not rs: continue
         m = rs[(len(rs) - 1) // 2]  # the median round (the lower one of an even count)
         c, b = m["counts"], m["bytes"]
-        res[(wl, side)] = dict(wall=m["wall"], puts=puts(c))
+        res[(wl, side)] = dict(wall=m["wall"], puts=puts(c), signing=signing(c))
         busy = max(0.0, m["machine_cpu"] - m["client_cpu"] - m["server_cpu"])
         rows.append((NAMES[wl] + f" ({m['files']} files, {b / 1e6:.0f} MB)",
                      "tidepool tier flush" if side == "tidepool" else "rclone copy",
@@ -373,6 +376,8 @@ if ("small", "tidepool") in res and ("small", "rclone") in res:
     s = res[("small", "rclone")]["wall"] / res[("small", "tidepool")]["wall"]
     print(f"small files alone: tidepool {s:.1f}x faster than rclone (per round "
           f"{', '.join(f'{x:.1f}x' for x in per_round('small'))})")
+for (wl, side), v in res.items():
+    if v["signing"]: print(f"payload signing, {NAMES[wl]}, {side}: {v['signing']}")
 print("(median of the rounds by wall time; its request counts and cpu. PUTs = PutObject + UploadPart + "
       "CreateMultipartUpload + CompleteMultipartUpload, counted at the server; other reqs: HEAD, GET, LIST. "
       "cpu in % of one core over the wall time: client = rclone or the tidepool node, server = s3s-fs, "

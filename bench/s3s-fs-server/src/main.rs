@@ -7,7 +7,8 @@
 //!   measured without Nagle's delay (bench/s3.sh);
 //! - every request is counted by S3 operation (told from method, query and headers, before
 //!   s3s sees it) with its answer's status and its body bytes (bench/tier.sh counts PUTs this
-//!   way). With COUNTERS_HOST:PORT the counts are served there as JSON: `GET /counts`, and
+//!   way), and requests with a body by how they sign it (`~payload ...`: a SHA-256 the server
+//!   checks, or unsigned). With COUNTERS_HOST:PORT the counts are served there as JSON: `GET /counts`, and
 //!   `GET /reset` (answers the counts, then zeroes them). They are printed on stop too.
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -70,6 +71,22 @@ fn op_of<B>(req: &http::Request<B>) -> &'static str {
         ("HEAD", _, false) => "HeadBucket",
         _ => "Other",
     }
+}
+
+/// How a request with a body (PUT, POST) signs it: `~payload <kind>` (`x-amz-content-sha256`:
+/// a hash the server checks with its own SHA-256 pass, `UNSIGNED-PAYLOAD`, or streaming chunks).
+fn payload_of<B>(req: &http::Request<B>) -> Option<&'static str> {
+    if !matches!(req.method().as_str(), "PUT" | "POST") {
+        return None;
+    }
+    let v = req.headers().get("x-amz-content-sha256").and_then(|v| v.to_str().ok()).unwrap_or("");
+    Some(match v {
+        "" => "~payload none",
+        "UNSIGNED-PAYLOAD" => "~payload UNSIGNED-PAYLOAD",
+        v if v.starts_with("STREAMING-UNSIGNED") => "~payload STREAMING-UNSIGNED-PAYLOAD-TRAILER",
+        v if v.starts_with("STREAMING-") => "~payload STREAMING-signed",
+        _ => "~payload sha256 (checked by the server)",
+    })
 }
 
 fn body_len<B>(req: &http::Request<B>) -> u64 {
@@ -153,7 +170,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         let (service, counts) = (service.clone(), counts.clone());
         let counted = hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
             let (service, counts) = (service.clone(), counts.clone());
-            let (op, bytes) = (op_of(&req), body_len(&req));
+            let (op, bytes, payload) = (op_of(&req), body_len(&req), payload_of(&req));
             async move {
                 let res = hyper::service::Service::call(&service, req).await;
                 let ok = matches!(&res, Ok(r) if r.status().is_success());
@@ -162,6 +179,12 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 e.n += 1;
                 e.ok += u64::from(ok);
                 e.bytes += bytes;
+                if let Some(p) = payload {
+                    let e = c.entry(p).or_default();
+                    e.n += 1;
+                    e.ok += u64::from(ok);
+                    e.bytes += bytes;
+                }
                 res
             }
         });
