@@ -165,6 +165,34 @@ pub struct Settings {
     pub s3_region: String,
     /// NFSv3 endpoint (MOUNT and NFS on one TCP port). Default `127.0.0.1:11111`.
     pub nfs_listen: String,
+    /// Client addresses that may MOUNT and call NFS, as CIDRs (a TOML array, or one string
+    /// with commas: `TIDEPOOL_NFS_ALLOWED_CLIENTS=10.0.0.0/8,127.0.0.1`); others are refused.
+    /// Default `["127.0.0.0/8", "::1/128"]` (loopback only).
+    #[serde(deserialize_with = "cidr_list")]
+    pub nfs_allowed_clients: Vec<tidepool_nfs::Cidr>,
+    /// Export read-only: every NFS change answers NFS3ERR_ROFS. Default false.
+    pub nfs_read_only: bool,
+    /// Map uid 0 / gid 0 of NFS callers to `nfs_anon_uid` / `nfs_anon_gid`. Default false.
+    pub nfs_root_squash: bool,
+    /// Who a squashed root or an AUTH_NULL NFS caller is. Default 65534 (nobody).
+    pub nfs_anon_uid: u32,
+    /// Default 65534 (nogroup).
+    pub nfs_anon_gid: u32,
+}
+
+/// A CIDR list from a TOML array of strings or one comma-separated string.
+fn cidr_list<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<tidepool_nfs::Cidr>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        One(String),
+        Many(Vec<String>),
+    }
+    let items = match Raw::deserialize(d)? {
+        Raw::One(s) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
+        Raw::Many(v) => v,
+    };
+    items.iter().map(|s| s.parse().map_err(serde::de::Error::custom)).collect()
 }
 
 impl Default for Settings {
@@ -201,6 +229,11 @@ impl Default for Settings {
             s3_listen: "127.0.0.1:9000".into(),
             s3_region: "us-east-1".into(),
             nfs_listen: "127.0.0.1:11111".into(),
+            nfs_allowed_clients: tidepool_nfs::ExportOptions::default().allowed_clients,
+            nfs_read_only: false,
+            nfs_root_squash: false,
+            nfs_anon_uid: 65534,
+            nfs_anon_gid: 65534,
         }
     }
 }
@@ -396,6 +429,16 @@ mod tests {
         assert!(e.to_string().contains("s3_listen"), "{e}");
         let s = Settings::load(Some(&f), env(&[("TIDEPOOL_NFS_LISTEN", "0.0.0.0:2049")])).unwrap();
         assert_eq!(s.nfs_listen, "0.0.0.0:2049");
+        let s = Settings::load(
+            Some(&f),
+            env(&[("TIDEPOOL_NFS_ALLOWED_CLIENTS", "10.0.0.0/8, 127.0.0.2"), ("TIDEPOOL_NFS_ROOT_SQUASH", "true")]),
+        )
+        .unwrap();
+        let cidrs: Vec<String> = s.nfs_allowed_clients.iter().map(|c| c.to_string()).collect();
+        assert_eq!(cidrs, ["10.0.0.0/8", "127.0.0.2/32"]);
+        assert!(s.nfs_root_squash && !s.nfs_read_only && s.nfs_anon_uid == 65534);
+        let e = Settings::load(Some(&f), env(&[("TIDEPOOL_NFS_ALLOWED_CLIENTS", "10.0.0.0/40")])).unwrap_err();
+        assert!(e.to_string().contains("prefix length"), "{e}");
         assert_eq!(Settings::default().nfs_listen, "127.0.0.1:11111");
         let e = Settings::load(Some(&f), env(&[("TIDEPOOL_NFS_LISTEN", "localhost")])).unwrap_err();
         assert!(e.to_string().contains("nfs_listen"), "{e}");

@@ -28,7 +28,15 @@ pub async fn run(settings: Settings, from: Option<(String, String)>, force_from:
     // The NFS listener needs the filesystem, so it binds once the node is open (still before
     // the banner); a refused address stops the node cleanly.
     let nfs_metrics = Arc::new(NfsMetrics::default());
-    let nfs = TidepoolNfs::new(&node.fs, &node.data.superblock.cluster_id, nfs_metrics.clone());
+    let s = &node.settings;
+    let exports = tidepool_nfs::ExportOptions {
+        allowed_clients: s.nfs_allowed_clients.clone(),
+        read_only: s.nfs_read_only,
+        root_squash: s.nfs_root_squash,
+        anon_uid: s.nfs_anon_uid,
+        anon_gid: s.nfs_anon_gid,
+    };
+    let nfs = TidepoolNfs::new(&node.fs, &node.data.superblock.cluster_id, nfs_metrics.clone()).with_exports(exports);
     let nfs_server = match NfsServer::bind(&node.settings.nfs_listen, nfs).await {
         Ok(server) => server,
         Err(e) => {
@@ -95,6 +103,13 @@ pub async fn run(settings: Settings, from: Option<(String, String)>, force_from:
     let (nfs_ip, nfs_port) = (nfs_addr.ip(), nfs_addr.port());
     println!("  NFS           nfs://{nfs_addr}/ (NFSv3 + MOUNT over TCP, export /)");
     println!("  try           nfs-ls 'nfs://{nfs_ip}/?nfsport={nfs_port}&mountport={nfs_port}'");
+    let clients: Vec<String> = s.nfs_allowed_clients.iter().map(|c| c.to_string()).collect();
+    println!(
+        "  NFS export    / to {} ({}{})",
+        if clients.is_empty() { "nobody".to_string() } else { clients.join(", ") },
+        if s.nfs_read_only { "read-only" } else { "read-write" },
+        if s.nfs_root_squash { ", root squashed" } else { "" }
+    );
     if node.report.orphans_freed > 0 || node.report.missing_blocks > 0 {
         println!(
             "  recovery      freed {} orphaned blocks; {} blocks missing",

@@ -28,9 +28,11 @@
 //!   entry this server knows of in that directory is `NFS3ERR_BAD_COOKIE`.
 //! - **Errors**: one exhaustive `match` from `ErrorKind` to `nfsstat3` ([`nfs_status`]).
 
+mod exports;
 mod handle;
 mod metrics;
 mod vfs;
+mod writes;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -39,7 +41,10 @@ use nfsserve::nfs::nfsstat3;
 use nfsserve::tcp::{NFSTcp, NFSTcpListener};
 use tidepool_fs::{ErrorKind, Fs, FsError};
 
+pub use exports::{Cidr, Cred, ExportOptions};
 pub use metrics::NfsMetrics;
+/// The caller context a call runs with (tests start calls with [`with_caller`]).
+pub use nfsserve::vfs::{AuthSys, Caller, StableHow, caller, with_caller};
 pub use tidepool_fs::FileAttr;
 
 /// The export: `nfs://host/` names the root of the namespace.
@@ -55,6 +60,10 @@ pub struct TidepoolNfs {
     fsid: u64,
     metrics: Arc<NfsMetrics>,
     cookies: Mutex<HashMap<u64, (u64, Vec<u8>)>>,
+    exports: ExportOptions,
+    writes: Arc<writes::WriteBehind>,
+    /// WRITE/COMMIT verifier: this server's start time, so it changes on every restart.
+    verifier: [u8; 8],
 }
 
 impl TidepoolNfs {
@@ -66,7 +75,24 @@ impl TidepoolNfs {
             fsid: handle::fsid(cluster_id),
             metrics,
             cookies: Mutex::new(HashMap::new()),
+            exports: ExportOptions::default(),
+            writes: Arc::new(writes::WriteBehind::default()),
+            verifier: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as u64)
+                .unwrap_or(0)
+                .to_be_bytes(),
         }
+    }
+
+    /// Share the export as `exports` says (default: [`ExportOptions::default`]).
+    pub fn with_exports(mut self, exports: ExportOptions) -> Self {
+        self.exports = exports;
+        self
+    }
+
+    pub fn exports(&self) -> &ExportOptions {
+        &self.exports
     }
 
     pub fn fsid(&self) -> u64 {

@@ -8,7 +8,7 @@ use nfsserve::nfs::{ftype3, nfsstat3, nfstime3, sattr3, set_atime, set_mode3, se
 use nfsserve::vfs::NFSFileSystem;
 use tidepool_cluster::{MetaGroup, MetaState, RaftOptions, SystemClock};
 use tidepool_fs::{Fs, FsOptions, ROOT_INO};
-use tidepool_nfs::{NfsMetrics, TidepoolNfs};
+use tidepool_nfs::{AuthSys, Caller, NfsMetrics, TidepoolNfs, with_caller};
 use tidepool_spdk::device::mem::MemDevice;
 use tidepool_spdk::{BlockDevice, BlockStore, StoreOptions};
 
@@ -36,12 +36,21 @@ fn name(s: &str) -> nfsserve::nfs::filename3 {
     s.as_bytes().into()
 }
 
+/// A call from 127.0.0.1 as root over AUTH_SYS (the default export admits and does not squash it).
+fn root() -> Caller {
+    Caller { peer: "127.0.0.1:700".parse().unwrap(), auth: Some(AuthSys { uid: 0, gid: 0, gids: vec![] }) }
+}
+
 fn err<T: std::fmt::Debug>(r: Result<T, nfsstat3>) -> String {
     format!("{:?}", r.expect_err("expected an error"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_operation_over_fs() {
+    with_caller(root(), every_operation_body()).await
+}
+
+async fn every_operation_body() {
     let dir = tempfile::tempdir().unwrap();
     let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(256 << 20));
     let fs = open_fs(dir.path(), &dev, true).await;
@@ -51,7 +60,7 @@ async fn every_operation_over_fs() {
     assert_eq!(root, ROOT_INO);
 
     // mkdir, create, write across blocks, read with eof.
-    let (d, dattr) = nfs.mkdir(root, &name("d")).await.unwrap();
+    let (d, dattr) = nfs.mkdir(root, &name("d"), &sattr3::default()).await.unwrap();
     assert!(matches!(dattr.ftype, ftype3::NF3DIR));
     let (f, _) = nfs.create(d, &name("f"), sattr3::default()).await.unwrap();
     let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8).collect();
@@ -79,13 +88,16 @@ async fn every_operation_over_fs() {
     assert_eq!((a.mode, a.uid, a.gid, a.size), (0o600, 1000, 1001, 10));
     assert_eq!((a.atime.seconds, a.atime.nseconds, a.mtime.seconds, a.mtime.nseconds), (1_000_000, 5, 2_000_000, 7));
 
-    // CREATE UNCHECKED over an existing file applies the size; exclusive refuses it.
+    // CREATE UNCHECKED over an existing file applies the size; exclusive refuses it (no
+    // verifier of its own); an exclusive create retransmitted with its verifier answers OK.
     let truncate = sattr3 { size: set_size3::size(0), ..sattr3::default() };
     let (f2, a) = nfs.create(d, &name("f"), truncate).await.unwrap();
     assert_eq!((f2, a.size), (f, 0));
-    assert_eq!(err(nfs.create_exclusive(d, &name("f")).await), "NFS3ERR_EXIST");
-    let x = nfs.create_exclusive(d, &name("x")).await.unwrap();
+    assert_eq!(err(nfs.create_exclusive(d, &name("f"), [1; 8]).await), "NFS3ERR_EXIST");
+    let x = nfs.create_exclusive(d, &name("x"), [7; 8]).await.unwrap();
     assert_ne!(x, f);
+    assert_eq!(nfs.create_exclusive(d, &name("x"), [7; 8]).await.unwrap(), x, "a retransmission is OK");
+    assert_eq!(err(nfs.create_exclusive(d, &name("x"), [8; 8]).await), "NFS3ERR_EXIST");
     assert_eq!(err(nfs.create(root, &name("d"), sattr3::default()).await), "NFS3ERR_EXIST");
 
     // symlink + readlink; write to a directory.
@@ -93,7 +105,7 @@ async fn every_operation_over_fs() {
     assert!(matches!(la.ftype, ftype3::NF3LNK));
     assert_eq!(nfs.readlink(l).await.unwrap().0, b"f");
     assert_eq!(err(nfs.write(d, 0, b"x").await), "NFS3ERR_ISDIR");
-    assert_eq!(err(nfs.mkdir(d, &name(&"n".repeat(300))).await), "NFS3ERR_NAMETOOLONG");
+    assert_eq!(err(nfs.mkdir(d, &name(&"n".repeat(300)), &sattr3::default()).await), "NFS3ERR_NAMETOOLONG");
 
     // rename, remove (file, symlink, dir through the same call), NOTEMPTY.
     nfs.rename(d, &name("x"), root, &name("y")).await.unwrap();
@@ -126,11 +138,15 @@ async fn every_operation_over_fs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readdir_cookies_survive_changes_and_restarts() {
+    with_caller(root(), readdir_cookies_body()).await
+}
+
+async fn readdir_cookies_body() {
     let dir = tempfile::tempdir().unwrap();
     let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(256 << 20));
     let fs = open_fs(dir.path(), &dev, true).await;
     let nfs = TidepoolNfs::new(&fs, "c", Arc::new(NfsMetrics::default()));
-    let (d, _) = nfs.mkdir(ROOT_INO, &name("big")).await.unwrap();
+    let (d, _) = nfs.mkdir(ROOT_INO, &name("big"), &sattr3::default()).await.unwrap();
     for i in 0..300 {
         nfs.create(d, &name(&format!("e{i:03}")), sattr3::default()).await.unwrap();
     }
@@ -167,7 +183,7 @@ async fn readdir_cookies_survive_changes_and_restarts() {
     assert_eq!(nfs.getattr(nfs.fh_to_id(&fh).unwrap()).await.unwrap().fileid, live);
     let page = nfs.readdir(d, live, 1).await.unwrap();
     assert_eq!(page.entries[0].name.0, b"e101");
-    let gone = nfs.create_exclusive(d, &name("zz")).await.unwrap();
+    let gone = nfs.create_exclusive(d, &name("zz"), [0; 8]).await.unwrap();
     nfs.remove(d, &name("zz")).await.unwrap();
     assert_eq!(err(nfs.readdir(d, gone, 10).await), "NFS3ERR_BAD_COOKIE");
 }
