@@ -9,7 +9,9 @@
 pub mod clock;
 pub mod meta;
 pub mod raft;
+pub mod transport;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use meta::{Applied, Command, MetaError, MetaState};
 pub use raft::{MetaGroup, RaftOptions, RaftStatus, StateMachine};
+pub use transport::{Handler, Request, Response, Transport, TransportConfig, TransportError};
