@@ -334,6 +334,10 @@ impl NFSFileSystem for TidepoolNfs {
             }
             Self::check_data(&a, &cred, W)?;
             if unstable {
+                // Refused now, not at COMMIT: a spun-down fs takes no writes.
+                if fs.is_read_only() {
+                    return Err(nfsstat3::NFS3ERR_ROFS);
+                }
                 self.writes.submit(fs.clone(), id, offset, data.to_vec()).await?;
                 let mut f = self.fattr_now(&a);
                 f.size = f.size.max(offset + data.len() as u64);

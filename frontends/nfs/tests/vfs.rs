@@ -8,7 +8,7 @@ use nfsserve::nfs::{ftype3, nfsstat3, nfstime3, sattr3, set_atime, set_mode3, se
 use nfsserve::vfs::NFSFileSystem;
 use tidepool_cluster::{MetaGroup, MetaState, RaftOptions, SystemClock};
 use tidepool_fs::{Fs, FsOptions, ROOT_INO};
-use tidepool_nfs::{AuthSys, Caller, NfsMetrics, TidepoolNfs, with_caller};
+use tidepool_nfs::{AuthSys, Caller, ExportOptions, NfsMetrics, StableHow, TidepoolNfs, with_caller};
 use tidepool_spdk::device::mem::MemDevice;
 use tidepool_spdk::{BlockDevice, BlockStore, StoreOptions};
 
@@ -186,4 +186,59 @@ async fn readdir_cookies_body() {
     let gone = nfs.create_exclusive(d, &name("zz"), [0; 8]).await.unwrap();
     nfs.remove(d, &name("zz")).await.unwrap();
     assert_eq!(err(nfs.readdir(d, gone, 10).await), "NFS3ERR_BAD_COOKIE");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exports_read_only_and_spin_down_rofs() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(256 << 20));
+    let fs = open_fs(dir.path(), &dev, true).await;
+    let only2 = ExportOptions { allowed_clients: vec!["127.0.0.2/32".parse().unwrap()], ..Default::default() };
+    let nfs = TidepoolNfs::new(&fs, "c", Arc::new(NfsMetrics::default())).with_exports(only2);
+    // The address check the RPC layer asks before MOUNT and every call.
+    let from = |ip: &str| Caller { peer: format!("{ip}:900").parse().unwrap(), auth: None };
+    assert!(nfs.admit(&from("127.0.0.2")).is_ok());
+    assert_eq!(err(nfs.admit(&from("127.0.0.1"))), "NFS3ERR_ACCES");
+    assert_eq!(err(nfs.admit(&from("10.0.0.2"))), "NFS3ERR_ACCES");
+    // Outside any RPC there is no caller: refused, not treated as root.
+    assert_eq!(err(nfs.create(ROOT_INO, &name("x"), sattr3::default()).await), "NFS3ERR_ACCES");
+
+    with_caller(root(), async {
+        let nfs = TidepoolNfs::new(&fs, "c", Arc::new(NfsMetrics::default()));
+        let (f, _) = nfs.create(ROOT_INO, &name("f"), sattr3::default()).await.unwrap();
+        // UNSTABLE writes: answered UNSTABLE, seen at once by GETATTR and READ of this server.
+        let (a, how) = nfs.write_stable(f, 0, &[5; 300_000], StableHow::Unstable).await.unwrap();
+        assert_eq!((how, a.size), (StableHow::Unstable, 300_000));
+        let (a, _) = nfs.write_stable(f, 300_000, &[6; 1000], StableHow::Unstable).await.unwrap();
+        assert_eq!(a.size, 301_000);
+        assert_eq!(nfs.getattr(f).await.unwrap().size, 301_000);
+        let (got, eof) = nfs.read(f, 299_999, 10).await.unwrap();
+        assert!(got == [5, 6, 6, 6, 6, 6, 6, 6, 6, 6] && !eof);
+        nfs.commit(f, 0, 0).await.unwrap();
+        assert_eq!(fs.getattr(f).unwrap().size, 301_000, "durable in the fs after COMMIT");
+        let (_, how) = nfs.write_stable(f, 0, b"x", StableHow::DataSync).await.unwrap();
+        assert_eq!(how, StableHow::FileSync);
+
+        // Spin-down makes the fs read-only: changes answer ROFS, reads still work.
+        fs.set_read_only(true);
+        assert_eq!(err(nfs.write(f, 0, b"y").await), "NFS3ERR_ROFS");
+        assert_eq!(err(nfs.write_stable(f, 0, b"y", StableHow::Unstable).await), "NFS3ERR_ROFS");
+        assert_eq!(err(nfs.create(ROOT_INO, &name("g"), sattr3::default()).await), "NFS3ERR_ROFS");
+        assert_eq!(err(nfs.mkdir(ROOT_INO, &name("d"), &sattr3::default()).await), "NFS3ERR_ROFS");
+        assert_eq!(err(nfs.remove(ROOT_INO, &name("f")).await), "NFS3ERR_ROFS");
+        assert_eq!(nfs.read(f, 0, 1).await.unwrap().0, b"x");
+        fs.set_read_only(false);
+
+        // A read-only export: ROFS without asking the fs, ACCESS grants no change.
+        let ro = TidepoolNfs::new(&fs, "c", Arc::new(NfsMetrics::default()))
+            .with_exports(ExportOptions { read_only: true, ..Default::default() });
+        assert_eq!(err(ro.write(f, 0, b"z").await), "NFS3ERR_ROFS");
+        assert_eq!(err(ro.create(ROOT_INO, &name("g"), sattr3::default()).await), "NFS3ERR_ROFS");
+        assert_eq!(err(ro.setattr(f, sattr3 { size: set_size3::size(0), ..sattr3::default() }).await), "NFS3ERR_ROFS");
+        assert_eq!(ro.access(f, 0x3f).await.unwrap(), nfsserve::nfs::ACCESS3_READ);
+        assert_eq!(nfs.access(f, 0x3f).await.unwrap(), 0x1f & !nfsserve::nfs::ACCESS3_LOOKUP & !0x10);
+        let st = ro.fsstat(ROOT_INO).await.unwrap();
+        assert_eq!((st.tbytes, st.abytes), (fs.stat().capacity_bytes, 0));
+    })
+    .await;
 }
