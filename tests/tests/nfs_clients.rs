@@ -194,11 +194,13 @@ fn libnfs_tools_copy_list_and_share_the_namespace_with_s3() {
     assert!(std::fs::read(w.join("again.bin")).unwrap() == big, "after a restart");
     assert_eq!(ls(&up, "many/dir").len(), 300);
 
-    // Every WRITE is answered FILE_SYNC, truthfully: a file nfs-cp finished survives a SIGKILL
-    // of the server right after.
+    // nfs-cp writes UNSTABLE and sends COMMIT when it closes the file: once it has finished,
+    // the file survives a SIGKILL of the server right after.
     let c = pattern(9, 2_500_000);
     std::fs::write(w.join("c.bin"), &c).unwrap();
     ok(tool("nfs-cp", &[w.join("c.bin").to_str().unwrap(), &up.url("many/durable.bin")]));
+    assert!(metric(&up, "tidepool_nfs_ops_total{op=\"write_unstable\",status=\"ok\"}") >= 2);
+    assert!(metric(&up, "tidepool_nfs_ops_total{op=\"commit\",status=\"ok\"}") >= 1);
     let (data, work) = up.kill();
     let up = start(&data, &work);
     ok(tool("nfs-cp", &[&up.url("many/durable.bin"), w.join("c.back").to_str().unwrap()]));
