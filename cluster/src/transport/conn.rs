@@ -35,7 +35,7 @@ pub(crate) async fn dial(
         Ok(r) => r.map_err(connect_err)?,
         Err(_) => return Err(connect_err(std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))),
     };
-    s.set_nodelay(true).map_err(connect_err)?;
+    super::sockopt::tune(&s, shared.cfg.dead_peer_timeout);
     let keys = shared.keys();
     let r = match tokio::time::timeout(limit, handshake::client(&mut s, &keys, channel, expect)).await {
         Ok(r) => r,

@@ -16,7 +16,10 @@
 //! message is dropped (Raft retransmits). Each connection has a writer task fed by a channel
 //! and a reader; an inbound connection's reader spawns a task per request, at most
 //! [`TransportConfig::max_in_flight`] at a time per connection (it stops reading beyond that,
-//! which pushes back on the sender through TCP). `TCP_NODELAY` is set on every socket.
+//! which pushes back on the sender through TCP). Every socket gets `TCP_NODELAY` and
+//! kernel dead-peer detection (keepalive, `TCP_USER_TIMEOUT`; see
+//! [`TransportConfig::dead_peer_timeout`]), so a silently cut network closes the connections
+//! and a healed one is redialled within seconds.
 //!
 //! # Handshake
 //!
@@ -63,6 +66,7 @@
 mod conn;
 mod handshake;
 mod server;
+mod sockopt;
 mod wire;
 
 use std::collections::{HashMap, HashSet};
@@ -109,6 +113,9 @@ pub struct TransportConfig {
     /// Requests handled at once per inbound connection; beyond it the connection is not read.
     /// Default 64.
     pub max_in_flight: usize,
+    /// A connection whose peer stops acknowledging data or keepalive probes this long is closed
+    /// by the kernel (Linux; see `sockopt`), so a silently cut network heals promptly. Default 6 s.
+    pub dead_peer_timeout: Duration,
 }
 
 impl Default for TransportConfig {
@@ -122,6 +129,7 @@ impl Default for TransportConfig {
             connect_timeout: Duration::from_secs(1),
             data_connections: 4,
             max_in_flight: 64,
+            dead_peer_timeout: Duration::from_secs(6),
         }
     }
 }
@@ -143,7 +151,7 @@ impl TransportConfig {
                 self.data_connections, self.max_in_flight
             )));
         }
-        if self.call_timeout.is_zero() || self.connect_timeout.is_zero() {
+        if self.call_timeout.is_zero() || self.connect_timeout.is_zero() || self.dead_peer_timeout.is_zero() {
             return Err(TransportError::Config("timeouts must be non-zero".to_string()));
         }
         Ok(())
@@ -403,6 +411,17 @@ impl Transport {
                 return;
             }
         };
+        if bytes.len() > MAX_BODY_BYTES {
+            // Only a snapshot gets this big; it needs a streaming path (not built yet).
+            self.shared.counters(to).raft_dropped.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                to,
+                len = bytes.len(),
+                max = MAX_BODY_BYTES,
+                "raft message too large for one frame; dropped"
+            );
+            return;
+        }
         if let Err(e) = peer.raft_tx.try_send(bytes) {
             self.shared.counters(to).raft_dropped.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(to, error = %e, "raft queue full or closed; message dropped");

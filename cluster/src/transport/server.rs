@@ -46,7 +46,7 @@ pub(crate) async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
 async fn inbound(shared: Arc<Shared>, mut stream: TcpStream, addr: SocketAddr) {
     let _task = TaskGuard::new(&shared);
     let mut stop = shared.stop.subscribe();
-    let _ = stream.set_nodelay(true);
+    super::sockopt::tune(&stream, shared.cfg.dead_peer_timeout);
     let keys = shared.keys();
     let hs = tokio::select! {
         _ = stop.wait_for(|s| *s) => return,
