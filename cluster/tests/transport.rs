@@ -48,6 +48,9 @@ impl Handler for TestHandler {
                 tokio::time::sleep(Duration::from_millis(ms)).await;
                 (Response::Ok, Bytes::new())
             }
+            Request::Join { node_id, addr } => {
+                (Response::Joined { leader_id: 2, peers: vec![(node_id, addr)] }, Bytes::new())
+            }
             Request::PutBlock { .. } => {
                 self.puts_started.fetch_add(1, Ordering::SeqCst);
                 let delay = *self.put_delay.lock().unwrap();
@@ -253,6 +256,31 @@ async fn call_to_down_peer_fails_fast_and_reconnects() {
     b2.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn call_addr_reaches_a_node_not_in_the_address_book() {
+    let (a, _) = start(cfg(1)).await;
+    let (b, _) = start(cfg(2)).await;
+    let addr_b = b.local_addr().to_string();
+    assert!(a.peers().is_empty());
+    let err = a.call(2, Request::Ping, Bytes::new()).await.unwrap_err();
+    assert!(matches!(err, TransportError::UnknownPeer(2)), "{err}");
+    let join = Request::Join { node_id: 1, addr: a.local_addr().to_string() };
+    let (id, resp, _) = a.call_addr(&addr_b, join, Bytes::new()).await.unwrap();
+    assert_eq!(id, 2);
+    assert_eq!(resp, Response::Joined { leader_id: 2, peers: vec![(1, a.local_addr().to_string())] });
+    // Learnt from the answer, the peer goes into the book and is reachable by id.
+    a.set_peer(id, addr_b.clone());
+    assert_eq!(a.peers(), vec![(2, addr_b.clone())]);
+    assert_eq!(a.call(2, Request::Ping, Bytes::new()).await.unwrap().0, Response::Pong { node_id: 2 });
+    a.remove_peer(2);
+    assert!(matches!(a.call(2, Request::Ping, Bytes::new()).await, Err(TransportError::UnknownPeer(2))));
+    // The cut hook applies to call_addr too, once the answering id is known.
+    a.set_blocked(2, true);
+    assert!(a.call_addr(&addr_b, Request::Ping, Bytes::new()).await.is_err());
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
 async fn expect_refused(a: &Transport, b: &Transport, reason: &str) {
     let err = a.call(b.node_id(), Request::Ping, Bytes::new()).await.unwrap_err();
     match &err {
@@ -289,6 +317,20 @@ async fn other_cluster_id_is_refused_and_counted() {
     mesh(&[&a, &b]);
     expect_refused(&a, &b, "other cluster id").await;
     a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_protocol_version_is_refused_with_the_reason() {
+    let (b, _) = start(cfg(2)).await;
+    let mut s = tokio::net::TcpStream::connect(b.local_addr()).await.unwrap();
+    s.write_all(b"TPCL").await.unwrap();
+    s.write_all(&99u16.to_le_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut answer)).await.unwrap().unwrap();
+    let text = String::from_utf8_lossy(&answer);
+    assert!(text.contains("unsupported version"), "{text:?}");
+    assert!(wait_until(Duration::from_secs(2), || b.stats().refused_handshakes == 1).await);
     b.shutdown().await;
 }
 

@@ -78,6 +78,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use protobuf::Message as _;
 use tokio::sync::{Notify, watch};
+use tracing::Instrument as _;
 
 pub use handshake::Channel;
 pub use wire::{ErrKind, Frame, MAX_BODY_BYTES, MAX_HEADER_BYTES, Request, Response};
@@ -442,11 +443,12 @@ impl Transport {
             });
         }
         let after = self.shared.cfg.call_timeout;
+        let span = tracing::debug_span!("transport_call", to, kind = req.kind());
         let work = async {
             let conn = peer.data_conn(&self.shared).await?;
             conn.call(req, body).await
         };
-        tokio::time::timeout(after, work)
+        tokio::time::timeout(after, work.instrument(span))
             .await
             .unwrap_or_else(|_| Err(TransportError::Timeout { to: format!("node {to} at {}", peer.addr), after }))
     }
@@ -463,6 +465,7 @@ impl Transport {
             return Err(TransportError::Closed);
         }
         let after = self.shared.cfg.call_timeout;
+        let span = tracing::debug_span!("transport_call_addr", %addr, kind = req.kind());
         let work = async {
             let conn = DataConn::open(&self.shared, addr, None).await?;
             if self.shared.is_blocked(conn.peer_id) {
@@ -474,7 +477,7 @@ impl Transport {
             let (resp, body) = conn.call(req, body).await?;
             Ok((conn.peer_id, resp, body))
         };
-        tokio::time::timeout(after, work)
+        tokio::time::timeout(after, work.instrument(span))
             .await
             .unwrap_or_else(|_| Err(TransportError::Timeout { to: addr.to_string(), after }))
     }

@@ -132,7 +132,7 @@ async fn serve(
                 let permit = in_flight.clone().acquire_owned().await.expect("semaphore never closed");
                 let shared = shared.clone();
                 let tx = tx.clone();
-                let span = tracing::debug_span!("transport_request", id, kind = req_kind(&req));
+                let span = tracing::debug_span!("transport_request", id, kind = req.kind());
                 shared.rt.clone().spawn(
                     async move {
                         let (resp, body) = match req {
@@ -163,17 +163,4 @@ async fn serve(
         }
     }
     Ok(())
-}
-
-fn req_kind(req: &Request) -> &'static str {
-    match req {
-        Request::Ping => "ping",
-        Request::PutBlock { .. } => "put_block",
-        Request::GetBlock { .. } => "get_block",
-        Request::DeleteBlocks { .. } => "delete_blocks",
-        Request::HasBlocks { .. } => "has_blocks",
-        Request::Join { .. } => "join",
-        Request::Stats => "stats",
-        Request::Other { .. } => "other",
-    }
 }

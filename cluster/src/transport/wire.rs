@@ -52,6 +52,22 @@ pub enum Request {
     },
 }
 
+impl Request {
+    /// A short name for logs and spans.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Request::Ping => "ping",
+            Request::PutBlock { .. } => "put_block",
+            Request::GetBlock { .. } => "get_block",
+            Request::DeleteBlocks { .. } => "delete_blocks",
+            Request::HasBlocks { .. } => "has_blocks",
+            Request::Join { .. } => "join",
+            Request::Stats => "stats",
+            Request::Other { .. } => "other",
+        }
+    }
+}
+
 /// The answer to a [`Request`]. Same rule for the variant order as there.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq)]
 pub enum Response {
