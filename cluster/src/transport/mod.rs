@@ -60,6 +60,10 @@
 //! ```
 //!
 //! A frame over either bound closes the connection (the other connections are unaffected).
+//! The sender checks the bounds too ([`TransportError::TooLarge`]); a Raft message over 64 MiB
+//! (only a big snapshot can be) is dropped with an error log: large snapshots need a streaming
+//! path of their own, not built yet. A call that fails with [`TransportError::Closed`] or
+//! [`TransportError::Timeout`] may or may not have been handled by the peer.
 //! [`Request`], [`Response`] and the handshake messages are postcard enums: their variant order
 //! is the wire format; new variants go at the end, anything else bumps [`PROTOCOL_VERSION`].
 
