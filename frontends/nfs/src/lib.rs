@@ -1,6 +1,8 @@
 //! tidepool-nfs: the NFSv3 front end. `nfsserve` speaks the protocol (ONC RPC, MOUNT and NFSv3
 //! on one TCP port, no portmapper needed by clients that take ports in the URL); this crate is
 //! its `NFSFileSystem` over the `tidepool-fs` API and exports the whole namespace as `/`.
+//! `nfsserve` is forked in `nfsserve/` (see its README's NOTICE) for the hooks upstream lacks:
+//! who calls, an address check, ACCESS, COMMIT and `stable_how`, READDIR cookies, FSSTAT.
 //! It does not touch the block store or the meta group (ARCHITECTURE invariant 1) and does not
 //! pick concrete parts (the `tidepool` binary wires it).
 //!
@@ -13,20 +15,33 @@
 //!   inode is gone, or whose generation differs, is `NFS3ERR_STALE`; another filesystem's
 //!   handle too. nfsserve's default handle carries its process start time instead, which makes
 //!   every handle stale after a restart.
-//! - **Writes are stable**: `Fs::write` acknowledges only after the blocks are flushed to the
-//!   device and the extents committed to the fsync'd Raft log, so the `FILE_SYNC` that nfsserve
-//!   answers to every WRITE (whatever `stable_how` asked) is truthful: a client that gets
-//!   FILE_SYNC back never needs COMMIT. nfsserve 0.11 does not implement COMMIT (it answers
-//!   PROC_UNAVAIL), nor LINK and MKNOD.
+//! - **Exports** ([`ExportOptions`]): a client address outside the allowed CIDRs is refused at
+//!   MOUNT (MNT3ERR_ACCES) and on every NFS call but NULL (NFS3ERR_ACCES), whatever handle it
+//!   holds. Each call acts with the caller's AUTH_SYS uid/gid/gids (AUTH_NULL: the anonymous
+//!   ids; uid 0 becomes them under root squash): LOOKUP needs search on the folder, READ and
+//!   WRITE read/write on the file (its owner always may, as knfsd allows), changes to a folder
+//!   write+search on it, SETATTR the owner (or root); ACCESS answers by the same rules. New
+//!   inodes belong to the caller. A read-only export answers ROFS to every change.
+//! - **Writes**: FILE_SYNC and DATA_SYNC writes are `Fs::write`, acknowledged after the blocks
+//!   are flushed and the extents committed to the fsync'd Raft log (answered FILE_SYNC).
+//!   UNSTABLE writes are answered UNSTABLE as soon as they are queued and run in the background
+//!   (`writes.rs`); COMMIT waits for the file's pending writes. The write verifier is this
+//!   server's start time: it changes on restart, so a client resends what it had not committed.
 //! - **REMOVE and RMDIR** both reach [`NFSFileSystem::remove`] in nfsserve 0.11: the entry's
-//!   kind picks `Fs::rmdir` or `Fs::unlink`.
-//! - **READDIRPLUS cookies** are the fileid of the last entry returned (nfsserve's choice).
-//!   Listings are in name order; a cookie resumes after that entry's name, remembered from the
-//!   page that returned it (or, after a restart, found by scanning the directory). If the
-//!   entry was deleted or renamed meanwhile, the listing resumes where its old name would sort,
-//!   so no entry is returned twice and none that stayed is skipped. A cookie that names no
+//!   kind picks `Fs::rmdir` or `Fs::unlink`. LINK and MKNOD answer NOTSUPP (no hard links nor
+//!   device files in tidepool).
+//! - **CREATE EXCLUSIVE** keeps the client's verifier in an xattr (`:nfs-createverf`, not S3
+//!   metadata): a retransmission answers the file it created, another verifier EXIST.
+//! - **READDIR / READDIRPLUS cookies** are the fileid of the last entry returned (nfsserve's
+//!   choice). Listings are in name order; a cookie resumes after that entry's name, remembered
+//!   from the page that returned it (or, after a restart, found by scanning the directory). If
+//!   the entry was deleted or renamed meanwhile, the listing resumes where its old name would
+//!   sort, so no entry is returned twice and none that stayed is skipped. A cookie that names no
 //!   entry this server knows of in that directory is `NFS3ERR_BAD_COOKIE`.
-//! - **Errors**: one exhaustive `match` from `ErrorKind` to `nfsstat3` ([`nfs_status`]).
+//! - **FSSTAT** is the device's capacity and free bytes (`Fs::stat`); files are not limited by
+//!   an inode table, so the free-files figure is nominal (2^32).
+//! - **Errors**: one exhaustive `match` from `ErrorKind` to `nfsstat3` ([`nfs_status`]); a
+//!   spun-down (read-only) fs is `ErrorKind::ReadOnly` -> `NFS3ERR_ROFS`.
 
 mod exports;
 mod handle;

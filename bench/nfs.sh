@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# NFS front end side by side with NFS-Ganesha (Debian nfs-ganesha + nfs-ganesha-vfs, the VFS
+# FSAL exporting a folder on the same disk, on other ports), in one invocation (see
+# BENCHMARKS.md, "NFS front end"):
+#   1. sequential write of a SIZE_MIB file with libnfs's nfs-cp (local file -> server)
+#   2. sequential read of it with nfs-cp (server -> a file in /dev/shm)
+#   3. creation of FILES small files (CREATE + one 4 KiB WRITE FILE_SYNC each) and
+#   4. random 4 KiB reads of the big file for READ_SECS seconds,
+# 3 and 4 with one NFSv3 client library (the nfs3_client crate: bench/nfs-client) driving
+# both servers over CONNS TCP connections.
+#
+#   bench/nfs.sh                      # everything, 3 rounds (median shown)
+#   ROUNDS=1 SIZE_MIB=512 FILES=2000 bench/nfs.sh
+#   SMALL=1 bench/nfs.sh              # a quick smoke run of the harness
+#
+# Installs what it needs (apt-get: libnfs-utils, nfs-ganesha, nfs-ganesha-vfs, rpcbind),
+# builds target/release/tidepool (shared target dir) and bench/nfs-client (own target dir,
+# target/bench-nfs/client-target). Ganesha needs rpcbind: started here if none runs. Both
+# servers listen on free 127.0.0.1 ports with their data under OUT (default target/bench-nfs,
+# the same disk) and are stopped (SIGTERM to their own pids) on exit. Before each read the
+# page cache is dropped (DROP_CACHES=0 to keep it): Ganesha reads through it, tidepool's
+# io_uring engine reads the device file with O_DIRECT.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+ROUNDS=${ROUNDS:-3}
+SIZE_MIB=${SIZE_MIB:-2048}     # the sequential file
+FILES=${FILES:-10000}          # small files per round
+FILE_BYTES=${FILE_BYTES:-4096}
+CONNS=${CONNS:-16}             # connections of the client library (small files, random reads)
+READ_SECS=${READ_SECS:-15}     # random-read run length
+DROP_CACHES=${DROP_CACHES:-1}
+QUIET_LOAD=${QUIET_LOAD:-1.5}  # wait (up to 10 min) for the 1-minute load to fall below this
+OUT=${OUT:-$ROOT/target/bench-nfs}
+TP=${TP_BIN:-}
+if [ "${SMALL:-0}" = 1 ]; then ROUNDS=1; SIZE_MIB=64; FILES=300; READ_SECS=2; fi
+
+mkdir -p "$OUT"
+log() { echo "[$(date +%T)] $*" >&2; }
+need() { command -v "$1" >/dev/null || { log "installing $2"; apt-get update -qq; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$2" >/dev/null; }; }
+need nfs-cp libnfs-utils
+need rpcbind rpcbind
+need ganesha.nfsd nfs-ganesha
+dpkg -s nfs-ganesha-vfs >/dev/null 2>&1 || { log "installing nfs-ganesha-vfs"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nfs-ganesha-vfs >/dev/null; }
+
+if [ -z "$TP" ]; then
+  log "building target/release/tidepool"
+  cargo build --release -p tidepool 2>&1 | tail -1
+  TP=$ROOT/target/release/tidepool
+fi
+log "building bench/nfs-client (nfs3_client; own target dir)"
+(cd bench/nfs-client && CARGO_TARGET_DIR=$OUT/client-target cargo build --release 2>&1 | tail -1)
+CLIENT=$OUT/client-target/release/nfs-bench-client
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+PIDS=()
+cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+trap cleanup EXIT
+
+wait_quiet() {
+  for _ in $(seq 60); do
+    awk -v q="$QUIET_LOAD" '{exit !($1 < q)}' /proc/loadavg && return 0
+    sleep 10
+  done
+  log "load still $(cut -d' ' -f1 /proc/loadavg) after 10 min: measuring anyway"
+}
+
+# ---------- servers ----------
+TP_PORT=$(free_port); TP_HTTP=$(free_port); TP_S3=$(free_port)
+G_PORT=$(free_port); G_MNT=$(free_port)
+rm -rf "$OUT/tp-data" "$OUT/ganesha"
+mkdir -p "$OUT/ganesha/export" "$OUT/ganesha/recovery"
+DEVICE_GIB=$(( (SIZE_MIB * ROUNDS + 1023) / 1024 + 4 ))
+log "starting tidepool up (nfs 127.0.0.1:$TP_PORT, device ${DEVICE_GIB}GiB under $OUT/tp-data)"
+TIDEPOOL_DEVICE_SIZE=${DEVICE_GIB}GiB TIDEPOOL_NFS_LISTEN=127.0.0.1:$TP_PORT \
+  TIDEPOOL_HTTP_LISTEN=127.0.0.1:$TP_HTTP TIDEPOOL_S3_LISTEN=127.0.0.1:$TP_S3 \
+  TIDEPOOL_S3_ACCESS_KEY_ID=BENCHNFSACCESSKEY001 TIDEPOOL_S3_SECRET_ACCESS_KEY=benchnfssecret0123456789abcdefghij \
+  "$TP" --data-dir "$OUT/tp-data" up >"$OUT/tidepool.log" 2>&1 &
+PIDS+=($!)
+if ! pgrep -x rpcbind >/dev/null; then
+  log "starting rpcbind (Ganesha registers with it)"
+  rpcbind -f -w >"$OUT/rpcbind.log" 2>&1 &
+  PIDS+=($!)
+  sleep 1
+fi
+cat >"$OUT/ganesha/ganesha.conf" <<EOF
+NFS_CORE_PARAM { Protocols = 3, 4; Bind_addr = 127.0.0.1; NFS_Port = $G_PORT; MNT_Port = $G_MNT;
+  Enable_NLM = false; Enable_RQUOTA = false; Enable_UDP = false; mount_path_pseudo = false; }
+NFSV4 { Graceless = true; RecoveryRoot = $OUT/ganesha/recovery; }
+EXPORT { Export_Id = 1; Path = $OUT/ganesha/export; Pseudo = /export; Access_Type = RW;
+  Squash = No_Root_Squash; SecType = sys; Protocols = 3, 4; Transports = TCP; FSAL { Name = VFS; } }
+LOG { Default_Log_Level = WARN; }
+EOF
+log "starting ganesha.nfsd (nfs 127.0.0.1:$G_PORT, mount $G_MNT, export $OUT/ganesha/export)"
+ganesha.nfsd -F -f "$OUT/ganesha/ganesha.conf" -L "$OUT/ganesha/ganesha.log" -p "$OUT/ganesha/ganesha.pid" &
+PIDS+=($!)
+
+declare -A PORT=([tidepool]=$TP_PORT [ganesha]=$G_PORT)
+declare -A MNT=([tidepool]=$TP_PORT [ganesha]=$G_MNT)
+declare -A EXP=([tidepool]=/ [ganesha]=$OUT/ganesha/export)
+url() { # server, file at the export's top
+  # libnfs takes the export as the path up to the last `/`: tidepool's top is nfs://host//file
+  echo "nfs://127.0.0.1${EXP[$1]}/$2?nfsport=${PORT[$1]}&mountport=${MNT[$1]}"
+}
+for s in tidepool ganesha; do
+  for _ in $(seq 100); do nfs-ls "$(url $s '')" >/dev/null 2>&1 && break; sleep 0.2; done
+  nfs-ls "$(url $s '')" >/dev/null || { log "$s does not answer"; tail -20 "$OUT/$s.log" "$OUT/ganesha/ganesha.log" 2>/dev/null; exit 1; }
+done
+
+SRC=$OUT/src-${SIZE_MIB}MiB.bin
+[ -s "$SRC" ] || { log "making $SRC"; head -c $((SIZE_MIB << 20)) /dev/urandom >"$SRC"; }
+
+# nfs-cp cannot write to /dev/null: reads land in a tmpfs file (memory), removed after each.
+SINK=${SINK:-/dev/shm/tidepool-bench-nfs-read.bin}
+drop() { if [ "$DROP_CACHES" = 1 ]; then sync; echo 3 >/proc/sys/vm/drop_caches; fi; }
+secs() { local t0=$1; python3 -c "import time; print(f'{time.time()-$t0:.3f}')"; }
+now() { python3 -c 'import time; print(time.time())'; }
+
+RES=$OUT/results.txt
+: >"$RES"
+for r in $(seq "$ROUNDS"); do
+  for s in tidepool ganesha; do
+    wait_quiet
+    log "round $r $s: nfs-cp write ${SIZE_MIB} MiB"
+    drop; t=$(now); nfs-cp "$SRC" "$(url $s big-$r.bin)" >/dev/null; w=$(secs "$t")
+    log "round $r $s: nfs-cp read"
+    drop; t=$(now); nfs-cp "$(url $s big-$r.bin)" "$SINK" >/dev/null; rd=$(secs "$t"); rm -f "$SINK"
+    echo "round=$r server=$s op=seq_write mib_per_sec=$(python3 -c "print(f'{$SIZE_MIB/$w:.0f}')") secs=$w" | tee -a "$RES"
+    echo "round=$r server=$s op=seq_read mib_per_sec=$(python3 -c "print(f'{$SIZE_MIB/$rd:.0f}')") secs=$rd" | tee -a "$RES"
+    log "round $r $s: $FILES small files"
+    echo "round=$r server=$s $("$CLIENT" small 127.0.0.1 "${PORT[$s]}" "${MNT[$s]}" "${EXP[$s]}" "small-$r" "$FILES" "$FILE_BYTES" "$CONNS")" | tee -a "$RES"
+    log "round $r $s: random 4 KiB reads"
+    drop
+    echo "round=$r server=$s $("$CLIENT" randread 127.0.0.1 "${PORT[$s]}" "${MNT[$s]}" "${EXP[$s]}" "big-$r.bin" "$READ_SECS" 4096 "$CONNS")" | tee -a "$RES"
+  done
+done
+
+# ---------- table: median of the rounds ----------
+python3 - "$RES" "$SIZE_MIB" "$FILES" "$CONNS" <<'EOF'
+import sys, statistics, collections
+res, size, files, conns = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+v = collections.defaultdict(list)
+for line in open(res):
+    kv = dict(f.split("=", 1) for f in line.split())
+    key = {"seq_write": "mib_per_sec", "seq_read": "mib_per_sec", "small": "files_per_sec", "randread": "iops"}[kv["op"]]
+    v[(kv["op"], kv["server"])].append(float(kv[key]))
+    if kv["op"] == "randread":
+        v[("randread_p99", kv["server"])].append(float(kv["p99_ms"]))
+rows = [("seq_write", f"sequential write {size} MiB, nfs-cp (MiB/s)"),
+        ("seq_read", f"sequential read {size} MiB, nfs-cp (MiB/s)"),
+        ("small", f"create {files} x 4 KiB files, nfs3_client x{conns} (files/s)"),
+        ("randread", f"random 4 KiB reads, nfs3_client x{conns} (IOPS)"),
+        ("randread_p99", "  p99 latency of those reads (ms)")]
+print(f"\n| case | tidepool | NFS-Ganesha 4 (VFS) | tidepool / Ganesha |\n|---|---:|---:|---:|")
+for op, label in rows:
+    t, g = v.get((op, "tidepool")), v.get((op, "ganesha"))
+    if not t or not g:
+        continue
+    mt, mg = statistics.median(t), statistics.median(g)
+    fmt = (lambda x: f"{x:.2f}") if op == "randread_p99" else (lambda x: f"{x:.0f}")
+    ratio = f"{mt / mg:.2f}" if mg else "-"
+    print(f"| {label} | {fmt(mt)} | {fmt(mg)} | {ratio} |")
+print(f"\n(median of {len(v[('seq_write', 'tidepool')])} rounds; every figure in {res})")
+EOF
