@@ -27,6 +27,8 @@
 //!   UNSTABLE writes are answered UNSTABLE as soon as they are queued and run in the background
 //!   (`writes.rs`); COMMIT waits for the file's pending writes. The write verifier is this
 //!   server's start time: it changes on restart, so a client resends what it had not committed.
+//! - **Sequential READs** read the next range ahead (`readahead.rs`), used only if the file's
+//!   ctime and size are unchanged when the next READ asks for it.
 //! - **REMOVE and RMDIR** both reach [`NFSFileSystem::remove`] in nfsserve 0.11: the entry's
 //!   kind picks `Fs::rmdir` or `Fs::unlink`. LINK and MKNOD answer NOTSUPP (no hard links nor
 //!   device files in tidepool).
@@ -46,6 +48,7 @@
 mod exports;
 mod handle;
 mod metrics;
+mod readahead;
 mod vfs;
 mod writes;
 
@@ -77,6 +80,7 @@ pub struct TidepoolNfs {
     cookies: Mutex<HashMap<u64, (u64, Vec<u8>)>>,
     exports: ExportOptions,
     writes: Arc<writes::WriteBehind>,
+    readahead: readahead::ReadAhead,
     /// WRITE/COMMIT verifier: this server's start time, so it changes on every restart.
     verifier: [u8; 8],
 }
@@ -92,6 +96,7 @@ impl TidepoolNfs {
             cookies: Mutex::new(HashMap::new()),
             exports: ExportOptions::default(),
             writes: Arc::new(writes::WriteBehind::default()),
+            readahead: readahead::ReadAhead::default(),
             verifier: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_nanos() as u64)

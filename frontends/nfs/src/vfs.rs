@@ -434,9 +434,13 @@ impl NFSFileSystem for TidepoolNfs {
             let fs = self.fs()?;
             Self::check_data(&fs.getattr(id).map_err(map_err)?, &cred, R)?;
             self.writes.drain(id).await;
-            let data = fs.read(id, offset, count as usize).await.map_err(map_err)?;
-            let size = fs.getattr(id).map_err(map_err)?.size;
-            let eof = offset + data.len() as u64 >= size;
+            // The attributes after the pending writes: the size for eof, the stamp for read-ahead.
+            let a = fs.getattr(id).map_err(map_err)?;
+            if a.kind != InodeKind::File {
+                return Err(if a.kind == InodeKind::Dir { nfsstat3::NFS3ERR_ISDIR } else { nfsstat3::NFS3ERR_INVAL });
+            }
+            let data = self.readahead.read(&fs, &a, offset, count as usize).await.map_err(map_err)?;
+            let eof = offset + data.len() as u64 >= a.size;
             Ok((data, eof))
         }
         .await;

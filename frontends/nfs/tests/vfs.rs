@@ -242,3 +242,36 @@ async fn exports_read_only_and_spin_down_rofs() {
     })
     .await;
 }
+
+/// Sequential READs are read ahead; a range read ahead is never served once the file changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_ahead_never_serves_stale_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(256 << 20));
+    let fs = open_fs(dir.path(), &dev, true).await;
+    with_caller(root(), async {
+        let nfs = TidepoolNfs::new(&fs, "c", Arc::new(NfsMetrics::default()));
+        let (f, _) = nfs.create(ROOT_INO, &name("seq"), sattr3::default()).await.unwrap();
+        const C: usize = 100_000;
+        let data: Vec<u8> = (0..6 * C).map(|i| (i % 253) as u8).collect();
+        nfs.write(f, 0, &data).await.unwrap();
+        // Chunks 0 and 1 in order (chunk 2 is then read ahead), then chunk 2 changes behind
+        // NFS's back (as an S3 or `tidepool fs` write would): the READ sees the new bytes.
+        for i in 0..2 {
+            assert_eq!(nfs.read(f, (i * C) as u64, C as u32).await.unwrap().0, data[i * C..(i + 1) * C]);
+        }
+        fs.write(f, 2 * C as u64, &[9; C]).await.unwrap();
+        assert_eq!(nfs.read(f, 2 * C as u64, C as u32).await.unwrap().0, vec![9; C]);
+        // Unchanged, the rest reads as written, up to eof.
+        for i in 3..6 {
+            let (got, eof) = nfs.read(f, (i * C) as u64, C as u32).await.unwrap();
+            assert!(got == data[i * C..(i + 1) * C] && eof == (i == 5), "chunk {i}");
+        }
+        // A SETATTR truncation between sequential READs: the short tail, not the old bytes.
+        nfs.read(f, 0, C as u32).await.unwrap();
+        nfs.setattr(f, sattr3 { size: set_size3::size((C + 10) as u64), ..sattr3::default() }).await.unwrap();
+        let (got, eof) = nfs.read(f, C as u64, C as u32).await.unwrap();
+        assert!(got == data[C..C + 10] && eof);
+    })
+    .await;
+}
