@@ -127,9 +127,17 @@ pub async fn write_fragment(socket: &mut tokio::net::TcpStream, buf: &[u8]) -> R
     // set the last flag
     let fragment_header = buf.len() as u32 + (1 << 31);
     let header_buf = u32::to_be_bytes(fragment_header);
-    socket.write_all(&header_buf).await?;
     trace!("Writing fragment length:{}", buf.len());
-    socket.write_all(buf).await?;
+    // tidepool fork: a small reply goes out in one write (one segment), not header then body.
+    if buf.len() <= 64 << 10 {
+        let mut one = Vec::with_capacity(4 + buf.len());
+        one.extend_from_slice(&header_buf);
+        one.extend_from_slice(buf);
+        socket.write_all(&one).await?;
+    } else {
+        socket.write_all(&header_buf).await?;
+        socket.write_all(buf).await?;
+    }
     Ok(())
 }
 
