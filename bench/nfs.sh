@@ -31,7 +31,7 @@ FILE_BYTES=${FILE_BYTES:-4096}
 CONNS=${CONNS:-16}             # connections of the client library (small files, random reads)
 READ_SECS=${READ_SECS:-15}     # random-read run length
 DROP_CACHES=${DROP_CACHES:-1}
-QUIET_LOAD=${QUIET_LOAD:-1.5}  # wait (up to 10 min) for the 1-minute load to fall below this
+QUIET_LOAD=${QUIET_LOAD:-1.5}  # wait for the 1-minute load to fall below this (10 min at start, 1 min per run)
 OUT=${OUT:-$ROOT/target/bench-nfs}
 TP=${TP_BIN:-}
 if [ "${SMALL:-0}" = 1 ]; then ROUNDS=1; SIZE_MIB=64; FILES=300; READ_SECS=2; fi
@@ -58,12 +58,12 @@ PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
 
-wait_quiet() {
-  for _ in $(seq 60); do
+wait_quiet() { # up to $1 seconds
+  for _ in $(seq $(( $1 / 10 ))); do
     awk -v q="$QUIET_LOAD" '{exit !($1 < q)}' /proc/loadavg && return 0
     sleep 10
   done
-  log "load still $(cut -d' ' -f1 /proc/loadavg) after 10 min: measuring anyway"
+  log "load still $(cut -d' ' -f1 /proc/loadavg) after $1 s: measuring anyway"
 }
 
 # ---------- servers ----------
@@ -119,9 +119,11 @@ now() { python3 -c 'import time; print(time.time())'; }
 
 RES=$OUT/results.txt
 : >"$RES"
+wait_quiet 600
 for r in $(seq "$ROUNDS"); do
   for s in tidepool ganesha; do
-    wait_quiet
+    wait_quiet 60
+    echo "round=$r server=$s op=load load1=$(cut -d' ' -f1 /proc/loadavg)" >>"$RES"
     log "round $r $s: nfs-cp write ${SIZE_MIB} MiB"
     drop; t=$(now); nfs-cp "$SRC" "$(url $s big-$r.bin)" >/dev/null; w=$(secs "$t")
     log "round $r $s: nfs-cp read"
@@ -143,6 +145,8 @@ res, size, files, conns = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 v = collections.defaultdict(list)
 for line in open(res):
     kv = dict(f.split("=", 1) for f in line.split())
+    if kv["op"] == "load":
+        continue
     key = {"seq_write": "mib_per_sec", "seq_read": "mib_per_sec", "small": "files_per_sec", "randread": "iops"}[kv["op"]]
     v[(kv["op"], kv["server"])].append(float(kv[key]))
     if kv["op"] == "randread":
