@@ -53,9 +53,17 @@ log "building bench/nfs-client (nfs3_client; own target dir)"
 (cd bench/nfs-client && CARGO_TARGET_DIR=$OUT/client-target cargo build --release 2>&1 | tail -1)
 CLIENT=$OUT/client-target/release/nfs-bench-client
 
+# nfs-cp cannot write to /dev/null: reads land in a tmpfs file (memory), removed after each.
+SINK=${SINK:-/dev/shm/tidepool-bench-nfs-read.bin}
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PIDS=()
-cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -f "$SINK"
+  # The servers' data (a device file of several GiB) goes; KEEP_DATA=1 keeps it.
+  [ "${KEEP_DATA:-0}" = 1 ] || rm -rf "$OUT/tp-data" "$OUT/ganesha/export"
+}
 trap cleanup EXIT
 
 wait_quiet() { # up to $1 seconds
@@ -71,7 +79,8 @@ TP_PORT=$(free_port); TP_HTTP=$(free_port); TP_S3=$(free_port)
 G_PORT=$(free_port); G_MNT=$(free_port)
 rm -rf "$OUT/tp-data" "$OUT/ganesha"
 mkdir -p "$OUT/ganesha/export" "$OUT/ganesha/recovery"
-DEVICE_GIB=$(( (SIZE_MIB * ROUNDS + 1023) / 1024 + 4 ))
+# One big file at a time (each round's is removed after it); room for two, and the small files.
+DEVICE_GIB=$(( (2 * SIZE_MIB + 1023) / 1024 + 2 ))
 log "starting tidepool up (nfs 127.0.0.1:$TP_PORT, device ${DEVICE_GIB}GiB under $OUT/tp-data)"
 TIDEPOOL_DEVICE_SIZE=${DEVICE_GIB}GiB TIDEPOOL_NFS_LISTEN=127.0.0.1:$TP_PORT \
   TIDEPOOL_HTTP_LISTEN=127.0.0.1:$TP_HTTP TIDEPOOL_S3_LISTEN=127.0.0.1:$TP_S3 \
@@ -111,8 +120,6 @@ done
 SRC=$OUT/src-${SIZE_MIB}MiB.bin
 [ -s "$SRC" ] || { log "making $SRC"; head -c $((SIZE_MIB << 20)) /dev/urandom >"$SRC"; }
 
-# nfs-cp cannot write to /dev/null: reads land in a tmpfs file (memory), removed after each.
-SINK=${SINK:-/dev/shm/tidepool-bench-nfs-read.bin}
 drop() { if [ "$DROP_CACHES" = 1 ]; then sync; echo 3 >/proc/sys/vm/drop_caches; fi; }
 secs() { local t0=$1; python3 -c "import time; print(f'{time.time()-$t0:.3f}')"; }
 now() { python3 -c 'import time; print(time.time())'; }
@@ -135,6 +142,7 @@ for r in $(seq "$ROUNDS"); do
     log "round $r $s: random 4 KiB reads"
     drop
     echo "round=$r server=$s $("$CLIENT" randread 127.0.0.1 "${PORT[$s]}" "${MNT[$s]}" "${EXP[$s]}" "big-$r.bin" "$READ_SECS" 4096 "$CONNS")" | tee -a "$RES"
+    "$CLIENT" rm 127.0.0.1 "${PORT[$s]}" "${MNT[$s]}" "${EXP[$s]}" "big-$r.bin"   # disk space
   done
 done
 

@@ -2,6 +2,7 @@
 //!
 //!   nfs-bench-client small    HOST PORT MOUNTPORT EXPORT DIR FILES SIZE CONNS
 //!   nfs-bench-client randread HOST PORT MOUNTPORT EXPORT FILE SECS BLOCK CONNS
+//!   nfs-bench-client rm       HOST PORT MOUNTPORT EXPORT FILE
 //!
 //! `small` makes folder DIR at the export's top, then FILES files of SIZE bytes in it, each
 //! CREATE (GUARDED, 0644) + one WRITE FILE_SYNC (what a Linux client sends for a small file at
@@ -67,12 +68,23 @@ fn pct(lat: &mut [f64], p: f64) -> f64 {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() {
     let a: Vec<String> = std::env::args().collect();
-    let usage = "usage: small HOST PORT MOUNTPORT EXPORT DIR FILES SIZE CONNS | randread HOST PORT MOUNTPORT EXPORT FILE SECS BLOCK CONNS";
-    if a.len() != 10 {
+    let usage = "usage: small HOST PORT MOUNTPORT EXPORT DIR FILES SIZE CONNS | randread HOST PORT MOUNTPORT EXPORT FILE SECS BLOCK CONNS | rm HOST PORT MOUNTPORT EXPORT FILE";
+    if a.len() != 10 && !(a.len() == 7 && a[1] == "rm") {
         eprintln!("{usage}");
         std::process::exit(2);
     }
     let (host, port, mport, export) = (a[2].clone(), a[3].parse::<u16>().unwrap(), a[4].parse::<u16>().unwrap(), a[5].clone());
+    if a[1] == "rm" {
+        let root = mount(&host, mport, &export).await;
+        let mut c = client(&host, port).await;
+        let (dir, file) = a[6].rsplit_once('/').unwrap_or(("", &a[6]));
+        let dir_fh = lookup_path(&mut c, root, dir).await;
+        let r = c.remove(&REMOVE3args { object: diropargs3 { dir: dir_fh, name: name(file) } }).await.expect("REMOVE rpc");
+        if let Nfs3Result::Err((st, _)) = r {
+            panic!("REMOVE {}: {st:?}", a[6]);
+        }
+        return;
+    }
     let n: [u64; 3] = [a[7].parse().unwrap(), a[8].parse().unwrap(), a[9].parse().unwrap()];
     let root = mount(&host, mport, &export).await;
     match a[1].as_str() {
