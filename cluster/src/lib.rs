@@ -13,5 +13,5 @@ pub mod transport;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use meta::{Applied, Command, MetaError, MetaState};
-pub use raft::{MetaGroup, RaftOptions, RaftStatus, StateMachine};
+pub use raft::{MetaGroup, RaftError, RaftInbox, RaftNet, RaftOptions, RaftStatus, StateMachine};
 pub use transport::{Handler, Request, Response, Transport, TransportConfig, TransportError};

@@ -239,10 +239,10 @@ async fn unknown_versions_are_errors() {
     set_version("raft.log", 1);
     set_version("snapshot.tpsn", 7);
     match open_err(dir.path()) {
-        RaftError::UnsupportedVersion { found: 7, supported: 1 } => {}
+        RaftError::UnsupportedVersion { found: 7, supported: 2 } => {}
         e => panic!("expected UnsupportedVersion for the snapshot, got {e}"),
     }
-    set_version("snapshot.tpsn", 1);
+    set_version("snapshot.tpsn", 2);
     let g = open(dir.path(), 1 << 20);
     assert_eq!(g.read(|s| s.map.len()), 5);
     g.shutdown().await.expect("shutdown");

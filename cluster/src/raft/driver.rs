@@ -13,23 +13,36 @@ use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
-use raft::eraftpb::{ConfState, HardState};
+use raft::eraftpb::{ConfChangeV2, ConfState, HardState, Message};
 use raft::{Config, RawNode};
 use tokio::sync::oneshot;
 
 use super::log::LogFile;
 use super::node::{Node, Reply};
+use super::sessions::{self, Sessions};
 use super::snapfile::{self, SnapshotFile};
 use super::storage::MemLog;
-use super::{RaftError, RaftOptions, RaftStatus, StateMachine};
+use super::{Observer, RaftError, RaftNet, RaftOptions, RaftStatus, StateMachine};
 
 /// Most messages taken from the queue before handling a `Ready`.
 const MAX_BATCH: usize = 4096;
 
 enum Msg<S: StateMachine> {
-    Propose { data: Vec<u8>, reply: Reply<S::Output> },
+    Propose {
+        data: Vec<u8>,
+        reply: Reply<S::Output>,
+    },
+    Raft(Message),
+    Conf {
+        cc: ConfChangeV2,
+        reply: Reply<()>,
+    },
+    ReadIndex(Reply<()>),
     Snapshot(Reply<()>),
     Shutdown(Reply<()>),
+    /// The handle was dropped (the transport may still hold senders, so the channel does not
+    /// disconnect by itself).
+    Close,
 }
 
 /// The async-facing handle. Dropping it stops the driver thread (and waits for it).
@@ -38,12 +51,18 @@ pub(crate) struct Handle<S: StateMachine> {
     thread: Option<JoinHandle<()>>,
     state: Arc<RwLock<S>>,
     status: Arc<Mutex<RaftStatus>>,
+    observer: Arc<Mutex<Option<Observer<S::Output>>>>,
 }
 
 impl<S: StateMachine> Handle<S> {
-    pub(crate) fn open(dir: &Path, opts: RaftOptions, initial: S) -> Result<Self, RaftError> {
+    pub(crate) fn open(
+        dir: &Path,
+        opts: RaftOptions,
+        initial: S,
+        net: Option<Arc<dyn RaftNet>>,
+    ) -> Result<Self, RaftError> {
         std::fs::create_dir_all(dir).map_err(super::durable::io_err(dir))?;
-        let mut node = load(dir, &opts, initial)?;
+        let mut node = load(dir, &opts, initial, net)?;
         node.drain_ready()?;
         let voters = node.raw.raft.prs().conf().to_conf_state().voters;
         if voters == [opts.node_id] {
@@ -60,13 +79,40 @@ impl<S: StateMachine> Handle<S> {
         );
         let state = node.state_handle();
         let status = node.status_handle();
+        let observer = node.observer_handle();
         let (tx, rx) = mpsc::channel();
         let tick = opts.tick;
         let thread = std::thread::Builder::new()
             .name(format!("tidepool-raft-{}", opts.node_id))
             .spawn(move || run(node, rx, tick))
             .map_err(super::durable::io_err(dir))?;
-        Ok(Handle { tx: Some(tx), thread: Some(thread), state, status })
+        Ok(Handle { tx: Some(tx), thread: Some(thread), state, status, observer })
+    }
+
+    /// A function that hands a peer's message to the driver (a no-op once it stopped).
+    pub(crate) fn raft_sink(&self) -> Arc<dyn Fn(Message) + Send + Sync> {
+        let tx = self.tx.clone();
+        Arc::new(move |m| {
+            if let Some(tx) = &tx {
+                let _ = tx.send(Msg::Raft(m));
+            }
+        })
+    }
+
+    pub(crate) async fn read_barrier(&self) -> Result<(), RaftError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Msg::ReadIndex(reply))?;
+        rx.await.unwrap_or(Err(RaftError::Stopped))
+    }
+
+    pub(crate) async fn conf_change(&self, cc: ConfChangeV2) -> Result<(), RaftError> {
+        let (reply, rx) = oneshot::channel();
+        self.send(Msg::Conf { cc, reply })?;
+        rx.await.unwrap_or(Err(RaftError::Stopped))
+    }
+
+    pub(crate) fn set_observer(&self, f: Observer<S::Output>) {
+        *self.observer.lock().unwrap_or_else(PoisonError::into_inner) = Some(f);
     }
 
     pub(crate) async fn propose(&self, cmd: S::Command) -> Result<S::Output, RaftError> {
@@ -114,9 +160,12 @@ impl<S: StateMachine> Handle<S> {
 
 impl<S: StateMachine> Drop for Handle<S> {
     fn drop(&mut self) {
-        // Closing the channel makes the thread finish its round, flush and return; waiting
-        // for it guarantees the log file is closed before the directory is opened again.
-        self.tx = None;
+        // `Close` makes the thread finish its round, flush and return (the channel itself may
+        // stay open: the transport's inbox holds a sender); waiting for it guarantees the log
+        // file is closed before the directory is opened again.
+        if let Some(tx) = self.tx.take() {
+            let _ = tx.send(Msg::Close);
+        }
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
@@ -124,15 +173,24 @@ impl<S: StateMachine> Drop for Handle<S> {
 }
 
 /// Loads snapshot and log from `dir` and builds the node (not yet caught up).
-fn load<S: StateMachine>(dir: &Path, opts: &RaftOptions, initial: S) -> Result<Node<S>, RaftError> {
-    let (snapshot, state) = match snapfile::read(dir)? {
+fn load<S: StateMachine>(
+    dir: &Path,
+    opts: &RaftOptions,
+    initial: S,
+    net: Option<Arc<dyn RaftNet>>,
+) -> Result<Node<S>, RaftError> {
+    let (snapshot, state, sessions) = match snapfile::read(dir)? {
         Some(file) => {
-            let state = S::restore(&file.data).map_err(RaftError::Snapshot)?;
-            (SnapshotFile { data: Vec::new(), ..file }, state)
+            let (sessions, bytes) = sessions::decode_payload(&file.data).map_err(RaftError::Snapshot)?;
+            let state = S::restore(bytes).map_err(RaftError::Snapshot)?;
+            (SnapshotFile { data: Vec::new(), ..file }, state, sessions)
         }
         None => {
-            let conf_state = ConfState { voters: vec![opts.node_id], ..Default::default() };
-            (SnapshotFile { conf_state, ..Default::default() }, initial)
+            // A new group of one is its own only voter; a joining node starts with none and
+            // learns the membership from the leader's snapshot.
+            let voters = if opts.join { Vec::new() } else { vec![opts.node_id] };
+            let conf_state = ConfState { voters, ..Default::default() };
+            (SnapshotFile { conf_state, ..Default::default() }, initial, Sessions::default())
         }
     };
     let (log, replayed) = LogFile::open(dir, snapshot.index)?;
@@ -162,7 +220,7 @@ fn load<S: StateMachine>(dir: &Path, opts: &RaftOptions, initial: S) -> Result<N
     let logger = slog::Logger::root(slog::Discard, slog::o!());
     let raw = RawNode::new(&cfg, storage, &logger)?;
     let state = Arc::new(RwLock::new(state));
-    Ok(Node::new(raw, dir.to_path_buf(), opts.clone(), log, state, snapshot.index))
+    Ok(Node::new(raw, dir.to_path_buf(), opts.clone(), log, state, sessions, snapshot.index, net))
 }
 
 /// How the loop ended.
@@ -177,6 +235,7 @@ enum Stop {
 struct Round {
     snapshot_requests: Vec<Reply<()>>,
     shutdown: Option<Reply<()>>,
+    closed: bool,
 }
 
 /// The driver thread's loop.
@@ -188,7 +247,7 @@ fn run<S: StateMachine>(mut node: Node<S>, rx: mpsc::Receiver<Msg<S>>, tick: std
             Ok(msg) => {
                 take(&mut node, &mut round, msg);
                 for _ in 1..MAX_BATCH {
-                    if round.shutdown.is_some() {
+                    if round.shutdown.is_some() || round.closed {
                         break;
                     }
                     match rx.try_recv() {
@@ -202,12 +261,17 @@ fn run<S: StateMachine>(mut node: Node<S>, rx: mpsc::Receiver<Msg<S>>, tick: std
         }
         if Instant::now() >= next_tick {
             node.raw.tick();
+            node.on_tick();
             next_tick = Instant::now() + tick;
         }
+        node.flush_reads();
         if let Err(e) = round_work(&mut node, &mut round) {
             break Stop::Failed(e);
         }
         node.publish_status();
+        if round.closed {
+            break Stop::Dropped;
+        }
         if let Some(reply) = round.shutdown {
             break Stop::Shutdown(reply);
         }
@@ -218,8 +282,12 @@ fn run<S: StateMachine>(mut node: Node<S>, rx: mpsc::Receiver<Msg<S>>, tick: std
 fn take<S: StateMachine>(node: &mut Node<S>, round: &mut Round, msg: Msg<S>) {
     match msg {
         Msg::Propose { data, reply } => node.propose(data, reply),
+        Msg::Raft(m) => node.step(m),
+        Msg::Conf { cc, reply } => node.propose_conf(cc, reply),
+        Msg::ReadIndex(reply) => node.read_index(reply),
         Msg::Snapshot(reply) => round.snapshot_requests.push(reply),
         Msg::Shutdown(reply) => round.shutdown = Some(reply),
+        Msg::Close => round.closed = true,
     }
 }
 

@@ -5,7 +5,8 @@
 //! ```text
 //! "TPSN" | version u32 | index u64 | term u64
 //!        | conf_len u32 | conf_state[conf_len] (protobuf eraftpb::ConfState)
-//!        | data_len u64 | data[data_len]       (StateMachine::snapshot bytes)
+//!        | data_len u64 | data[data_len]       (v2: the driver's payload, see sessions::encode_payload;
+//!                                               v1: StateMachine::snapshot bytes alone)
 //!        | crc32c u32 over everything before it
 //! ```
 //!
@@ -22,7 +23,9 @@ use super::durable::{io_err, replace_file};
 
 pub(crate) const SNAPSHOT_FILE: &str = "snapshot.tpsn";
 pub(crate) const SNAPSHOT_MAGIC: &[u8; 4] = b"TPSN";
-pub(crate) const SNAPSHOT_VERSION: u32 = 1;
+/// v2 (multi-node): `data` carries the session table before the state; v1 files (the state
+/// alone) are read as v2 with no sessions.
+pub(crate) const SNAPSHOT_VERSION: u32 = 2;
 
 /// A snapshot as stored on disk.
 #[derive(Debug, Clone, Default)]
@@ -66,7 +69,7 @@ impl SnapshotFile {
             return Err(bad(0, "bad snapshot magic"));
         }
         let found = r.u32().ok_or_else(|| bad(4, "short snapshot header"))?;
-        if found != SNAPSHOT_VERSION {
+        if found != SNAPSHOT_VERSION && found != 1 {
             return Err(RaftError::UnsupportedVersion { found, supported: SNAPSHOT_VERSION });
         }
         if buf.len() < 4 {
@@ -86,10 +89,15 @@ impl SnapshotFile {
         let conf_state = ConfState::parse_from_bytes(conf)
             .map_err(|e| bad(r.off, &format!("snapshot conf state does not decode: {e}")))?;
         let data_len = usize::try_from(r.u64().ok_or_else(short)?).map_err(|_| short())?;
-        let data = r.take(data_len).ok_or_else(short)?.to_vec();
+        let data = r.take(data_len).ok_or_else(short)?;
         if r.off != body_len {
             return Err(bad(r.off, "snapshot length mismatch"));
         }
+        let data = if found == 1 {
+            super::sessions::encode_payload(&super::sessions::Sessions::default(), data).map_err(|e| bad(r.off, &e))?
+        } else {
+            data.to_vec()
+        };
         Ok(SnapshotFile { index, term, conf_state, data })
     }
 }

@@ -21,6 +21,9 @@ pub(crate) struct MemLog {
     snapshot_term: u64,
     /// Entries after `snapshot_index`, contiguous: `entries[i].index == snapshot_index + 1 + i`.
     entries: Vec<Entry>,
+    /// Set when raft asked for a snapshot the file cannot give (too old, or from before the
+    /// follower was added): the driver then takes a new one.
+    want_snapshot: std::cell::Cell<bool>,
 }
 
 impl MemLog {
@@ -37,7 +40,13 @@ impl MemLog {
             snapshot_index: snapshot.index,
             snapshot_term: snapshot.term,
             entries,
+            want_snapshot: std::cell::Cell::new(false),
         }
+    }
+
+    /// Whether raft asked for a newer snapshot than the file holds (clears the request).
+    pub(crate) fn take_want_snapshot(&self) -> bool {
+        self.want_snapshot.replace(false)
     }
 
     fn first(&self) -> u64 {
@@ -161,11 +170,15 @@ impl Storage for MemLog {
     }
 
     /// The snapshot file, for a follower too far behind (multi-node). If it is older than
-    /// `request_index` raft retries later; the driver takes snapshots by log size.
-    fn snapshot(&self, request_index: u64, _to: u64) -> raft::Result<Snapshot> {
+    /// `request_index`, or from before `to` was a member (a follower refuses a snapshot whose
+    /// membership leaves it out), the driver is asked for a new one and raft retries later.
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
         let file =
             snapfile::read(&self.dir).map_err(|e| store_err(StorageError::Other(Box::new(e))))?.unwrap_or_default();
-        if file.index < request_index || file.index == 0 {
+        let cs = &file.conf_state;
+        let has_to = cs.voters.iter().chain(&cs.learners).chain(&cs.voters_outgoing).any(|id| *id == to);
+        if file.index < request_index || file.index == 0 || !has_to {
+            self.want_snapshot.set(true);
             return Err(store_err(StorageError::SnapshotTemporarilyUnavailable));
         }
         let mut snap = Snapshot { data: file.data.into(), ..Default::default() };
