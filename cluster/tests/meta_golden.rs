@@ -6,7 +6,7 @@
 use std::fmt::Write as _;
 
 use tidepool_cluster::meta::{
-    AccessKey, BlockState, Command, MetaState, NewBlock, NewKind, ObjectKind, SNAPSHOT_VERSION, TieredBlock,
+    AccessKey, BlockState, Command, MetaState, NewBlock, NewKind, NodeInfo, ObjectKind, SNAPSHOT_VERSION, TieredBlock,
 };
 use tidepool_cluster::raft::StateMachine;
 
@@ -106,6 +106,23 @@ fn fixed_state_v3() -> MetaState {
 
 /// What an older snapshot of `s` becomes when read by this version: nothing was ever tiered
 /// before version 3, so every block is dirty and its write time unknown (0).
+/// `fixed_state_v3` plus two cluster nodes (snapshot version 4 added them).
+fn fixed_state_v4() -> MetaState {
+    let mut s = fixed_state_v3();
+    for (id, ip) in [(1u64, "127.0.0.1"), (0x5eed_0000_0000_0002, "127.0.0.2")] {
+        let info = NodeInfo {
+            addr: format!("{ip}:7100"),
+            s3: format!("{ip}:9000"),
+            nfs: format!("{ip}:11111"),
+            http: format!("{ip}:9100"),
+            joined: 1_700_000_000_000_000_000,
+        };
+        s.apply(&Command::SetNode { id, info }).expect("set node");
+    }
+    s.check_invariants().expect("fixed state is consistent");
+    s
+}
+
 fn as_migrated(mut s: MetaState) -> MetaState {
     for b in s.blocks.values_mut() {
         b.state = BlockState::Dirty;
@@ -141,12 +158,25 @@ fn from_hex_dump(text: &str) -> Vec<u8> {
 }
 
 #[test]
-fn snapshot_v3_bytes_are_pinned() {
-    assert_eq!(SNAPSHOT_VERSION, 3);
-    let bytes = fixed_state_v3().encode_snapshot();
+fn snapshot_v4_bytes_are_pinned() {
+    assert_eq!(SNAPSHOT_VERSION, 4);
+    let bytes = fixed_state_v4().encode_snapshot();
     assert_eq!(&bytes[0..4], b"TPMS");
     assert_eq!(u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]), SNAPSHOT_VERSION);
-    insta::assert_snapshot!("meta_snapshot_v3", hex_dump(&bytes));
+    insta::assert_snapshot!("meta_snapshot_v4", hex_dump(&bytes));
+}
+
+/// A snapshot written by version 3 (before cluster nodes) restores whole, with no nodes.
+#[test]
+fn snapshot_v3_still_decodes() {
+    let v3 = from_hex_dump(include_str!("fixtures/meta_snapshot_v3.hex"));
+    assert_eq!(u32::from_le_bytes([v3[4], v3[5], v3[6], v3[7]]), 3);
+    let s = MetaState::decode_snapshot(&v3).expect("v3 decodes");
+    assert_eq!(s, fixed_state_v3());
+    assert!(s.nodes.is_empty());
+    // A version 4 payload labelled version 3 is refused, never misread.
+    let v4 = fixed_state_v4().encode_snapshot();
+    assert!(MetaState::decode_snapshot(&reheader(&v4, 3)).is_err());
 }
 
 /// A snapshot written by version 1 (before access keys) still restores: same namespace,
@@ -181,13 +211,14 @@ fn snapshot_v2_still_decodes_and_migrates() {
 
 #[test]
 fn snapshot_round_trips_through_the_state_machine_trait() {
-    let s = fixed_state_v3();
+    let s = fixed_state_v4();
     let bytes = StateMachine::snapshot(&s);
     let back = <MetaState as StateMachine>::restore(&bytes).expect("restore");
     assert_eq!(back, s);
     assert_eq!(back.resolve(b"/ckpt/step-1").expect("resolve").xattrs.len(), 2);
     let ids: Vec<&str> = back.access_keys.keys().map(String::as_str).collect();
     assert_eq!(ids, ["TPBBBBBBBBBBBBBBBBBB", "TPCCCCCCCCCCCCCCCCCC"]);
+    assert_eq!(back.nodes[&0x5eed_0000_0000_0002].s3, "127.0.0.2:9000");
 }
 
 fn reheader(bytes: &[u8], version: u32) -> Vec<u8> {
@@ -198,10 +229,10 @@ fn reheader(bytes: &[u8], version: u32) -> Vec<u8> {
 
 #[test]
 fn malformed_snapshots_are_clear_errors() {
-    let bytes = fixed_state_v3().encode_snapshot();
+    let bytes = fixed_state_v4().encode_snapshot();
     let err = |b: &[u8]| MetaState::decode_snapshot(b).expect_err("must not decode");
-    assert_eq!(err(&reheader(&bytes, 4)), "unsupported meta snapshot version found=4 supported=1..=3");
-    assert_eq!(err(&reheader(&bytes, 0)), "unsupported meta snapshot version found=0 supported=1..=3");
+    assert_eq!(err(&reheader(&bytes, 5)), "unsupported meta snapshot version found=5 supported=1..=4");
+    assert_eq!(err(&reheader(&bytes, 0)), "unsupported meta snapshot version found=0 supported=1..=4");
     let mut magic = bytes.clone();
     magic[0] = b'X';
     assert_eq!(err(&magic), "not a meta snapshot: bad magic [58, 50, 4d, 53]");

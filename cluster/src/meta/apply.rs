@@ -6,7 +6,9 @@
 
 use std::collections::BTreeMap;
 
-use super::{Applied, Attr, Command, Ino, Inode, InodeKind, MetaError, MetaState, NAME_MAX, Nanos, NewKind, ROOT_INO};
+use super::{
+    Applied, Attr, Command, Ino, Inode, InodeKind, MetaError, MetaState, NAME_MAX, Nanos, NewKind, NodeInfo, ROOT_INO,
+};
 
 /// Longest symlink target, in bytes (PATH_MAX).
 pub const SYMLINK_MAX: usize = 4096;
@@ -93,6 +95,7 @@ impl MetaState {
             dirty_bytes: 0,
             manifest_epoch: 0,
             manifest_oldest_retained: 0,
+            nodes: BTreeMap::new(),
         }
     }
 
@@ -147,6 +150,16 @@ impl MetaState {
             Command::SetPin { ino, pinned } => self.set_pin(*ino, *pinned),
             Command::KeepObjects { epoch, oldest_retained, objects } => {
                 self.keep_objects(*epoch, *oldest_retained, objects)
+            }
+            Command::SetNode { id, info } => {
+                // A node keeps the time it first joined.
+                let joined = self.nodes.get(id).map_or(info.joined, |n| n.joined);
+                self.nodes.insert(*id, NodeInfo { joined, ..info.clone() });
+                Ok(Applied::default())
+            }
+            Command::DropNode { id } => {
+                self.nodes.remove(id);
+                Ok(Applied::default())
             }
             Command::Concat { dst, srcs, now } => self.concat(*dst, srcs, *now),
             Command::PutAccessKey { id, key } => self.put_access_key(id, key),

@@ -21,8 +21,9 @@ pub use types::*;
 
 /// Version of the snapshot encoding written by [`MetaState::encode_snapshot`].
 /// Version 2 added `access_keys`; version 3 the cold tier (block `written` times and
-/// locators into `objects`, `pins`, `dirty_bytes`). Versions 1 and 2 are still read.
-pub const SNAPSHOT_VERSION: u32 = 3;
+/// locators into `objects`, `pins`, `dirty_bytes`); version 4 the cluster's `nodes`.
+/// Versions 1 to 3 are still read.
+pub const SNAPSHOT_VERSION: u32 = 4;
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -52,6 +53,8 @@ pub struct MetaState {
     /// kept by a retained manifest are not deleted by GC.
     pub manifest_epoch: u64,
     pub manifest_oldest_retained: u64,
+    /// Cluster nodes by Raft id, with their addresses. Snapshot version 4 on.
+    pub nodes: BTreeMap<u64, NodeInfo>,
 }
 
 impl MetaState {

@@ -1,8 +1,9 @@
 //! Snapshot encoding of a `MetaState`, and the `StateMachine` impl the Raft driver uses.
 //!
 //! Layout: magic `b"TPMS"`, format version (u32 LE), crc32c of the payload (u32 LE), then
-//! the postcard encoding of `MetaState`. Version 3 (written now) added the cold tier;
-//! version 2 added the access keys. Versions 1 and 2 are still read and migrated: no access
+//! the postcard encoding of `MetaState`. Version 4 (written now) added the cluster's nodes;
+//! version 3 the cold tier; version 2 the access keys. Versions 1 to 3 are still read and
+//! migrated: no nodes (v1-v3), no access
 //! keys (v1), and every block `Dirty` with `written` 0 (before version 3 nothing was ever
 //! uploaded, so a v1/v2 locator never named a real object and the NVMe copy is the data).
 //! A newer version is a clear error (this build cannot know its layout), never a panic.
@@ -12,7 +13,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Deserialize;
 
 use super::{
-    AccessKey, Applied, BlockId, BlockMeta, BlockState, Command, Ino, Inode, MetaError, MetaState, SNAPSHOT_VERSION,
+    AccessKey, Applied, BlockId, BlockMeta, BlockState, Command, Ino, Inode, MetaError, MetaState, ObjectId,
+    ObjectMeta, SNAPSHOT_VERSION,
 };
 
 /// The version 1 and 2 layout of a block's state, kept to read old snapshots. Do not change it.
@@ -100,6 +102,44 @@ impl From<MetaStateV2> for MetaState {
             dirty_bytes,
             manifest_epoch: 0,
             manifest_oldest_retained: 0,
+            nodes: BTreeMap::new(),
+        }
+    }
+}
+
+/// The version 3 layout of `MetaState`. Do not change it.
+#[derive(Deserialize)]
+struct MetaStateV3 {
+    inodes: BTreeMap<Ino, Inode>,
+    entries: BTreeMap<Ino, BTreeMap<Vec<u8>, Ino>>,
+    blocks: BTreeMap<BlockId, BlockMeta>,
+    next_ino: Ino,
+    next_block_id: BlockId,
+    applied: u64,
+    access_keys: BTreeMap<String, AccessKey>,
+    objects: BTreeMap<ObjectId, ObjectMeta>,
+    pins: BTreeSet<Ino>,
+    dirty_bytes: u64,
+    manifest_epoch: u64,
+    manifest_oldest_retained: u64,
+}
+
+impl From<MetaStateV3> for MetaState {
+    fn from(v: MetaStateV3) -> Self {
+        MetaState {
+            inodes: v.inodes,
+            entries: v.entries,
+            blocks: v.blocks,
+            next_ino: v.next_ino,
+            next_block_id: v.next_block_id,
+            applied: v.applied,
+            access_keys: v.access_keys,
+            objects: v.objects,
+            pins: v.pins,
+            dirty_bytes: v.dirty_bytes,
+            manifest_epoch: v.manifest_epoch,
+            manifest_oldest_retained: v.manifest_oldest_retained,
+            nodes: BTreeMap::new(),
         }
     }
 }
@@ -154,6 +194,7 @@ impl MetaState {
         let state: MetaState = match version {
             1 => MetaStateV2::from(decode_payload::<MetaStateV1>(payload)?).into(),
             2 => decode_payload::<MetaStateV2>(payload)?.into(),
+            3 => decode_payload::<MetaStateV3>(payload)?.into(),
             _ => decode_payload(payload)?,
         };
         state.check_invariants().map_err(|e| format!("meta snapshot inconsistent: {e}"))?;

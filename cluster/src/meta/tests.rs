@@ -549,3 +549,15 @@ fn publish_errors_change_nothing() {
     assert_eq!(s.lookup(ROOT_INO, b"f").expect("lookup").attr.ino, f);
     s.check_invariants().expect("invariants");
 }
+
+#[test]
+fn set_node_keeps_the_first_join_time_and_drop_node_removes_it() {
+    let mut s = MetaState::new();
+    let info = |addr: &str, joined| NodeInfo { addr: addr.into(), joined, ..NodeInfo::default() };
+    s.apply(&Command::SetNode { id: 7, info: info("127.0.0.2:7100", 5) }).expect("set");
+    s.apply(&Command::SetNode { id: 7, info: info("127.0.0.3:7100", 9) }).expect("replace");
+    assert_eq!(s.nodes[&7], info("127.0.0.3:7100", 5));
+    s.apply(&Command::DropNode { id: 7 }).expect("drop");
+    s.apply(&Command::DropNode { id: 7 }).expect("dropping an absent node is fine");
+    assert!(s.nodes.is_empty());
+}

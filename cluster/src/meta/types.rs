@@ -290,6 +290,29 @@ pub enum Command {
         oldest_retained: u64,
         objects: Vec<ObjectId>,
     },
+    /// A cluster node's addresses (joining, or announcing them at start): set or replaced.
+    SetNode {
+        id: u64,
+        info: NodeInfo,
+    },
+    /// A node left the cluster (`tidepool node remove`). Absent is fine.
+    DropNode {
+        id: u64,
+    },
+}
+
+/// A member of the cluster as the meta group records it: where its transport, front ends and
+/// status endpoint listen. Raft's own membership (voters) is kept by the Raft layer; this is
+/// what the other nodes need to reach it. Snapshot version 4 on.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    /// Node-to-node transport (`cluster_advertise`).
+    pub addr: String,
+    pub s3: String,
+    pub nfs: String,
+    pub http: String,
+    /// When it was first recorded.
+    pub joined: Nanos,
 }
 
 /// An S3 access key as the meta group keeps it: only what is needed to verify a signature.
