@@ -12,6 +12,7 @@
 #   bench/nfs.sh                      # everything, 3 rounds (median shown)
 #   ROUNDS=1 SIZE_MIB=512 FILES=2000 bench/nfs.sh
 #   SMALL=1 bench/nfs.sh              # a quick smoke run of the harness
+#   TIERING=1 bench/nfs.sh            # leave tidepool's cold tier at its defaults (see below)
 #
 # Installs what it needs (apt-get: libnfs-utils, nfs-ganesha, nfs-ganesha-vfs, rpcbind),
 # builds target/release/tidepool (shared target dir) and bench/nfs-client (own target dir,
@@ -81,8 +82,16 @@ rm -rf "$OUT/tp-data" "$OUT/ganesha"
 mkdir -p "$OUT/ganesha/export" "$OUT/ganesha/recovery"
 # One big file at a time (each round's is removed after it); room for two, and the small files.
 DEVICE_GIB=$(( (2 * SIZE_MIB + 1023) / 1024 + 2 ))
-log "starting tidepool up (nfs 127.0.0.1:$TP_PORT, device ${DEVICE_GIB}GiB under $OUT/tp-data)"
-TIDEPOOL_DEVICE_SIZE=${DEVICE_GIB}GiB TIDEPOOL_NFS_LISTEN=127.0.0.1:$TP_PORT \
+# The cold tier is held back (TIERING=1: its defaults), as Ganesha has none: otherwise the
+# node's write-back copies each big file into its bucket (a local folder on the same disk by
+# default) during the runs, once the dirty bytes pass dirty_high (a quarter of the device) or
+# 30 s after the write. Its own benchmark is bench/tier.sh.
+TIER_ENV=()
+if [ "${TIERING:-0}" != 1 ]; then
+  TIER_ENV=(TIDEPOOL_TIER_AFTER_SECS=86400 TIDEPOOL_DIRTY_HIGH=$(( DEVICE_GIB * 1024 / 2 ))MiB)
+fi
+log "starting tidepool up (nfs 127.0.0.1:$TP_PORT, device ${DEVICE_GIB}GiB under $OUT/tp-data, ${TIER_ENV[*]:-tiering at its defaults})"
+env "${TIER_ENV[@]}" TIDEPOOL_DEVICE_SIZE=${DEVICE_GIB}GiB TIDEPOOL_NFS_LISTEN=127.0.0.1:$TP_PORT \
   TIDEPOOL_HTTP_LISTEN=127.0.0.1:$TP_HTTP TIDEPOOL_S3_LISTEN=127.0.0.1:$TP_S3 \
   TIDEPOOL_S3_ACCESS_KEY_ID=BENCHNFSACCESSKEY001 TIDEPOOL_S3_SECRET_ACCESS_KEY=benchnfssecret0123456789abcdefghij \
   "$TP" --data-dir "$OUT/tp-data" up >"$OUT/tidepool.log" 2>&1 &
