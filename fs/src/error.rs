@@ -42,6 +42,9 @@ pub enum FsError {
     MissingBlock(u64),
     #[error(transparent)]
     Tier(#[from] crate::TierError),
+    /// The cluster cannot do it now (too few nodes reachable for the replicas).
+    #[error("cluster unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl FsError {
@@ -66,12 +69,13 @@ impl FsError {
                 _ => ErrorKind::Internal,
             },
             FsError::Raft(e) => match e {
-                RaftError::Stopped | RaftError::NotLeader { .. } => ErrorKind::Unavailable,
+                RaftError::Stopped | RaftError::NotLeader { .. } | RaftError::Timeout { .. } => ErrorKind::Unavailable,
                 _ => ErrorKind::Internal,
             },
             FsError::ReadOnly => ErrorKind::ReadOnly,
             FsError::NotFile(_) | FsError::NotSymlink(_) | FsError::Invalid(_) => ErrorKind::Invalid,
             FsError::MissingBlock(_) => ErrorKind::Corrupt,
+            FsError::Unavailable(_) => ErrorKind::Unavailable,
             FsError::Tier(e) => match e {
                 crate::TierError::DirtyLimit { .. } => ErrorKind::Unavailable,
                 crate::TierError::Fetch { retryable: true, .. } => ErrorKind::Unavailable,

@@ -12,6 +12,7 @@ mod error;
 mod keys;
 mod metrics;
 mod namespace;
+mod pool;
 mod rw;
 
 use std::sync::Arc;
@@ -25,6 +26,7 @@ pub use cold::{ColdTier, TierError};
 pub use error::{ErrorKind, FsError, Result};
 pub use keys::AccessKeyInfo;
 pub use metrics::{FsMetrics, MetricsSnapshot};
+pub use pool::{PeerError, Peers, placement};
 pub use rw::Staged;
 pub use tidepool_cluster::meta::{Attr as FileAttr, InodeKind, NAME_MAX, ROOT_INO};
 
@@ -35,11 +37,18 @@ pub struct FsOptions {
     pub block_size: usize,
     /// Block ids taken from the meta group per allocation round trip. Default 4096.
     pub id_batch: u64,
+    /// Nodes a dirty block is written to before a write is acknowledged (with peers set).
+    /// Default 1.
+    pub replicas: usize,
+    /// A member of a multi-node cluster: blocks in the store that no extent references are
+    /// not freed at open (they may be replicas of another node's write still in flight) but
+    /// this long after, if still unreferenced then. `None` (a node alone): freed at open.
+    pub orphan_grace: Option<std::time::Duration>,
 }
 
 impl Default for FsOptions {
     fn default() -> Self {
-        FsOptions { block_size: 4 << 20, id_batch: 4096 }
+        FsOptions { block_size: 4 << 20, id_batch: 4096, replicas: 1, orphan_grace: None }
     }
 }
 
@@ -95,6 +104,8 @@ pub struct Fs {
     metrics: FsMetrics,
     /// The cold tier, once plugged in (`set_cold_tier`).
     cold: std::sync::OnceLock<Arc<dyn ColdTier>>,
+    /// The cluster's other nodes, once plugged in (`set_peers`).
+    peers: std::sync::OnceLock<Arc<dyn Peers>>,
 }
 
 impl Fs {
@@ -115,9 +126,37 @@ impl Fs {
             read_only: AtomicBool::new(false),
             metrics: FsMetrics::default(),
             cold: std::sync::OnceLock::new(),
+            peers: std::sync::OnceLock::new(),
         };
+        fs.free_on_apply();
         let report = fs.reconcile().await?;
         Ok((fs, report))
+    }
+
+    /// Every node deletes, from its own store, the blocks each applied commit freed (whoever
+    /// proposed it): replicas and read-through copies go with the proposer's.
+    fn free_on_apply(&self) {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Vec<u64>>();
+        self.meta.set_observer(Box::new(move |out: &std::result::Result<Applied, tidepool_cluster::MetaError>| {
+            if let Ok(a) = out
+                && !a.freed.is_empty()
+            {
+                let _ = tx.send(a.freed.clone());
+            }
+        }));
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            while let Some(ids) = rx.recv().await {
+                for id in ids {
+                    match store.delete(id).await {
+                        Ok(()) | Err(tidepool_spdk::StoreError::NotFound(_)) => {}
+                        Err(e) => {
+                            tracing::warn!(block_id = id, error = %e, "cannot free block; reclaimed at next open")
+                        }
+                    }
+                }
+            }
+        });
     }
 
     async fn reconcile(&self) -> Result<OpenReport> {
@@ -125,6 +164,26 @@ impl Fs {
         let in_store = self.store.ids();
         let orphans: Vec<u64> =
             self.meta.read(|s| in_store.iter().copied().filter(|id| !s.blocks.contains_key(id)).collect());
+        if let Some(grace) = self.opts.orphan_grace {
+            // A cluster member: these may be replicas of a write another node has not
+            // committed yet. Free the ones still unreferenced after the grace period.
+            if !orphans.is_empty() {
+                let (store, state) = (self.store.clone(), self.meta.state().clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(grace).await;
+                    let still: Vec<u64> = {
+                        let s = state.read().unwrap_or_else(std::sync::PoisonError::into_inner);
+                        orphans.iter().copied().filter(|id| !s.blocks.contains_key(id)).collect()
+                    };
+                    for id in &still {
+                        let _ = store.delete(*id).await;
+                    }
+                    let _ = store.flush().await;
+                    tracing::info!(count = still.len(), "freed orphaned blocks after the grace period");
+                });
+            }
+            return Ok(report);
+        }
         for id in &orphans {
             self.store.delete(*id).await?;
         }
@@ -160,6 +219,13 @@ impl Fs {
 
     pub fn options(&self) -> &FsOptions {
         &self.opts
+    }
+
+    /// Waits until this node's metadata includes every commit made anywhere in the cluster
+    /// before the call (a ReadIndex round trip to the leader; at once for a node alone).
+    /// Metadata reads after it are linearizable.
+    pub async fn sync(&self) -> Result<()> {
+        Ok(self.meta.read_barrier().await?)
     }
 
     /// Writers get `ReadOnly` while this is set (spin-down).

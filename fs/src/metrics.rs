@@ -23,6 +23,7 @@ pub struct FsMetrics {
     ops: [AtomicU64; 9],
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
+    peer_read_bytes: AtomicU64,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -31,6 +32,8 @@ pub struct MetricsSnapshot {
     pub ops: Vec<(&'static str, u64)>,
     pub bytes_read: u64,
     pub bytes_written: u64,
+    /// Block bytes read from other nodes of the cluster.
+    pub peer_read_bytes: u64,
 }
 
 impl FsMetrics {
@@ -46,11 +49,16 @@ impl FsMetrics {
         self.bytes_written.fetch_add(n, Ordering::Relaxed);
     }
 
+    pub(crate) fn peer_read(&self, n: u64) {
+        self.peer_read_bytes.fetch_add(n, Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self) -> MetricsSnapshot {
         MetricsSnapshot {
             ops: OPS.iter().zip(&self.ops).map(|(n, c)| (*n, c.load(Ordering::Relaxed))).collect(),
             bytes_read: self.bytes_read.load(Ordering::Relaxed),
             bytes_written: self.bytes_written.load(Ordering::Relaxed),
+            peer_read_bytes: self.peer_read_bytes.load(Ordering::Relaxed),
         }
     }
 }

@@ -71,19 +71,19 @@ impl Fs {
         let first = self.alloc_ids(chunks.len() as u64).await?;
         let blocks: Vec<NewBlock> =
             chunks.iter().enumerate().map(|(i, c)| NewBlock { id: first + i as u64, len: c.len() as u32 }).collect();
-        let puts = blocks.iter().zip(&chunks).map(|(b, c)| self.store.put(b.id, c));
+        let puts = blocks.iter().zip(&chunks).map(|(b, c)| self.put_block(b.id, c));
         let mut res = try_join_all(puts).await;
-        if let (Err(StoreError::NoSpace { .. }), Some(cold)) = (&res, self.cold()) {
-            // The device is full: have the cold tier evict clean blocks, then put what is missing.
+        if let (Err(FsError::Store(StoreError::NoSpace { .. })), Some(cold)) = (&res, self.cold()) {
+            // The device is full: have the cold tier evict clean blocks, then put them again.
             let freed = cold.make_room(2 * data.len() as u64).await;
             if freed > 0 {
-                let missing = blocks.iter().zip(&chunks).filter(|(b, _)| !self.store.contains(b.id));
-                res = try_join_all(missing.map(|(b, c)| self.store.put(b.id, c))).await;
+                self.discard(&blocks).await;
+                res = try_join_all(blocks.iter().zip(&chunks).map(|(b, c)| self.put_block(b.id, c))).await;
             }
         }
         if let Err(e) = res {
             self.discard(&blocks).await;
-            return Err(e.into());
+            return Err(e);
         }
         Ok(Staged { blocks })
     }
@@ -206,12 +206,8 @@ impl Fs {
     /// Remove blocks of a write that did not commit. Blocks that were never put are absent,
     /// which is fine; anything left behind is freed by the next open's reconcile.
     async fn discard(&self, blocks: &[NewBlock]) {
-        for b in blocks {
-            match self.store.delete(b.id).await {
-                Ok(()) | Err(StoreError::NotFound(_)) => {}
-                Err(e) => tracing::warn!(block_id = b.id, error = %e, "cannot discard uncommitted block"),
-            }
-        }
+        let ids: Vec<u64> = blocks.iter().map(|b| b.id).collect();
+        self.delete_everywhere(&ids).await;
     }
 
     /// `count` fresh block ids, from the local range or a new one from the meta group.
@@ -231,6 +227,7 @@ impl Fs {
     /// Read up to `len` bytes at `offset`; shorter at end of file; holes read as zeros.
     pub async fn read(&self, ino: Ino, offset: u64, len: usize) -> Result<Vec<u8>> {
         self.metrics.op(Op::Read);
+        self.sync().await?;
         let mut attempt = 0;
         loop {
             let (plan_len, extents) = self.plan_read(ino, offset, len)?;
@@ -286,15 +283,16 @@ impl Fs {
         Ok(buf)
     }
 
-    /// A byte range of one block: from NVMe, or through the cold tier if the block is tiered
-    /// and not on NVMe (evicted, or never fetched after a rehydrate).
+    /// A byte range of one block: from NVMe (this node's, then the cluster's), or through the
+    /// cold tier if the block is tiered and on no NVMe (evicted, or never fetched after a
+    /// rehydrate).
     async fn read_block(&self, id: u64, offset: u32, len: u32) -> Result<Vec<u8>> {
-        match self.store.get(id, offset, len).await {
-            Err(StoreError::NotFound(id)) => match (self.cold(), self.locator(id)) {
+        match self.read_block_hot(id, offset, len).await {
+            Err(FsError::Store(StoreError::NotFound(id))) => match (self.cold(), self.locator(id)) {
                 (Some(cold), Some(loc)) => cold.read_through(id, loc, offset, len).await,
                 _ => Err(StoreError::NotFound(id).into()),
             },
-            res => Ok(res?),
+            res => res,
         }
     }
 }

@@ -19,7 +19,10 @@ async fn open(dir: &std::path::Path, dev: Arc<dyn BlockDevice>, format: bool) ->
     });
     let meta = MetaGroup::open(&dir.join("meta"), RaftOptions::default(), MetaState::new()).unwrap();
     let clock = Arc::new(ManualClock::new(NOW));
-    Fs::open(meta, store, clock, FsOptions { block_size: 1 << 20, id_batch: 64 }).await.unwrap().0
+    Fs::open(meta, store, clock, FsOptions { block_size: 1 << 20, id_batch: 64, ..FsOptions::default() })
+        .await
+        .unwrap()
+        .0
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,10 @@ async fn env_with(device_bytes: u64, block: usize) -> Env {
     let store = Arc::new(BlockStore::format(dev, opts).await.unwrap());
     let meta = MetaGroup::open(&dir.path().join("meta"), RaftOptions::default(), MetaState::new()).unwrap();
     let clock = Arc::new(ManualClock::new(1_700_000_000_000_000_000));
-    let (fs, report) = Fs::open(meta, store, clock, FsOptions { block_size: block, id_batch: 64 }).await.unwrap();
+    let (fs, report) =
+        Fs::open(meta, store, clock, FsOptions { block_size: block, id_batch: 64, ..FsOptions::default() })
+            .await
+            .unwrap();
     assert_eq!(report.orphans_freed, 0);
     Env { _dir: dir, fs }
 }

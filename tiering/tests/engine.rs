@@ -43,7 +43,7 @@ async fn env_with(device_bytes: u64, objects: impl FnOnce(Arc<LocalStore>) -> Ar
     let store = Arc::new(BlockStore::format(dev, opts).await.unwrap());
     let meta = MetaGroup::open(&dir.path().join("meta"), RaftOptions::default(), MetaState::new()).unwrap();
     let clock = Arc::new(ManualClock::new(1_700_000_000_000_000_000));
-    let fsopts = FsOptions { block_size: BLOCK, id_batch: 256 };
+    let fsopts = FsOptions { block_size: BLOCK, id_batch: 256, ..FsOptions::default() };
     let (fs, _) = Fs::open(meta, store, clock.clone(), fsopts).await.unwrap();
     let fs = Arc::new(fs);
     let bucket = Arc::new(LocalStore::new(dir.path().join("bucket")).unwrap());
@@ -370,7 +370,7 @@ async fn spin_down_then_a_new_node_starts_from_the_manifest_and_rehydrates() {
     let meta = MetaGroup::open(&dir.path().join("meta"), RaftOptions::default(), loaded.state).unwrap();
     meta.snapshot_now().await.unwrap();
     let (fs, report) =
-        Fs::open(meta, store, e.clock.clone(), FsOptions { block_size: BLOCK, id_batch: 256 }).await.unwrap();
+        Fs::open(meta, store, e.clock.clone(), FsOptions { block_size: BLOCK, id_batch: 256, ..FsOptions::default() }).await.unwrap();
     assert_eq!(report.missing_blocks, 0);
     let fs = Arc::new(fs);
     let tier = Tier::new(&fs, objects.clone(), config(64 << 20), e.clock.clone());

@@ -245,6 +245,12 @@ impl Tier {
         match self.store.get(id, 0, len).await {
             Ok(data) => Ok(Some(data)),
             Err(tidepool_spdk::StoreError::NotFound(_)) => {
+                // In a cluster the leader uploads blocks other nodes hold.
+                match self.fs()?.read_block_hot(id, 0, len).await {
+                    Ok(data) => return Ok(Some(data)),
+                    Err(tidepool_fs::FsError::Store(tidepool_spdk::StoreError::NotFound(_))) => {}
+                    Err(e) => return Err(e.into()),
+                }
                 let Some(_) = from else { return Ok(None) };
                 let loc = self.fs()?.meta().read(|s| match s.blocks.get(&id).map(|b| &b.state) {
                     Some(BlockState::Tiered(loc)) => Some(*loc),

@@ -28,7 +28,7 @@ pub async fn fs_env() -> Env {
     let store = Arc::new(BlockStore::format(dev, opts).await.unwrap());
     let meta = MetaGroup::open(&dir.path().join("meta"), RaftOptions::default(), MetaState::new()).unwrap();
     let (fs, _) =
-        Fs::open(meta, store, Arc::new(SystemClock), FsOptions { block_size: block, id_batch: 4096 }).await.unwrap();
+        Fs::open(meta, store, Arc::new(SystemClock), FsOptions { block_size: block, id_batch: 4096, ..FsOptions::default() }).await.unwrap();
     Env { _dir: dir, fs: Arc::new(fs) }
 }
 
