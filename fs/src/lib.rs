@@ -26,7 +26,7 @@ pub use cold::{ColdTier, TierError};
 pub use error::{ErrorKind, FsError, Result};
 pub use keys::AccessKeyInfo;
 pub use metrics::{FsMetrics, MetricsSnapshot};
-pub use pool::{PeerError, Peers, placement};
+pub use pool::{PeerError, Peers, RepairReport, placement};
 pub use rw::Staged;
 pub use tidepool_cluster::meta::{Attr as FileAttr, InodeKind, NAME_MAX, ROOT_INO};
 

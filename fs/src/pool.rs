@@ -208,6 +208,130 @@ impl Fs {
     }
 }
 
+/// What one [`Fs::repair_replicas`] pass found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct RepairReport {
+    /// Members that answered.
+    pub live_nodes: Vec<u64>,
+    /// Dirty blocks looked at.
+    pub dirty_blocks: u64,
+    /// Copies made (a block short of `replicas` live holders gets one per missing copy).
+    pub copies_made: u64,
+    /// Dirty blocks no live node holds (lost with a node, unless it comes back).
+    pub missing: Vec<BlockId>,
+}
+
+impl Fs {
+    /// Runs [`Fs::repair_replicas`] every `every` while this node is the meta group's leader
+    /// (until the filesystem is dropped).
+    pub fn spawn_repair(self: &std::sync::Arc<Self>, every: std::time::Duration) -> tokio::task::JoinHandle<()> {
+        let fs = std::sync::Arc::downgrade(self);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(every).await;
+                let Some(fs) = fs.upgrade() else { return };
+                if fs.meta.is_leader()
+                    && let Err(e) = fs.repair_replicas().await
+                {
+                    tracing::warn!(error = %e, "replica repair pass failed");
+                }
+            }
+        })
+    }
+
+    /// Gives every dirty block `replicas` copies on live nodes again (a node was lost): for a
+    /// block short of copies, reads it from a live holder and puts it on the next live nodes
+    /// in its placement order. Clean blocks need nothing: the bucket has them. Run by the
+    /// leader (any node may; copies are idempotent).
+    pub async fn repair_replicas(&self) -> Result<RepairReport> {
+        let Some(peers) = self.peers().filter(|_| self.opts.replicas > 1) else {
+            return Ok(RepairReport::default());
+        };
+        let dirty: Vec<(BlockId, u32)> = self.meta.read(|s| {
+            s.blocks
+                .iter()
+                .filter(|(_, b)| b.state == tidepool_cluster::meta::BlockState::Dirty)
+                .map(|(id, b)| (*id, b.len))
+                .collect()
+        });
+        let mut report = RepairReport { dirty_blocks: dirty.len() as u64, ..RepairReport::default() };
+        let ids: Vec<BlockId> = dirty.iter().map(|(id, _)| *id).collect();
+        let local = peers.local_id();
+        // Who holds what, from every member that answers.
+        let mut holds: std::collections::HashMap<u64, Vec<bool>> = std::collections::HashMap::new();
+        for node in peers.nodes() {
+            let res = if node == local {
+                Ok(ids.iter().map(|id| self.store.contains(*id)).collect())
+            } else {
+                peers.has_blocks(node, &ids).await
+            };
+            match res {
+                Ok(h) if h.len() == ids.len() => {
+                    holds.insert(node, h);
+                }
+                Ok(_) => tracing::warn!(node, "has_blocks answered the wrong count; node counted as down"),
+                Err(e) => tracing::info!(node, error = %e, "node not answering; its copies do not count"),
+            }
+        }
+        report.live_nodes = holds.keys().copied().collect();
+        report.live_nodes.sort_unstable();
+        let want = self.opts.replicas.min(report.live_nodes.len());
+        for (i, (id, len)) in dirty.iter().enumerate() {
+            let holders: Vec<u64> = report.live_nodes.iter().copied().filter(|n| holds[n][i]).collect();
+            if holders.len() >= want {
+                continue;
+            }
+            let Some(src) = holders.first().copied() else {
+                report.missing.push(*id);
+                continue;
+            };
+            let data = if src == local {
+                self.store.get(*id, 0, *len).await?
+            } else {
+                match peers.get_block(src, *id, 0, *len).await {
+                    Ok(d) => d,
+                    Err(e) => {
+                        tracing::warn!(block_id = id, node = src, error = %e, "cannot read block to repair it");
+                        continue;
+                    }
+                }
+            };
+            let targets: Vec<u64> = placement(*id, &report.live_nodes)
+                .into_iter()
+                .filter(|n| !holders.contains(n))
+                .take(want - holders.len())
+                .collect();
+            for &node in &targets {
+                let res = if node == local {
+                    match self.store.put(*id, &data).await {
+                        Ok(()) => self.store.flush().await.map_err(|e| PeerError::Other(e.to_string())),
+                        Err(e) => Err(PeerError::Other(e.to_string())),
+                    }
+                } else {
+                    peers.put_block(node, *id, Bytes::copy_from_slice(&data)).await
+                };
+                match res {
+                    Ok(()) => report.copies_made += 1,
+                    Err(e) => tracing::warn!(block_id = id, node, error = %e, "cannot put repair copy"),
+                }
+            }
+            if !self.meta.read(|s| s.blocks.contains_key(id)) {
+                // Freed while being copied: the commit's observer may have run before the copy landed.
+                self.delete_on(&targets, &[*id]).await;
+            }
+        }
+        if report.copies_made > 0 || !report.missing.is_empty() {
+            tracing::info!(
+                copies = report.copies_made,
+                missing = report.missing.len(),
+                live = ?report.live_nodes,
+                "re-replicated dirty blocks"
+            );
+        }
+        Ok(report)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

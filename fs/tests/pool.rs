@@ -234,3 +234,30 @@ async fn too_few_nodes_fails_the_write_and_leaves_nothing() {
     let leftover: usize = c.world.0.lock().unwrap().stores.values().map(|s| s.ids().len()).sum();
     assert_eq!(leftover, 0, "the failed write's blocks were discarded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_a_node_re_replicates_its_dirty_blocks_from_the_survivors() {
+    let c = cluster().await;
+    let f = c.fs[&1].create(ROOT_INO, b"d", 0o644, 0, 0).await.unwrap();
+    let body = data(5, 12 * BLOCK);
+    c.fs[&1].write(f.ino, 0, &body).await.unwrap();
+    let blocks = c.blocks_of(1, b"/d");
+    let on3 = blocks.iter().filter(|id| c.holders(**id).contains(&3)).count();
+    assert!(on3 > 0, "some of 12 blocks are on node 3");
+    // Node 3 is lost (its store goes away for good).
+    {
+        let mut w = c.world.0.lock().unwrap();
+        w.down.insert(3);
+        w.stores.remove(&3);
+    }
+    let report = c.fs[&1].repair_replicas().await.unwrap();
+    assert_eq!(report.live_nodes, vec![1, 2]);
+    assert_eq!(report.copies_made as usize, on3, "{report:?}");
+    assert!(report.missing.is_empty());
+    for id in &blocks {
+        assert_eq!(c.holders(*id), vec![1, 2], "block {id} has two live copies again");
+    }
+    // Nothing more to do on a second pass.
+    assert_eq!(c.fs[&1].repair_replicas().await.unwrap().copies_made, 0);
+    assert_eq!(c.fs[&2].read(f.ino, 0, body.len()).await.unwrap(), body);
+}
