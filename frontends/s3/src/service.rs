@@ -8,9 +8,19 @@ use s3s::{S3, S3Request, S3Response, S3Result};
 
 use crate::TidepoolS3;
 
+impl TidepoolS3 {
+    /// Reads see every write acknowledged anywhere in the cluster before they arrived (S3's
+    /// strong read-after-write consistency): a ReadIndex round trip on a follower, nothing on
+    /// a node alone.
+    async fn sync(&self) -> S3Result<()> {
+        self.fs.sync().await.map_err(|e| crate::error::fs_error(e, "cluster read barrier"))
+    }
+}
+
 #[async_trait::async_trait]
 impl S3 for TidepoolS3 {
     async fn list_buckets(&self, req: S3Request<ListBucketsInput>) -> S3Result<S3Response<ListBucketsOutput>> {
+        self.sync().await?;
         self.op_list_buckets(req).await
     }
 
@@ -19,6 +29,7 @@ impl S3 for TidepoolS3 {
     }
 
     async fn head_bucket(&self, req: S3Request<HeadBucketInput>) -> S3Result<S3Response<HeadBucketOutput>> {
+        self.sync().await?;
         self.op_head_bucket(req).await
     }
 
@@ -38,10 +49,12 @@ impl S3 for TidepoolS3 {
     }
 
     async fn get_object(&self, req: S3Request<GetObjectInput>) -> S3Result<S3Response<GetObjectOutput>> {
+        self.sync().await?;
         self.op_get_object(req).await
     }
 
     async fn head_object(&self, req: S3Request<HeadObjectInput>) -> S3Result<S3Response<HeadObjectOutput>> {
+        self.sync().await?;
         self.op_head_object(req).await
     }
 
@@ -58,10 +71,12 @@ impl S3 for TidepoolS3 {
     }
 
     async fn list_objects_v2(&self, req: S3Request<ListObjectsV2Input>) -> S3Result<S3Response<ListObjectsV2Output>> {
+        self.sync().await?;
         self.op_list_objects_v2(req).await
     }
 
     async fn list_objects(&self, req: S3Request<ListObjectsInput>) -> S3Result<S3Response<ListObjectsOutput>> {
+        self.sync().await?;
         self.op_list_objects(req).await
     }
 
@@ -98,6 +113,7 @@ impl S3 for TidepoolS3 {
     }
 
     async fn list_parts(&self, req: S3Request<ListPartsInput>) -> S3Result<S3Response<ListPartsOutput>> {
+        self.sync().await?;
         self.op_list_parts(req).await
     }
 
@@ -105,6 +121,7 @@ impl S3 for TidepoolS3 {
         &self,
         req: S3Request<ListMultipartUploadsInput>,
     ) -> S3Result<S3Response<ListMultipartUploadsOutput>> {
+        self.sync().await?;
         self.op_list_multipart_uploads(req).await
     }
 }
