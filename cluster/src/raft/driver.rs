@@ -214,6 +214,9 @@ fn load<S: StateMachine>(
         max_size_per_msg: 1 << 20,
         max_inflight_msgs: 256,
         pre_vote: true,
+        // A leader that cannot reach a quorum steps down (a cut-off minority stops answering
+        // as leader instead of timing out every proposal).
+        check_quorum: true,
         ..Default::default()
     };
     cfg.validate()?;
