@@ -69,7 +69,19 @@ pub struct DataDir {
 impl DataDir {
     /// Open (or initialise, when allowed) the folder. `init` runs after the lock is held and
     /// before the superblock is written, so everything it creates is covered by the rule above.
+    #[cfg(test)]
     pub fn open(path: &Path, init: impl FnOnce(&Path) -> anyhow_free::Result<()>) -> anyhow_free::Result<Self> {
+        Self::open_as(path, None, init)
+    }
+
+    /// [`DataDir::open`]; a folder initialised here takes `identity` (node id, cluster id: a
+    /// node joining a cluster) instead of node 1 of a new cluster. An existing folder keeps
+    /// its own (the caller checks it against the cluster it means to be part of).
+    pub fn open_as(
+        path: &Path,
+        identity: Option<(u64, String)>,
+        init: impl FnOnce(&Path) -> anyhow_free::Result<()>,
+    ) -> anyhow_free::Result<Self> {
         std::fs::create_dir_all(path).map_err(io_err(path))?;
         let sb_path = path.join(SUPERBLOCK);
         // A foreign folder is refused before anything (even the lock file) is created in it.
@@ -103,10 +115,11 @@ impl DataDir {
         }
         init(path)?;
         let (node_key, _) = NodeKey::load_or_create(path)?;
+        let (node_id, cluster_id) = identity.unwrap_or_else(|| (1, new_cluster_id()));
         let superblock = Superblock {
             format_version: FORMAT_VERSION,
-            node_id: 1,
-            cluster_id: new_cluster_id(),
+            node_id,
+            cluster_id,
             created_unix: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -137,7 +150,7 @@ fn lock(dir: &Path) -> Result<File, DataDirError> {
     Ok(f)
 }
 
-fn new_cluster_id() -> String {
+pub fn new_cluster_id() -> String {
     let mut b = [0u8; 16];
     rand::Rng::fill(&mut rand::thread_rng(), &mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
@@ -214,6 +227,14 @@ mod tests {
         ));
         drop(dd);
         assert!(!DataDir::open(&d, |_| Ok(())).unwrap().fresh);
+        assert_eq!(read_superblock(&d.join(SUPERBLOCK)).unwrap().node_id, 1);
+        // A joining node's folder takes the given identity; an existing folder keeps its own.
+        let j = dir.path().join("joiner");
+        let jd = DataDir::open_as(&j, Some((77, "c0ffee".into())), |_| Ok(())).unwrap();
+        assert_eq!((jd.superblock.node_id, jd.superblock.cluster_id.as_str()), (77, "c0ffee"));
+        drop(jd);
+        let jd = DataDir::open_as(&j, Some((78, "other".into())), |_| Ok(())).unwrap();
+        assert_eq!((jd.superblock.node_id, jd.superblock.cluster_id.as_str(), jd.fresh), (77, "c0ffee", false));
 
         let sb = d.join(SUPERBLOCK);
         let text = std::fs::read_to_string(&sb).unwrap();

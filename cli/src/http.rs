@@ -40,6 +40,8 @@ pub struct StatusSource {
     pub tier: Arc<tidepool_tiering::Tier>,
     /// Settings a manifest written on request carries.
     pub manifest_settings: std::collections::BTreeMap<String, String>,
+    /// The cluster side (`/cluster`, the `cluster` part of `/status`, `/admin/node/remove`).
+    pub cluster: Option<Arc<crate::cluster::Cluster>>,
 }
 
 impl StatusSource {
@@ -210,6 +212,7 @@ fn status_line(code: u16) -> &'static str {
         200 => "200 OK",
         400 => "400 Bad Request",
         404 => "404 Not Found",
+        401 => "401 Unauthorized",
         409 => "409 Conflict",
         503 => "503 Service Unavailable",
         _ => "500 Internal Server Error",
@@ -236,6 +239,11 @@ async fn route(src: &StatusSource, req: Request) -> (&'static str, &'static str,
             let msg = "missing or wrong admin token: the CLI sends it (derived from <data_dir>/node.key)";
             return ("401 Unauthorized", json, serde_json::json!({ "error": msg }).to_string());
         }
+        if let Some(cluster) = &src.cluster
+            && let Some((code, body)) = crate::cluster_cmd::not_leader(cluster, &src.fs, &req.path)
+        {
+            return (status_line(code), json, body);
+        }
         let (code, body) =
             crate::spin::route(&src.tier, &src.manifest_settings, &src.object_store, &req.method, &req.path).await;
         return (status_line(code), json, body);
@@ -252,7 +260,31 @@ async fn route(src: &StatusSource, req: Request) -> (&'static str, &'static str,
         if req.method != "POST" {
             return ("405 Method Not Allowed", "text/plain", "only POST\n".into());
         }
+        if crate::cluster_cmd::leader_only(&req.path)
+            && let Some(cluster) = &src.cluster
+            && let Some((code, body)) = crate::cluster_cmd::not_leader(cluster, &src.fs, &req.path)
+        {
+            return (status_line(code), json, body);
+        }
         let (code, body) = crate::tier::admin_route(&src.tier, &req.path, &req.body).await;
+        return (status_line(code), json, body);
+    }
+    if req.path == "/admin/node/remove" {
+        let (Some(admin), Some(cluster)) = (&src.admin, &src.cluster) else {
+            return ("404 Not Found", "text/plain", "no admin routes on this node\n".into());
+        };
+        let token = req.authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).unwrap_or("");
+        if !admin.node_key.check_admin_token(token.trim()) {
+            let msg = "missing or wrong admin token: the CLI sends it (derived from <data_dir>/node.key)";
+            return ("401 Unauthorized", json, serde_json::json!({ "error": msg }).to_string());
+        }
+        if req.method != "POST" {
+            return ("405 Method Not Allowed", "text/plain", "only POST\n".into());
+        }
+        if let Some((code, body)) = crate::cluster_cmd::not_leader(cluster, &src.fs, &req.path) {
+            return (status_line(code), json, body);
+        }
+        let (code, body) = crate::cluster_cmd::remove_route(cluster, &src.fs, &src.tier, &req.body).await;
         return (status_line(code), json, body);
     }
     if req.path == "/admin/keys" || req.path.starts_with("/admin/keys/") {
@@ -269,7 +301,17 @@ async fn route(src: &StatusSource, req: Request) -> (&'static str, &'static str,
     }
     match (req.method.as_str(), req.path.as_str()) {
         ("GET", "/metrics") => ("200 OK", "text/plain; version=0.0.4", src.metrics_text()),
-        ("GET", "/status") => ("200 OK", json, src.status_json().to_string()),
+        ("GET", "/status") => {
+            let mut v = src.status_json();
+            if let Some(c) = &src.cluster {
+                v["cluster"] = c.nodes_json(&src.fs).await;
+            }
+            ("200 OK", json, v.to_string())
+        }
+        ("GET", "/cluster") => match &src.cluster {
+            Some(c) => ("200 OK", json, c.nodes_json(&src.fs).await.to_string()),
+            None => ("404 Not Found", "text/plain", "no cluster on this node\n".into()),
+        },
         ("GET", _) => ("404 Not Found", "text/plain", "not found: try /status or /metrics\n".into()),
         _ => ("405 Method Not Allowed", "text/plain", "only GET\n".into()),
     }

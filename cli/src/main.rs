@@ -3,6 +3,8 @@
 
 mod bench;
 mod bucket;
+mod cluster;
+mod cluster_cmd;
 mod cost;
 mod datadir;
 mod http;
@@ -59,6 +61,14 @@ enum Cmd {
         /// With --from: start even though a spin-down to that bucket did not finish.
         #[arg(long)]
         force: bool,
+        /// Join the cluster of the node whose transport (cluster_listen) is at ADDR; overrides
+        /// the `join` setting. A new data folder becomes a new node of that cluster.
+        #[arg(long, value_name = "ADDR")]
+        join: Option<String>,
+        /// The cluster token (`tidepool cluster token` on a cluster node); overrides
+        /// `cluster_token`.
+        #[arg(long)]
+        token: Option<String>,
     },
     /// Make the filesystem read-only, upload every dirty block, write a manifest and switch
     /// LATEST to it: afterwards the nodes may be terminated.
@@ -77,6 +87,12 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// The nodes of the cluster: list, remove.
+    #[command(subcommand)]
+    Node(cluster_cmd::NodeCmd),
+    /// The cluster: `tidepool cluster token`.
+    #[command(subcommand)]
+    Cluster(cluster_cmd::ClusterCmd),
     /// S3 access keys of the running node: create, list, revoke.
     #[command(subcommand)]
     Keys(keys::KeysCmd),
@@ -142,7 +158,15 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn run(cli: Cli) -> Result<()> {
     let mut settings = load_settings(&cli)?;
     match cli.cmd {
-        Cmd::Up { bucket, from, rehydrate, force } => {
+        Cmd::Up { bucket, from, rehydrate, force, join, token } => {
+            if let Some(j) = join {
+                settings.join = Some(j);
+            }
+            if let Some(t) = token {
+                settings.cluster_token = Some(t);
+                settings.cluster_token_file = None;
+            }
+            settings.validate()?;
             if let Some(b) = bucket {
                 tidepool_tiering::parse_bucket_url(&b)?;
                 settings.bucket = Some(b);
@@ -161,6 +185,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Snapshot => spin::snapshot(&settings.http_listen, &settings.data_dir),
         Cmd::Rehydrate(RehydrateCmd::Status { json }) => spin::rehydrate_status(&settings.http_listen, json),
         Cmd::Status { addr, json } => up::status(&addr.unwrap_or(settings.http_listen), json),
+        Cmd::Node(cmd) => cluster_cmd::run_node(cmd, &settings.data_dir, &settings.http_listen),
+        Cmd::Cluster(cmd) => cluster_cmd::run_cluster(cmd, &settings.data_dir),
         Cmd::Keys(cmd) => keys::run(cmd, &settings.data_dir, &settings.http_listen),
         Cmd::Tier(cmd) => tier::run(cmd, &settings.data_dir, &settings.http_listen),
         Cmd::Pin { path } => tier::pin(&path, true, &settings.data_dir, &settings.http_listen),

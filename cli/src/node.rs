@@ -27,6 +27,8 @@ pub struct Node {
     /// rehydration finished.
     pub rehydrate: Option<crate::spin::Marker>,
     rehydrate_task: Option<tokio::task::JoinHandle<()>>,
+    /// The cluster side: transport, peer handler, address book (see `cluster`).
+    pub cluster: Arc<crate::cluster::Cluster>,
 }
 
 fn tier_config(s: &Settings, capacity_bytes: u64) -> TierConfig {
@@ -97,6 +99,26 @@ fn bind_bucket(data_dir: &Path, s: &Settings) -> Result<String> {
     }
 }
 
+/// Waits (up to 30 s) until this node has applied what the cluster committed, so that the
+/// filesystem opens on the current namespace (a joiner's, or a restarted node's that missed
+/// commits). Without a quorum (the whole cluster restarting) it goes on with what it has.
+async fn catch_up(meta: &MetaGroup<MetaState>) {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        match meta.read_barrier().await {
+            Ok(()) => return,
+            Err(e) if tokio::time::Instant::now() >= deadline => {
+                tracing::warn!(error = %e, "cannot catch up with the cluster; opening with the local state");
+                return;
+            }
+            Err(e) => {
+                tracing::info!(error = %e, "catching up with the cluster");
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
 impl Node {
     /// Open the data folder (initialising it on first use), the device, the block store,
     /// the meta group and the filesystem. With `from` (`up --from URL` and its rehydrate
@@ -109,17 +131,28 @@ impl Node {
         if let Some((url, _)) = &from {
             settings.bucket = Some(url.clone());
         }
+        if from.is_some() && settings.join.is_some() {
+            return Err("--from and --join do not go together: a cluster comes up from a bucket on its first node, \
+                        the others join it"
+                .into());
+        }
+        // The transport is bound (and a joiner's token checked) before the folder is touched.
+        let prepared = crate::cluster::prepare(&settings).await?;
+        let cluster = prepared.cluster.clone();
         let dev_path = settings.device_path();
         let init_settings = settings.clone();
         let rt = tokio::runtime::Handle::current();
+        let identity = prepared.identity.clone();
         let data = tokio::task::block_in_place(|| {
-            DataDir::open(&settings.data_dir, |dir| {
+            DataDir::open_as(&settings.data_dir, identity, |dir| {
                 std::fs::create_dir_all(dir.join("objects"))?;
                 let dev = open_device(&init_settings.device_path(), &device_options(&init_settings))?;
                 rt.block_on(BlockStore::format(dev, store_options(&init_settings)))?;
                 Ok(())
             })
         })?;
+        let mut data = data;
+        cluster.folder_opened(&data)?;
         if !dev_path.exists() {
             return Err(format!(
                 "NVMe device {} is missing; this node's hot data is gone (refusing to start)",
@@ -133,6 +166,7 @@ impl Node {
         let raft_opts = RaftOptions {
             node_id: data.superblock.node_id,
             snapshot_log_bytes: settings.snapshot_log_size.0,
+            join: prepared.join.is_some(),
             ..RaftOptions::default()
         };
         let meta_dir = data.path.join("meta");
@@ -175,7 +209,17 @@ impl Node {
             }
             _ => {}
         }
-        let meta = tokio::task::block_in_place(|| MetaGroup::open(&meta_dir, raft_opts, initial))?;
+        let net = cluster.raft_net();
+        let meta = tokio::task::block_in_place(|| MetaGroup::open_with(&meta_dir, raft_opts, initial, Some(net)))?;
+        cluster.attach_inbox(meta.inbox());
+        if let Some(seed) = &prepared.join
+            && !meta.status().voters.contains(&data.superblock.node_id)
+        {
+            data.node_key = Arc::new(cluster.join(seed, &data.path).await?);
+        }
+        if meta.status().voters.len() > 1 || prepared.join.is_some() {
+            catch_up(&meta).await;
+        }
         if let Some((l, epoch, url, mode)) = loaded {
             // The manifest's state is the meta group's only if the folder held none before.
             let same = meta.read(|s| s.manifest_epoch == l.state.manifest_epoch && s.applied == l.state.applied);
@@ -191,10 +235,22 @@ impl Node {
         let fs_opts = FsOptions { block_size: settings.block_size.0 as usize, ..FsOptions::default() };
         let (fs, report) = Fs::open(meta, store.clone(), Arc::new(SystemClock), fs_opts).await?;
         let fs = Arc::new(fs);
+        cluster.serve(&fs, data.node_key.clone());
         let cfg = tier_config(&settings, store.stats().capacity_bytes);
         let tier = Tier::new(&fs, objects, cfg, Arc::new(SystemClock));
         tier.set_manifest_settings(crate::spin::manifest_settings(&settings));
-        Ok(Node { settings, data, fs, report, engine, tier, tier_task: None, rehydrate: marker, rehydrate_task: None })
+        Ok(Node {
+            settings,
+            data,
+            fs,
+            report,
+            engine,
+            tier,
+            tier_task: None,
+            rehydrate: marker,
+            rehydrate_task: None,
+            cluster,
+        })
     }
 
     /// Resume or start rehydration if this namespace came from a manifest and it is not done.
@@ -242,6 +298,7 @@ impl Node {
         }
         let fs = Arc::try_unwrap(fs).map_err(|_| "fs still in use at shutdown")?;
         fs.shutdown().await?;
+        self.cluster.shutdown().await;
         Ok(())
     }
 }

@@ -7,7 +7,9 @@
 //! manage keys).
 //!
 //! When nodes form a cluster, the meta group is shared and so must be the key that seals its
-//! secrets: a cluster key distributed at join replaces (or wraps) this per-node key then.
+//! secrets: a joining node gets the leader's key in the join answer (sealed under a key
+//! derived from the cluster secret, `cluster::ClusterToken::wrap_key`) and stores it as its
+//! own `node.key` ([`NodeKey::install`]), so every node of a cluster has the same key.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -78,6 +80,18 @@ impl NodeKey {
         rand::rngs::OsRng.fill_bytes(&mut key);
         write_private(&path, &key).map_err(|source| NodeKeyError::Io { path: path.display().to_string(), source })?;
         Ok((NodeKey { key }, true))
+    }
+
+    /// The raw key, to hand to a joining node (sealed: see `cluster::ClusterToken::wrap_key`).
+    pub fn bytes(&self) -> &[u8; KEY_LEN] {
+        &self.key
+    }
+
+    /// Replace `<data_dir>/node.key` with `key` (a joining node takes the cluster's key).
+    pub fn install(data_dir: &Path, key: [u8; KEY_LEN]) -> Result<NodeKey, NodeKeyError> {
+        let path = Self::path(data_dir);
+        write_private(&path, &key).map_err(|source| NodeKeyError::Io { path: path.display().to_string(), source })?;
+        Ok(NodeKey { key })
     }
 
     #[cfg(test)]

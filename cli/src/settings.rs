@@ -178,6 +178,21 @@ pub struct Settings {
     pub nfs_anon_uid: u32,
     /// Default 65534 (nogroup).
     pub nfs_anon_gid: u32,
+    /// Node-to-node transport (Raft, block replicas, joins). Default `127.0.0.1:7100`.
+    pub cluster_listen: String,
+    /// The transport address other nodes use to reach this one. Default: `cluster_listen`.
+    pub cluster_advertise: Option<String>,
+    /// Copies of a dirty block on distinct nodes before a write is acknowledged. Default: 2 in
+    /// a cluster, 1 alone (a cluster with fewer nodes than this keeps one copy per node).
+    pub replicas: Option<usize>,
+    /// Join the cluster of the node at this transport address (`up --join ADDR`). Default: none
+    /// (a new data folder starts a new cluster of one).
+    pub join: Option<String>,
+    /// `<cluster id>.<secret hex>`, as `tidepool cluster token` prints it (`up --token`). Needed
+    /// to join; a node that has joined keeps it in `<data_dir>/cluster.token`. Default: none.
+    pub cluster_token: Option<String>,
+    /// A file holding the cluster token (instead of `cluster_token`). Default: none.
+    pub cluster_token_file: Option<PathBuf>,
 }
 
 /// A CIDR list from a TOML array of strings or one comma-separated string.
@@ -234,6 +249,12 @@ impl Default for Settings {
             nfs_root_squash: false,
             nfs_anon_uid: 65534,
             nfs_anon_gid: 65534,
+            cluster_listen: "127.0.0.1:7100".into(),
+            cluster_advertise: None,
+            replicas: None,
+            join: None,
+            cluster_token: None,
+            cluster_token_file: None,
         }
     }
 }
@@ -288,7 +309,7 @@ impl Settings {
         Ok(s)
     }
 
-    fn validate(&self) -> Result<(), SettingsError> {
+    pub fn validate(&self) -> Result<(), SettingsError> {
         let bad = |key, value: String, reason: &str| Err(SettingsError::Invalid { key, value, reason: reason.into() });
         let bs = self.block_size.0;
         if !(4096..=16 << 20).contains(&bs) || !bs.is_multiple_of(4096) {
@@ -368,6 +389,37 @@ impl Settings {
         {
             return bad("dirty_high", h.to_string(), "must not be above dirty_limit");
         }
+        self.validate_cluster()
+    }
+
+    fn validate_cluster(&self) -> Result<(), SettingsError> {
+        let bad = |key, value: String, reason: &str| Err(SettingsError::Invalid { key, value, reason: reason.into() });
+        if self.cluster_listen.parse::<std::net::SocketAddr>().is_err() {
+            return bad("cluster_listen", self.cluster_listen.clone(), "must be an address like 127.0.0.1:7100");
+        }
+        if let Some(a) = &self.cluster_advertise
+            && a.parse::<std::net::SocketAddr>().is_err()
+        {
+            return bad("cluster_advertise", a.clone(), "must be an address like 10.0.0.5:7100");
+        }
+        if let Some(a) = &self.join
+            && a.parse::<std::net::SocketAddr>().is_err()
+        {
+            return bad("join", a.clone(), "must be the transport address of a cluster node, like 127.0.0.1:7100");
+        }
+        if let Some(r) = self.replicas
+            && !(1..=16).contains(&r)
+        {
+            return bad("replicas", r.to_string(), "must be between 1 and 16");
+        }
+        if self.cluster_token.is_some() && self.cluster_token_file.is_some() {
+            return bad("cluster_token_file", "(set)".into(), "give cluster_token or cluster_token_file, not both");
+        }
+        if let Some(t) = &self.cluster_token
+            && let Err(e) = crate::cluster::ClusterToken::parse(t)
+        {
+            return bad("cluster_token", "(hidden)".into(), &e);
+        }
         Ok(())
     }
 
@@ -400,6 +452,37 @@ mod tests {
         assert_eq!("123".parse::<ByteSize>().unwrap().0, 123);
         assert!("4 parsecs".parse::<ByteSize>().is_err());
         assert!("lots".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn cluster_settings() {
+        let s = Settings::load(None, env(&[])).unwrap();
+        assert_eq!((s.cluster_listen.as_str(), s.cluster_advertise.as_deref()), ("127.0.0.1:7100", None));
+        assert_eq!((s.replicas, s.join.as_deref()), (None, None));
+        let tok = format!("{}.{}", "ab".repeat(16), "cd".repeat(32));
+        let s = Settings::load(
+            None,
+            env(&[
+                ("TIDEPOOL_CLUSTER_LISTEN", "127.0.0.2:7100"),
+                ("TIDEPOOL_JOIN", "127.0.0.1:7100"),
+                ("TIDEPOOL_REPLICAS", "3"),
+                ("TIDEPOOL_CLUSTER_TOKEN", tok.as_str()),
+            ]),
+        )
+        .unwrap();
+        assert_eq!((s.cluster_listen.as_str(), s.replicas), ("127.0.0.2:7100", Some(3)));
+        for (k, v, want) in [
+            ("TIDEPOOL_CLUSTER_LISTEN", "nowhere", "cluster_listen"),
+            ("TIDEPOOL_CLUSTER_ADVERTISE", "x:y", "cluster_advertise"),
+            ("TIDEPOOL_JOIN", "node1", "join"),
+            ("TIDEPOOL_REPLICAS", "0", "replicas"),
+            ("TIDEPOOL_CLUSTER_TOKEN", "nodot", "cluster_token"),
+            ("TIDEPOOL_CLUSTER_TOKEN", "abc.zz", "cluster_token"),
+        ] {
+            let e = Settings::load(None, env(&[(k, v)])).unwrap_err().to_string();
+            assert!(e.contains(want), "{k}={v}: {e}");
+            assert!(!e.contains("zz"), "the token is not echoed: {e}");
+        }
     }
 
     #[test]

@@ -68,7 +68,9 @@ pub async fn run(settings: Settings, from: Option<(String, String)>, force_from:
         admin: Some(Arc::new(Admin { fs: node.fs.clone(), node_key })),
         tier: node.tier.clone(),
         manifest_settings: crate::spin::manifest_settings(s),
+        cluster: Some(node.cluster.clone()),
     });
+    node.cluster.announce(&node.fs, s3_endpoint.clone(), format!("nfs://{nfs_addr}/"), src.http.clone());
     let stat = node.fs.stat();
     println!(
         "tidepool {} is up ({})",
@@ -124,6 +126,7 @@ pub async fn run(settings: Settings, from: Option<(String, String)>, force_from:
             m.epoch
         );
     }
+    crate::cluster_cmd::print_banner(&node.cluster, &node.fs, node.data_dir());
     println!("Ctrl-C to stop.");
     node.start_tiering();
     node.start_rehydration();
@@ -199,6 +202,10 @@ pub fn status(addr: &str, json: bool) -> Result<()> {
     );
     if let Some(e) = v.pointer("/object_store/last_upload_error").and_then(|x| x.as_str()) {
         println!("               last upload failed: {e}");
+    }
+    if let Some(c) = v.get("cluster").filter(|c| c["nodes"].as_array().is_some_and(|n| n.len() > 1)) {
+        println!();
+        crate::cluster_cmd::print_nodes(c);
     }
     Ok(())
 }

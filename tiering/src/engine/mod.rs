@@ -285,7 +285,10 @@ impl Tier {
         let mut last_gc = tokio::time::Instant::now();
         let mut swept = false;
         while !self.stop.load(Ordering::SeqCst) {
-            match self.upload_round(false).await {
+            // In a cluster, uploads, manifests and GC are the leader's alone (one writer of the
+            // bucket and of the object table); eviction and read-through run on every node.
+            let leader = self.fs().map(|f| f.meta().is_leader()).unwrap_or(false);
+            match if leader { self.upload_round(false).await } else { Ok(RoundReport::default()) } {
                 Ok(r) if r.objects > 0 => tracing::debug!(objects = r.objects, bytes = r.bytes, "tiering: uploaded"),
                 Ok(_) => {}
                 Err(TierEngineError::Stopped) => return,
@@ -297,14 +300,14 @@ impl Tier {
             if let Some(every) = self.cfg.snapshot_interval {
                 let due = lock(&self.last_manifest).is_none_or(|t| t.elapsed() >= every);
                 let read_only = self.fs().map(|f| f.is_read_only()).unwrap_or(true);
-                if due && !read_only {
+                if due && !read_only && leader {
                     if let Err(e) = self.write_manifest(self.manifest_settings()).await {
                         tracing::warn!(error = %e, "periodic manifest failed; next interval");
                     }
                     *lock(&self.last_manifest) = Some(std::time::Instant::now());
                 }
             }
-            if !swept || last_gc.elapsed() >= self.cfg.gc_interval {
+            if leader && (!swept || last_gc.elapsed() >= self.cfg.gc_interval) {
                 match self.gc(!swept).await {
                     Ok(r) => {
                         swept = true;
