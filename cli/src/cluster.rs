@@ -40,7 +40,7 @@ use tidepool_cluster::{
     Command, Handler, MetaGroup, MetaState, RaftInbox, RaftNet, Request, Response, Transport, TransportConfig,
     TransportError,
 };
-use tidepool_fs::Fs;
+use tidepool_fs::{Fs, PeerError};
 
 use crate::datadir::anyhow_free::Result;
 use crate::nodekey::NodeKey;
@@ -383,6 +383,7 @@ impl Cluster {
 
     /// The filesystem is open: serve block requests and joins, keep the address book.
     pub fn serve(self: &Arc<Self>, fs: &Arc<Fs>, node_key: Arc<NodeKey>) {
+        fs.set_peers(TransportPeers::new(self, fs));
         self.handler.fs.set(Arc::downgrade(fs)).ok();
         self.handler.node_key.set(node_key).ok();
         let me = self.clone();
@@ -396,12 +397,14 @@ impl Cluster {
             }
         });
         self.tasks.lock().expect("tasks lock").push(task);
+        // The leader gives dirty blocks short of copies (a node lost) their copies again.
+        self.tasks.lock().expect("tasks lock").push(fs.spawn_repair(Duration::from_secs(15)));
     }
 
     /// Make the transport's address book equal to `meta.nodes` (self excepted). A peer the
     /// book has and `meta.nodes` lacks is removed only once this node's own record is there
     /// (a joiner's state may still be catching up) and it is no voter.
-    fn sync_peers(&self, meta: &MetaGroup<MetaState>) {
+    pub fn sync_peers(&self, meta: &MetaGroup<MetaState>) {
         let nodes: BTreeMap<u64, String> = meta.read(|s| s.nodes.iter().map(|(k, v)| (*k, v.addr.clone())).collect());
         for (id, addr) in &nodes {
             if *id != self.node_id && !addr.is_empty() {
@@ -552,6 +555,89 @@ fn local_stats(fs: &Fs) -> serde_json::Value {
         "capacity_bytes": st.capacity_bytes, "used_bytes": st.used_bytes,
         "live_bytes": st.live_bytes, "blocks": st.blocks,
     })
+}
+
+/// [`tidepool_fs::Peers`] over the transport: the members that hold blocks are the voters
+/// recorded in `meta.nodes` (this node always counts once it is a voter).
+pub struct TransportPeers {
+    transport: Arc<Transport>,
+    node_id: u64,
+    fs: Weak<Fs>,
+}
+
+impl TransportPeers {
+    pub fn new(cluster: &Cluster, fs: &Arc<Fs>) -> Arc<TransportPeers> {
+        Arc::new(TransportPeers { transport: cluster.transport.clone(), node_id: cluster.node_id, fs: Arc::downgrade(fs) })
+    }
+
+    async fn call(&self, node: u64, req: Request, body: Bytes) -> std::result::Result<(Response, Bytes), PeerError> {
+        match self.transport.call(node, req, body).await {
+            Ok((Response::Err { kind, message }, _)) => Err(match kind {
+                ErrKind::NotFound => PeerError::NotFound,
+                ErrKind::NoSpace => PeerError::NoSpace,
+                ErrKind::Unavailable | ErrKind::NotLeader { .. } => PeerError::Unavailable(message),
+                ErrKind::Invalid | ErrKind::Io => PeerError::Other(format!("node {node}: {message}")),
+            }),
+            Ok(answer) => Ok(answer),
+            Err(e) => Err(PeerError::Unavailable(format!("node {node}: {e}"))),
+        }
+    }
+}
+
+fn unexpected(node: u64, r: &Response) -> PeerError {
+    PeerError::Other(format!("node {node} answered {r:?}"))
+}
+
+#[async_trait::async_trait]
+impl tidepool_fs::Peers for TransportPeers {
+    fn local_id(&self) -> u64 {
+        self.node_id
+    }
+
+    fn nodes(&self) -> Vec<u64> {
+        let Some(fs) = self.fs.upgrade() else { return vec![self.node_id] };
+        let voters = fs.meta().status().voters;
+        let known = fs.meta().read(|s| voters.iter().copied().filter(|id| s.nodes.contains_key(id)).collect::<Vec<_>>());
+        let mut out = known;
+        if voters.contains(&self.node_id) && !out.contains(&self.node_id) {
+            out.push(self.node_id);
+        }
+        if out.is_empty() {
+            out.push(self.node_id);
+        }
+        out
+    }
+
+    async fn put_block(&self, node: u64, id: u64, data: Bytes) -> std::result::Result<(), PeerError> {
+        match self.call(node, Request::PutBlock { id }, data).await? {
+            (Response::Ok, _) => Ok(()),
+            (r, _) => Err(unexpected(node, &r)),
+        }
+    }
+
+    async fn get_block(&self, node: u64, id: u64, offset: u32, len: u32) -> std::result::Result<Vec<u8>, PeerError> {
+        match self.call(node, Request::GetBlock { id, offset, len }, Bytes::new()).await? {
+            (Response::Block, body) if body.len() == len as usize => Ok(body.to_vec()),
+            (Response::Block, body) => {
+                Err(PeerError::Other(format!("node {node} sent {} bytes of block {id}, asked {len}", body.len())))
+            }
+            (r, _) => Err(unexpected(node, &r)),
+        }
+    }
+
+    async fn delete_blocks(&self, node: u64, ids: &[u64]) -> std::result::Result<(), PeerError> {
+        match self.call(node, Request::DeleteBlocks { ids: ids.to_vec() }, Bytes::new()).await? {
+            (Response::Ok, _) => Ok(()),
+            (r, _) => Err(unexpected(node, &r)),
+        }
+    }
+
+    async fn has_blocks(&self, node: u64, ids: &[u64]) -> std::result::Result<Vec<bool>, PeerError> {
+        match self.call(node, Request::HasBlocks { ids: ids.to_vec() }, Bytes::new()).await? {
+            (Response::Has { present }, _) => Ok(present),
+            (r, _) => Err(unexpected(node, &r)),
+        }
+    }
 }
 
 struct TransportNet(Arc<Transport>);

@@ -49,9 +49,10 @@ pub fn not_leader(cluster: &Cluster, fs: &Fs, path: &str) -> Option<(u16, String
     let error = match (&http, leader) {
         (_, 0) => format!("{path} runs on the leader and there is none right now; retry in a few seconds"),
         (Some(h), l) => format!(
-            "{path} runs on the leader: node {l} at http {h} (this is node {}); run the command there \
-             (e.g. TIDEPOOL_HTTP_LISTEN={h})",
-            cluster.node_id
+            "{path} runs on the leader: node {l} at {h} (this is node {}); run the command there \
+             (TIDEPOOL_HTTP_LISTEN={})",
+            cluster.node_id,
+            h.trim_start_matches("http://")
         ),
         (None, l) => format!("{path} runs on the leader, node {l}, whose http address is not known yet; retry"),
     };

@@ -212,6 +212,9 @@ impl Node {
         let net = cluster.raft_net();
         let meta = tokio::task::block_in_place(|| MetaGroup::open_with(&meta_dir, raft_opts, initial, Some(net)))?;
         cluster.attach_inbox(meta.inbox());
+        // The address book from the recorded members, before anything needs a peer (a
+        // restarted node answers the leader and catches up through it).
+        cluster.sync_peers(&meta);
         if let Some(seed) = &prepared.join
             && !meta.status().voters.contains(&data.superblock.node_id)
         {
@@ -232,7 +235,16 @@ impl Node {
             crate::spin::write_marker(&data.path, &m)?;
             marker = Some(m);
         }
-        let fs_opts = FsOptions { block_size: settings.block_size.0 as usize, ..FsOptions::default() };
+        // A member of a multi-node cluster keeps unreferenced blocks a while at open (they may
+        // be replicas of a write another node has not committed yet). `replicas` defaults to 2:
+        // a node alone keeps one copy (placement takes at most one per node).
+        let member = meta.status().voters.len() > 1 || prepared.join.is_some();
+        let fs_opts = FsOptions {
+            block_size: settings.block_size.0 as usize,
+            replicas: settings.replicas.unwrap_or(2),
+            orphan_grace: member.then_some(std::time::Duration::from_secs(300)),
+            ..FsOptions::default()
+        };
         let (fs, report) = Fs::open(meta, store.clone(), Arc::new(SystemClock), fs_opts).await?;
         let fs = Arc::new(fs);
         cluster.serve(&fs, data.node_key.clone());
