@@ -56,7 +56,9 @@
 //!
 //! Frame = Raft                          body = protobuf raft::eraftpb::Message
 //!       | Request  { id: u64, req }     body = block bytes for PutBlock, else empty
-//!       | Response { id: u64, resp }    body = block bytes for Block, else empty
+//!       | Response { id: u64, resp }    body = block bytes for Block; for Joined, the cluster's
+//!                                     node key sealed under the cluster secret (the binary's
+//!                                     `cluster.rs`); else empty
 //! ```
 //!
 //! A frame over either bound closes the connection (the other connections are unaffected).

@@ -80,6 +80,8 @@ pub enum Response {
     Has {
         present: Vec<bool>,
     },
+    /// body = what the joiner needs beyond the membership, opaque here (the binary sends the
+    /// cluster's node key, sealed under a key derived from the cluster secret).
     Joined {
         leader_id: u64,
         peers: Vec<(u64, String)>,
