@@ -47,7 +47,9 @@ impl ReadAhead {
                 Some(s) => {
                     // Ranges before this READ are passed: drop them.
                     while s.ahead.front().is_some_and(|ah| ah.offset < offset) {
-                        s.ahead.pop_front().map(|ah| ah.task.abort());
+                        if let Some(ah) = s.ahead.pop_front() {
+                            ah.task.abort();
+                        }
                     }
                     let hit =
                         s.ahead.front().is_some_and(|ah| ah.offset == offset && ah.len == len && ah.stamp == stamp(a));

@@ -79,15 +79,15 @@ impl WriteBehind {
             let res = fs.write(ino, offset, &data).await;
             drop(data);
             drop(permit);
-            if let Ok(mut files) = this.files.lock() {
-                if let Some(q) = files.get_mut(&ino) {
-                    q.running.retain(|r| r.0 != id);
-                    if let Err(e) = res {
-                        q.error.get_or_insert(map_err(e));
-                    }
-                    if q.running.is_empty() && q.error.is_none() {
-                        files.remove(&ino);
-                    }
+            if let Ok(mut files) = this.files.lock()
+                && let Some(q) = files.get_mut(&ino)
+            {
+                q.running.retain(|r| r.0 != id);
+                if let Err(e) = res {
+                    q.error.get_or_insert(map_err(e));
+                }
+                if q.running.is_empty() && q.error.is_none() {
+                    files.remove(&ino);
                 }
             }
             let _ = tx.send(true);
