@@ -10,8 +10,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 use tidepool_cluster::meta::{
-    AccessKey, Applied, BlockId, Command, Ino, InodeKind, MetaError, MetaState, NewBlock, NewKind, ObjectKind,
-    TieredBlock,
+    AccessKey, Applied, BlockId, Command, Ino, InodeKind, MetaError, MetaState, NewBlock, NewKind, NodeInfo,
+    ObjectKind, TieredBlock,
 };
 
 /// An abstract command: selectors are resolved against the state in `concrete`.
@@ -35,6 +35,9 @@ enum Op {
     PutAccessKey { id: u8, seal: u8 },
     DeleteAccessKey { id: u8 },
     Publish { parent: u8, name: u8, lens: Vec<u32>, ids: u8, keys: Vec<u8> },
+    SetNode { id: u8, port: u16 },
+    DropNode { id: u8 },
+    SetFrozen { frozen: bool },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -62,6 +65,9 @@ fn op() -> impl Strategy<Value = Op> {
         1 => sel().prop_map(|id| Op::DeleteAccessKey { id }),
         3 => (sel(), sel(), proptest::collection::vec(1u32..5_000, 0..4), sel(), proptest::collection::vec(sel(), 0..3))
             .prop_map(|(parent, name, lens, ids, keys)| Op::Publish { parent, name, lens, ids, keys }),
+        1 => (0u8..4, any::<u16>()).prop_map(|(id, port)| Op::SetNode { id, port }),
+        1 => (0u8..4).prop_map(|id| Op::DropNode { id }),
+        1 => any::<bool>().prop_map(|frozen| Op::SetFrozen { frozen }),
     ]
 }
 
@@ -235,6 +241,12 @@ fn concrete(s: &MetaState, op: &Op, now: i64) -> Command {
             let xattrs = keys.iter().map(|&k| (key(k), "v".to_string())).collect();
             Command::Publish { parent, name, blocks, xattrs, mode: 0o100644, uid: 1, gid: 2, now }
         }
+        Op::SetNode { id, port } => Command::SetNode {
+            id: u64::from(id) + 1,
+            info: NodeInfo { addr: format!("127.0.0.1:{port}"), joined: now, ..NodeInfo::default() },
+        },
+        Op::DropNode { id } => Command::DropNode { id: u64::from(id) + 1 },
+        Op::SetFrozen { frozen } => Command::SetFrozen { frozen },
     }
 }
 
@@ -457,6 +469,9 @@ fn generator_reaches_successful_commands() {
         "PutAccessKey",
         "DeleteAccessKey",
         "Publish",
+        "SetNode",
+        "DropNode",
+        "SetFrozen",
     ] {
         assert!(ok.get(k).copied().unwrap_or(0) > 0, "no successful {k}: {ok:?}");
     }
@@ -483,5 +498,8 @@ fn cmd_kind(cmd: &Command) -> &'static str {
         Command::PutAccessKey { .. } => "PutAccessKey",
         Command::DeleteAccessKey { .. } => "DeleteAccessKey",
         Command::Publish { .. } => "Publish",
+        Command::SetNode { .. } => "SetNode",
+        Command::DropNode { .. } => "DropNode",
+        Command::SetFrozen { .. } => "SetFrozen",
     }
 }

@@ -233,8 +233,21 @@ impl Fs {
         self.read_only.store(on, Ordering::SeqCst);
     }
 
+    /// Read-only here (`set_read_only`) or cluster-wide (`freeze`).
     pub fn is_read_only(&self) -> bool {
-        self.read_only.load(Ordering::SeqCst)
+        self.read_only.load(Ordering::SeqCst) || self.meta.read(|s| s.frozen)
+    }
+
+    /// Makes every node of the cluster refuse writes (`true`, spin-down) or take them again:
+    /// a replicated flag, through the meta group.
+    pub async fn freeze(&self, frozen: bool) -> Result<()> {
+        self.meta.propose(Command::SetFrozen { frozen }).await??;
+        Ok(())
+    }
+
+    /// Whether the cluster-wide write freeze is on.
+    pub fn is_frozen(&self) -> bool {
+        self.meta.read(|s| s.frozen)
     }
 
     fn check_writable(&self) -> Result<()> {

@@ -96,6 +96,7 @@ impl MetaState {
             manifest_epoch: 0,
             manifest_oldest_retained: 0,
             nodes: BTreeMap::new(),
+            frozen: false,
         }
     }
 
@@ -159,6 +160,10 @@ impl MetaState {
             }
             Command::DropNode { id } => {
                 self.nodes.remove(id);
+                Ok(Applied::default())
+            }
+            Command::SetFrozen { frozen } => {
+                self.frozen = *frozen;
                 Ok(Applied::default())
             }
             Command::Concat { dst, srcs, now } => self.concat(*dst, srcs, *now),

@@ -55,6 +55,8 @@ pub struct MetaState {
     pub manifest_oldest_retained: u64,
     /// Cluster nodes by Raft id, with their addresses. Snapshot version 4 on.
     pub nodes: BTreeMap<u64, NodeInfo>,
+    /// Writes are refused on every node (a spin-down is under way or done). Version 4 on.
+    pub frozen: bool,
 }
 
 impl MetaState {

@@ -103,6 +103,7 @@ impl From<MetaStateV2> for MetaState {
             manifest_epoch: 0,
             manifest_oldest_retained: 0,
             nodes: BTreeMap::new(),
+            frozen: false,
         }
     }
 }
@@ -140,6 +141,7 @@ impl From<MetaStateV3> for MetaState {
             manifest_epoch: v.manifest_epoch,
             manifest_oldest_retained: v.manifest_oldest_retained,
             nodes: BTreeMap::new(),
+            frozen: false,
         }
     }
 }

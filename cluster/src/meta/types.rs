@@ -299,6 +299,11 @@ pub enum Command {
     DropNode {
         id: u64,
     },
+    /// Spin-down: every node refuses writes while `frozen` (the flag is replicated, so a
+    /// write through any node is refused, not only through the node running the spin-down).
+    SetFrozen {
+        frozen: bool,
+    },
 }
 
 /// A member of the cluster as the meta group records it: where its transport, front ends and

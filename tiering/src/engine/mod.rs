@@ -270,6 +270,19 @@ impl Tier {
 
     /// Runs the background loop (uploads every `interval`, eviction, GC every `gc_interval`)
     /// until [`Tier::stop`].
+    /// A leader that finds the cluster-wide write freeze on with no spin-down of its own
+    /// behind it (the node that ran the spin-down failed, or the cluster restarted after one)
+    /// lifts it: a restart makes the namespace writable again, as it did on a node alone.
+    async fn lift_stale_freeze(&self) {
+        let Ok(fs) = self.fs() else { return };
+        if fs.is_frozen() && !self.spin.running.load(Ordering::SeqCst) && !self.spin.done_here.load(Ordering::SeqCst) {
+            match fs.freeze(false).await {
+                Ok(()) => tracing::info!("write freeze of an earlier spin-down lifted: this leader did not run it"),
+                Err(e) => tracing::warn!(error = %e, "cannot lift the write freeze"),
+            }
+        }
+    }
+
     pub fn spawn(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
         let tier = self.clone();
         tokio::spawn(async move { tier.run().await })
@@ -288,6 +301,9 @@ impl Tier {
             // In a cluster, uploads, manifests and GC are the leader's alone (one writer of the
             // bucket and of the object table); eviction and read-through run on every node.
             let leader = self.fs().map(|f| f.meta().is_leader()).unwrap_or(false);
+            if leader {
+                self.lift_stale_freeze().await;
+            }
             match if leader { self.upload_round(false).await } else { Ok(RoundReport::default()) } {
                 Ok(r) if r.objects > 0 => tracing::debug!(objects = r.objects, bytes = r.bytes, "tiering: uploaded"),
                 Ok(_) => {}

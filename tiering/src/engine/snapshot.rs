@@ -39,6 +39,8 @@ pub struct SpinDownProgress {
     pub uploaded_bytes_start: AtomicU64,
     pub started: std::sync::Mutex<Option<Instant>>,
     pub result: std::sync::Mutex<Option<std::result::Result<ManifestReport, String>>>,
+    /// A spin-down finished on this node: its cluster-wide write freeze is meant to stay.
+    pub done_here: AtomicBool,
 }
 
 /// Files with at least one dirty block, and dirty bytes.
@@ -196,6 +198,8 @@ impl Tier {
         let res = async {
             let fs = self.fs()?;
             fs.set_read_only(true);
+            // Every node of the cluster stops taking writes, not only this one.
+            fs.freeze(true).await?;
             let (dirty, files) = fs.meta().read(|s| (s.dirty_bytes, dirty_files(s)));
             drop(fs);
             p.dirty_bytes_start.store(dirty, Ordering::SeqCst);
@@ -218,6 +222,15 @@ impl Tier {
             Ok::<_, TierEngineError>(report)
         }
         .await;
+        if res.is_err()
+            && let Ok(fs) = self.fs()
+            && let Err(e) = fs.freeze(false).await
+        {
+            tracing::warn!(error = %e, "spin-down failed and the cluster-wide write freeze could not be lifted");
+        }
+        if res.is_ok() {
+            p.done_here.store(true, Ordering::SeqCst);
+        }
         p.phase.store(if res.is_ok() { 3 } else { 4 }, Ordering::SeqCst);
         *lock(&p.result) = Some(res.as_ref().map(Clone::clone).map_err(|e| e.to_string()));
         p.running.store(false, Ordering::SeqCst);
