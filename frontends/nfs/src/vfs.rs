@@ -432,10 +432,12 @@ impl NFSFileSystem for TidepoolNfs {
         let r = async {
             let cred = self.cred()?;
             let fs = self.fs()?;
-            Self::check_data(&fs.getattr(id).map_err(map_err)?, &cred, R)?;
-            self.writes.drain(id).await;
+            let mut a = fs.getattr(id).map_err(map_err)?;
+            Self::check_data(&a, &cred, R)?;
             // The attributes after the pending writes: the size for eof, the stamp for read-ahead.
-            let a = fs.getattr(id).map_err(map_err)?;
+            if self.writes.drain(id).await {
+                a = fs.getattr(id).map_err(map_err)?;
+            }
             if a.kind != InodeKind::File {
                 return Err(if a.kind == InodeKind::Dir { nfsstat3::NFS3ERR_ISDIR } else { nfsstat3::NFS3ERR_INVAL });
             }

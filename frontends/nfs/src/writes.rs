@@ -95,15 +95,18 @@ impl WriteBehind {
         Ok(())
     }
 
-    /// Wait until every write to `ino` accepted so far is durable (or failed).
-    pub async fn drain(&self, ino: u64) {
+    /// Wait until every write to `ino` accepted so far is durable (or failed). False if there
+    /// was none to wait for.
+    pub async fn drain(&self, ino: u64) -> bool {
         let waits: Vec<watch::Receiver<bool>> = match self.files.lock() {
             Ok(files) => files.get(&ino).map(|q| q.running.iter().map(|r| r.3.clone()).collect()).unwrap_or_default(),
             Err(_) => Vec::new(),
         };
+        let any = !waits.is_empty();
         for rx in waits {
             wait_done(rx).await;
         }
+        any
     }
 
     /// Drain `ino`, then take the error a background write to it met, if any.
