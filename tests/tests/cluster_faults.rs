@@ -121,13 +121,22 @@ impl Cluster {
     }
 
     fn spawn(&mut self, i: usize) {
-        let data = self.root.path().join(format!("node{i}"));
+        self.spawn_in(i, &format!("node{i}"), &[]);
+    }
+
+    /// Starts node i (namespace i) on data folder `name`; node 1 starts a cluster (with
+    /// `first_args`, e.g. `--from URL`), the others join node 1.
+    fn spawn_in(&mut self, i: usize, name: &str, first_args: &[&str]) {
+        let data = self.root.path().join(name);
         let ip = self.lab.ip(i);
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.lab.ns(i)]).arg(tidepool_bin()).arg("up");
         let fresh = !data.join("cluster.token").exists();
         if i != 1 && fresh {
             cmd.args(["--join", &format!("{}:{CLUSTER}", self.lab.ip(1)), "--token", &self.token]);
+        }
+        if i == 1 {
+            cmd.args(first_args);
         }
         cmd.current_dir(self.root.path())
             .env("TIDEPOOL_DATA_DIR", &data)
@@ -407,4 +416,59 @@ fn a_cut_off_node_stops_writing_and_catches_up_after_healing() {
         std::thread::sleep(Duration::from_millis(500));
     }
     assert!(c.get(others[0], "part/minority").is_none(), "the unacknowledged write must not appear");
+}
+
+#[test]
+fn three_nodes_spin_down_and_two_nodes_serve_every_file() {
+    let mut c = Cluster::start(3);
+    c.mkbucket(1, "ckpt");
+    let mut files = BTreeMap::new();
+    for n in 0..12u64 {
+        // Small files (packed) and files of a few blocks (chunked), written through every node.
+        let len = if n % 3 == 0 { (2 << 20) + 4321 * n as usize } else { 5000 + 777 * n as usize };
+        let f = c.root.path().join(format!("w{n}"));
+        std::fs::write(&f, pattern(100 + n, len)).unwrap();
+        let key = format!("ckpt/step-{n}");
+        assert!(c.put(1 + (n as usize % 3), &key, &f, 30), "put {key}");
+        files.insert(key, (100 + n, len));
+    }
+    let leader = c.wait_leader(None, Duration::from_secs(20));
+    let out = Command::new(tidepool_bin())
+        .arg("spin-down")
+        .env("TIDEPOOL_DATA_DIR", c.root.path().join(format!("node{leader}")))
+        .env("TIDEPOOL_HTTP_LISTEN", format!("{}:{HTTP}", c.lab.ip(leader)))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "spin-down: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Frozen everywhere: a write through another node is refused.
+    let other = (1..=3).find(|i| *i != leader).unwrap();
+    let f = c.root.path().join("late");
+    std::fs::write(&f, b"late").unwrap();
+    assert!(!c.put(other, "ckpt/late", &f, 20), "a write through node {other} after the spin-down was acknowledged");
+    for i in 1..=3 {
+        c.kill(i);
+    }
+    // A new cluster of two from the bucket: node 1 rehydrates, node 2 joins it.
+    c.nodes.clear();
+    let url = format!("file://{}", c.root.path().join("bucket").display());
+    c.spawn_in(1, "new1", &["--from", &url]);
+    c.token = std::fs::read_to_string(c.root.path().join("new1/cluster.token")).unwrap().trim().to_string();
+    c.spawn_in(2, "new2", &[]);
+    c.wait_voters(2);
+    for i in [1, 2] {
+        for (key, (seed, len)) in &files {
+            let got = c.get(i, key);
+            assert!(
+                got.as_deref() == Some(&pattern(*seed, *len)[..]),
+                "new node {i}: {key} missing or wrong\n{}",
+                c.log(i)
+            );
+        }
+        assert!(c.get(i, "ckpt/late").is_none());
+    }
 }
