@@ -33,6 +33,15 @@ if ! command -v nfs-ls >/dev/null || ! command -v nfs-cp >/dev/null || ! command
         echo "test.sh: libnfs's tools are needed (apt-get install libnfs-utils)" >&2
     fi
 fi
+# The cluster fault tests (tests/tests/cluster_faults.rs) put each node in its own network
+# namespace (`ip netns`, iproute2; as root) so a node can be cut off for real.
+if ! command -v ip >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        apt-get update -qq && apt-get install -y -qq iproute2 >/dev/null
+    else
+        echo "test.sh: iproute2 (ip) is needed for the cluster fault tests (apt-get install iproute2)" >&2
+    fi
+fi
 # The Azure Blob tests start Azurite's blob service (npm) themselves; install it into a
 # git-ignored folder of the repo (nodejs and npm from Debian if npm is missing). 3.35.0 is the
 # release known to work with the SDK version and the Debian nodejs here.
