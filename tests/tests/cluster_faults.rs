@@ -321,14 +321,17 @@ fn killing_the_leader_20_times_loses_no_acknowledged_write() {
     // key -> seed of every acknowledged write (a key is written once).
     let mut acked: BTreeMap<String, u64> = BTreeMap::new();
     let mut seed = 0u64;
+    let mut stalls = Vec::new();
     for round in 0..20 {
         let leader = c.wait_leader(None, Duration::from_secs(20));
         let others: Vec<usize> = (1..=3).filter(|i| *i != leader).collect();
         // Writes before, during and after the kill, through the two followers.
         let writes_per_phase = 2;
+        let mut killed_at = None;
         for phase in 0..3 {
             if phase == 1 {
                 c.kill(leader);
+                killed_at = Some(Instant::now());
             }
             for _ in 0..writes_per_phase {
                 seed += 1;
@@ -348,6 +351,9 @@ fn killing_the_leader_20_times_loses_no_acknowledged_write() {
             }
             if phase == 1 {
                 c.wait_leader(Some(leader), Duration::from_secs(15));
+                // The first two writes after the kill: their time is the clients' stall.
+                let stall = killed_at.map(|t| t.elapsed()).unwrap_or_default();
+                stalls.push(stall.as_secs_f64());
             }
         }
         // With the old leader still down, what was acknowledged reads back through a
@@ -370,6 +376,12 @@ fn killing_the_leader_20_times_loses_no_acknowledged_write() {
     let (s3, nfs) =
         acked.keys().fold((0, 0), |(a, b), k| if k.starts_with("data/s3-") { (a + 1, b) } else { (a, b + 1) });
     eprintln!("20 rounds: {} of {seed} writes acknowledged ({s3} through S3, {nfs} through NFS)", acked.len());
+    stalls.sort_by(f64::total_cmp);
+    eprintln!(
+        "kill to 4 writes done and a new leader agreed: median {:.2} s, max {:.2} s",
+        stalls[stalls.len() / 2],
+        stalls[stalls.len() - 1]
+    );
     assert!(acked.len() >= 100 && s3 > 0 && nfs > 0, "only {} of {seed} writes were acknowledged", acked.len());
     let bucket = c.root.path().join("bucket");
     let tiered = walk(&bucket.join("chunks")) + walk(&bucket.join("packs"));
