@@ -123,7 +123,15 @@ impl Node {
     /// Open the data folder (initialising it on first use), the device, the block store,
     /// the meta group and the filesystem. With `from` (`up --from URL` and its rehydrate
     /// mode), a new data folder starts from the bucket's `LATEST` manifest.
-    pub async fn open(settings: Settings) -> Result<Node> {
+    /// For the offline commands (`tidepool fs`, the workload): no peers are served, so the
+    /// transport listens on a free loopback port whatever `cluster_listen` says, and a join is
+    /// refused (a data folder is joined by `tidepool up`).
+    pub async fn open(mut settings: Settings) -> Result<Node> {
+        if settings.join.is_some() {
+            return Err("join a cluster with `tidepool up --join`, not with an offline command".into());
+        }
+        settings.cluster_listen = "127.0.0.1:0".into();
+        settings.cluster_advertise = None;
         Self::open_from(settings, None, false).await
     }
 

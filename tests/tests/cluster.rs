@@ -4,7 +4,9 @@
 //! the token; `node list` shows three reachable voters; files written through S3 on node 2
 //! read back byte for byte through nodes 3 and 1; the leader is SIGKILLed, a new one is
 //! elected, writes through the two survivors succeed and read back on each other; the killed
-//! node restarts, catches up and reads the new files.
+//! node restarts, catches up and reads the new files; `status` lists every node; `tier flush`
+//! and removing the leader are refused on a follower with the leader named; a follower is
+//! removed (dirty blocks to the bucket first) and every file still reads through the other two.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -231,7 +233,46 @@ fn three_nodes_form_replicate_fail_over_and_catch_up() {
         let got = nodes[li].get(&key, &format!("s3://data/{name}"), &dir.path().join(format!("{name}.back")));
         assert!(got == *bytes, "{name} through the restarted node differs");
     }
-    for n in &mut nodes {
-        n.stop();
+    // `status` shows the cluster; leader-only work on a follower names the leader.
+    let leader_id = nodes[li].nodes()["leader_id"].as_u64().unwrap();
+    let lead = ids.iter().position(|id| *id == leader_id).unwrap();
+    let follower = (0..3).find(|i| *i != lead).unwrap();
+    let other = (0..3).find(|i| *i != lead && *i != follower).unwrap();
+    let status = ok({
+        let mut c = nodes[follower].cmd();
+        c.arg("status");
+        c
+    });
+    for id in &ids {
+        assert!(status.contains(&id.to_string()), "status lists node {id}:\n{status}");
+    }
+    let cli = |i: usize, args: &[&str]| {
+        let mut c = nodes[i].cmd();
+        c.args(args);
+        run(c)
+    };
+    let out = cli(follower, &["tier", "flush"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("runs on the leader") && err.contains(&nodes[lead].http()), "{err}");
+    let out = cli(follower, &["node", "remove", &leader_id.to_string()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("is the leader"), "{err}");
+
+    // Removing a follower (asked on the other follower: the CLI follows the leader): its dirty
+    // blocks go to the bucket first, and every file still reads through the two that remain.
+    let out = cli(follower, &["node", "remove", &ids[other].to_string()]);
+    assert!(out.status.success(), "node remove: {}", String::from_utf8_lossy(&out.stderr));
+    let left = nodes[lead].nodes();
+    assert_eq!(voters(&left).len(), 2, "{left:#}");
+    assert!(!voters(&left).contains(&ids[other]));
+    nodes[other].stop();
+    for i in [lead, follower] {
+        for (name, bytes) in files.iter().chain(&more) {
+            let got = nodes[i].get(&key, &format!("s3://data/{name}"), &dir.path().join(format!("{name}.{i}.left")));
+            assert!(got == *bytes, "{name} through {} after the removal differs", nodes[i].ip);
+        }
+    }
+    for i in [lead, follower] {
+        nodes[i].stop();
     }
 }
