@@ -182,7 +182,8 @@ fn read_token_setting(s: &Settings) -> Result<Option<ClusterToken>> {
         return Ok(Some(ClusterToken::parse(t).map_err(|e| format!("cluster_token: {e}"))?));
     }
     if let Some(p) = &s.cluster_token_file {
-        let t = std::fs::read_to_string(p).map_err(|e| format!("cannot read cluster_token_file={}: {e}", p.display()))?;
+        let t =
+            std::fs::read_to_string(p).map_err(|e| format!("cannot read cluster_token_file={}: {e}", p.display()))?;
         return Ok(Some(ClusterToken::parse(&t).map_err(|e| format!("cluster_token_file={}: {e}", p.display()))?));
     }
     Ok(None)
@@ -291,14 +292,8 @@ pub async fn prepare(s: &Settings) -> Result<Prepared> {
         Some(seed) => Some(seed.clone()),
         None => None,
     };
-    let cluster = Arc::new(Cluster {
-        transport,
-        token,
-        node_id,
-        advertise,
-        handler,
-        tasks: std::sync::Mutex::new(Vec::new()),
-    });
+    let cluster =
+        Arc::new(Cluster { transport, token, node_id, advertise, handler, tasks: std::sync::Mutex::new(Vec::new()) });
     cluster.handler.cluster.set(Arc::downgrade(&cluster)).ok();
     Ok(Prepared { cluster, identity, join })
 }
@@ -542,10 +537,7 @@ async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>)
 }
 
 fn now_nanos() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_nanos() as i64)
-        .unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as i64).unwrap_or(0)
 }
 
 /// This node's device numbers, as `Stats` answers them.
@@ -567,7 +559,11 @@ pub struct TransportPeers {
 
 impl TransportPeers {
     pub fn new(cluster: &Cluster, fs: &Arc<Fs>) -> Arc<TransportPeers> {
-        Arc::new(TransportPeers { transport: cluster.transport.clone(), node_id: cluster.node_id, fs: Arc::downgrade(fs) })
+        Arc::new(TransportPeers {
+            transport: cluster.transport.clone(),
+            node_id: cluster.node_id,
+            fs: Arc::downgrade(fs),
+        })
     }
 
     async fn call(&self, node: u64, req: Request, body: Bytes) -> std::result::Result<(Response, Bytes), PeerError> {
@@ -597,7 +593,8 @@ impl tidepool_fs::Peers for TransportPeers {
     fn nodes(&self) -> Vec<u64> {
         let Some(fs) = self.fs.upgrade() else { return vec![self.node_id] };
         let voters = fs.meta().status().voters;
-        let known = fs.meta().read(|s| voters.iter().copied().filter(|id| s.nodes.contains_key(id)).collect::<Vec<_>>());
+        let known =
+            fs.meta().read(|s| voters.iter().copied().filter(|id| s.nodes.contains_key(id)).collect::<Vec<_>>());
         let mut out = known;
         if voters.contains(&self.node_id) && !out.contains(&self.node_id) {
             out.push(self.node_id);
@@ -740,7 +737,10 @@ impl NodeHandler {
         }
         let _one = self.join_lock.lock().await;
         if node_id <= 1 || node_id == st.node_id {
-            return err(ErrKind::Invalid, format!("node id {node_id} cannot join (0 and 1 are reserved, or it is the leader's)"));
+            return err(
+                ErrKind::Invalid,
+                format!("node id {node_id} cannot join (0 and 1 are reserved, or it is the leader's)"),
+            );
         }
         if addr.parse::<std::net::SocketAddr>().is_err() {
             return err(ErrKind::Invalid, format!("not a transport address addr={addr}"));
@@ -752,7 +752,9 @@ impl NodeHandler {
         {
             return err(ErrKind::Invalid, format!("node id {node_id} is already used by {}", n.addr));
         }
-        if let Some((other, _)) = nodes.iter().find(|(id, n)| **id != node_id && n.addr == addr && st.voters.contains(id)) {
+        if let Some((other, _)) =
+            nodes.iter().find(|(id, n)| **id != node_id && n.addr == addr && st.voters.contains(id))
+        {
             return err(
                 ErrKind::Invalid,
                 format!("address {addr} is node {other}'s; remove it first (`tidepool node remove {other}`)"),
@@ -775,7 +777,11 @@ impl NodeHandler {
         }
         tracing::info!(node_id, %addr, "node joined the cluster");
         let mut peers: Vec<(u64, String)> = meta.read(|s| {
-            s.nodes.iter().filter(|(id, n)| **id != node_id && !n.addr.is_empty()).map(|(id, n)| (*id, n.addr.clone())).collect()
+            s.nodes
+                .iter()
+                .filter(|(id, n)| **id != node_id && !n.addr.is_empty())
+                .map(|(id, n)| (*id, n.addr.clone()))
+                .collect()
         });
         if !peers.iter().any(|(id, _)| *id == st.node_id) {
             peers.push((st.node_id, cluster.advertise.clone()));

@@ -87,7 +87,9 @@ pub async fn remove_route(cluster: &Cluster, fs: &Fs, tier: &tidepool_tiering::T
     // bucket has the bytes afterwards (clean blocks are read from it).
     let flushed = match tier.flush_all().await {
         Ok(r) => r,
-        Err(e) => return fail(503, format!("cannot upload the dirty blocks before removing node {id}: {e}; nothing changed")),
+        Err(e) => {
+            return fail(503, format!("cannot upload the dirty blocks before removing node {id}: {e}; nothing changed"));
+        }
     };
     if let Err(e) = meta.propose(Command::DropNode { id }).await {
         return fail(503, format!("cannot record the removal of node {id}: {e}"));
@@ -95,7 +97,10 @@ pub async fn remove_route(cluster: &Cluster, fs: &Fs, tier: &tidepool_tiering::T
     if st.voters.contains(&id)
         && let Err(e) = meta.remove_node(id).await
     {
-        return fail(503, format!("node {id} is dropped from the node table but not from the voters: {e}; run it again"));
+        return fail(
+            503,
+            format!("node {id} is dropped from the node table but not from the voters: {e}; run it again"),
+        );
     }
     cluster.transport.remove_peer(id);
     tracing::info!(node_id = id, flushed_bytes = flushed.bytes, "node removed from the cluster");
@@ -109,7 +114,8 @@ pub async fn remove_route(cluster: &Cluster, fs: &Fs, tier: &tidepool_tiering::T
 /// The `up` banner's cluster lines.
 pub fn print_banner(cluster: &Arc<Cluster>, fs: &Fs, data_dir: &Path) {
     let st = fs.meta().status();
-    let role = if st.leader_id == st.node_id { "leader".to_string() } else { format!("leader is node {}", st.leader_id) };
+    let role =
+        if st.leader_id == st.node_id { "leader".to_string() } else { format!("leader is node {}", st.leader_id) };
     println!(
         "  cluster       node {} of {} ({} voters; {role}), transport {}",
         cluster.node_id,
@@ -190,13 +196,11 @@ pub fn run_node(cmd: NodeCmd, data_dir: &Path, addr: &str) -> Result<()> {
 }
 
 pub fn print_nodes(v: &serde_json::Value) {
+    println!("cluster {}  leader {}  term {}", v["cluster_id"].as_str().unwrap_or("?"), v["leader_id"], v["term"]);
     println!(
-        "cluster {}  leader {}  term {}",
-        v["cluster_id"].as_str().unwrap_or("?"),
-        v["leader_id"],
-        v["term"]
+        "{:<20} {:<8} {:<6} {:<9} {:<22} {:<28} {:<28} {:>10} {:>10}",
+        "ID", "ROLE", "VOTER", "REACHABLE", "CLUSTER", "S3", "HTTP", "NVME USED", "CAPACITY"
     );
-    println!("{:<20} {:<8} {:<6} {:<9} {:<22} {:<28} {:<28} {:>10} {:>10}", "ID", "ROLE", "VOTER", "REACHABLE", "CLUSTER", "S3", "HTTP", "NVME USED", "CAPACITY");
     for n in v["nodes"].as_array().map(Vec::as_slice).unwrap_or(&[]) {
         let role = if n["leader"].as_bool() == Some(true) { "leader" } else { "follower" };
         let b = |k: &str| n["stats"][k].as_u64().map(human_bytes).unwrap_or_else(|| "?".into());

@@ -177,8 +177,10 @@ fn three_nodes_form_replicate_fail_over_and_catch_up() {
     assert_eq!(voters(&nodes[2].nodes()).len(), 3);
 
     // Files through node 2, read through nodes 3 and 1.
-    let files: Vec<(String, Vec<u8>)> =
-        [(1u64, 10usize), (2, (1 << 20) + 1), (3, 9 << 20)].iter().map(|(s, n)| (format!("f{s}"), pattern(*s, *n))).collect();
+    let files: Vec<(String, Vec<u8>)> = [(1u64, 10usize), (2, (1 << 20) + 1), (3, 9 << 20)]
+        .iter()
+        .map(|(s, n)| (format!("f{s}"), pattern(*s, *n)))
+        .collect();
     let out = nodes[1].aws(&key, &["s3", "mb", "s3://data"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for (name, bytes) in &files {
