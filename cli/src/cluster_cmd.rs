@@ -112,7 +112,7 @@ pub async fn remove_route(cluster: &Cluster, fs: &Fs, tier: &tidepool_tiering::T
 }
 
 /// The `up` banner's cluster lines.
-pub fn print_banner(cluster: &Arc<Cluster>, fs: &Fs, data_dir: &Path) {
+pub fn print_banner(cluster: &Arc<Cluster>, fs: &Fs, data_dir: &Path, replicas: usize) {
     let st = fs.meta().status();
     let role =
         if st.leader_id == st.node_id { "leader".to_string() } else { format!("leader is node {}", st.leader_id) };
@@ -122,6 +122,13 @@ pub fn print_banner(cluster: &Arc<Cluster>, fs: &Fs, data_dir: &Path) {
         cluster.token.cluster_id,
         st.voters.len(),
         cluster.advertise
+    );
+    let members = fs.meta().read(|m| st.voters.iter().filter(|v| m.nodes.contains_key(v)).count()).max(1);
+    let copies = replicas.min(members);
+    println!(
+        "  replicas      {copies} cop{} of each dirty block before a write is acknowledged{}",
+        if copies == 1 { "y" } else { "ies" },
+        if replicas > members { format!(" (replicas={replicas}, but {members} node(s) hold blocks)") } else { String::new() }
     );
     println!("  cluster token {} (0600; `tidepool cluster token` prints it)", ClusterToken::path(data_dir).display());
     println!(
@@ -184,7 +191,7 @@ pub fn run_node(cmd: NodeCmd, data_dir: &Path, addr: &str) -> Result<()> {
                     return Err(v["error"].as_str().unwrap_or(&answer).to_string().into());
                 }
                 println!(
-                    "removed node {id} (uploaded {} in {} objects first)",
+                    "removed node {id} (uploaded {} in {} objects first); stop its process now",
                     human_bytes(v["uploaded_bytes"].as_u64().unwrap_or(0)),
                     v["uploaded_objects"]
                 );

@@ -126,7 +126,7 @@ pub async fn run(settings: Settings, from: Option<(String, String)>, force_from:
             m.epoch
         );
     }
-    crate::cluster_cmd::print_banner(&node.cluster, &node.fs, node.data_dir());
+    crate::cluster_cmd::print_banner(&node.cluster, &node.fs, node.data_dir(), node.settings.replicas.unwrap_or(2));
     println!("Ctrl-C to stop.");
     node.start_tiering();
     node.start_rehydration();

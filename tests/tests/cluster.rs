@@ -235,8 +235,26 @@ fn three_nodes_form_replicate_fail_over_and_catch_up() {
         let got = nodes[li].get(&key, &format!("s3://data/{name}"), &dir.path().join(format!("{name}.back")));
         assert!(got == *bytes, "{name} through the restarted node differs");
     }
+    // A joined node restarts with neither --join nor --token: its folder keeps the token.
+    let joiner = (1..3).find(|i| *i != li).unwrap();
+    nodes[joiner].stop();
+    nodes[joiner].up(&[]);
+    let again = nodes[joiner].nodes();
+    assert!(again["nodes"].as_array().unwrap().iter().all(|n| n["reachable"] == true), "{again:#}");
+    let (name, bytes) = &more[0];
+    let got = nodes[joiner].get(&key, &format!("s3://data/{name}"), &dir.path().join("again"));
+    assert!(got == *bytes, "{name} through the restarted joiner differs");
+
     // `status` shows the cluster; leader-only work on a follower names the leader.
-    let leader_id = nodes[li].nodes()["leader_id"].as_u64().unwrap();
+    // (Restarting the joiner may have moved the leadership: wait for a leader.)
+    let since = Instant::now();
+    let leader_id = loop {
+        match nodes[li].nodes()["leader_id"].as_u64().unwrap() {
+            0 if since.elapsed() < Duration::from_secs(15) => std::thread::sleep(Duration::from_millis(100)),
+            0 => panic!("no leader 15 s after restarting a joiner"),
+            l => break l,
+        }
+    };
     let lead = ids.iter().position(|id| *id == leader_id).unwrap();
     let follower = (0..3).find(|i| *i != lead).unwrap();
     let other = (0..3).find(|i| *i != lead && *i != follower).unwrap();
