@@ -49,8 +49,6 @@ use crate::settings::Settings;
 pub const TOKEN_FILE: &str = "cluster.token";
 const SECRET_BYTES: usize = 32;
 const WRAP_LABEL: &[u8] = b"tidepool node key wrap";
-/// The default `cluster_listen`: when it is taken and was not asked for, a free port is used.
-const DEFAULT_LISTEN: &str = "127.0.0.1:7100";
 
 /// `<cluster id>.<secret hex>`.
 #[derive(Clone, PartialEq, Eq)]
@@ -259,22 +257,26 @@ pub async fn prepare(s: &Settings) -> Result<Prepared> {
     let mut cfg = TransportConfig {
         node_id,
         cluster_id: token.cluster_id.clone(),
-        listen: s.cluster_listen.clone(),
+        listen: s.cluster_listen().to_string(),
         secret: token.secret.clone(),
         ..Default::default()
     };
     let transport = match Transport::bind(cfg.clone(), handler.clone()).await {
         Ok(t) => t,
         Err(TransportError::Connect { source, .. })
-            if s.cluster_listen == DEFAULT_LISTEN && s.join.is_none() && existing_alone(&s.data_dir) =>
+            if s.cluster_listen.is_none() && s.join.is_none() && existing_alone(&s.data_dir) =>
         {
             // A node alone on the default port that someone else holds (another node on this
             // machine): any free port does until it is asked to be joinable.
-            tracing::warn!(error = %source, "cluster_listen={DEFAULT_LISTEN} is taken; using a free port (set cluster_listen to choose)");
+            tracing::warn!(
+                error = %source,
+                "cluster_listen={} is taken; using a free port (set cluster_listen to choose)",
+                crate::settings::DEFAULT_CLUSTER_LISTEN
+            );
             cfg.listen = "127.0.0.1:0".into();
             Transport::bind(cfg, handler.clone()).await?
         }
-        Err(e) => return Err(format!("cannot listen on cluster_listen={}: {e}", s.cluster_listen).into()),
+        Err(e) => return Err(format!("cannot listen on cluster_listen={}: {e}", s.cluster_listen()).into()),
     };
     let advertise = match &s.cluster_advertise {
         Some(a) => a.clone(),

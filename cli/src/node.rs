@@ -130,7 +130,7 @@ impl Node {
         if settings.join.is_some() {
             return Err("join a cluster with `tidepool up --join`, not with an offline command".into());
         }
-        settings.cluster_listen = "127.0.0.1:0".into();
+        settings.cluster_listen = Some("127.0.0.1:0".into());
         settings.cluster_advertise = None;
         Self::open_from(settings, None, false).await
     }

@@ -178,8 +178,10 @@ pub struct Settings {
     pub nfs_anon_uid: u32,
     /// Default 65534 (nogroup).
     pub nfs_anon_gid: u32,
-    /// Node-to-node transport (Raft, block replicas, joins). Default `127.0.0.1:7100`.
-    pub cluster_listen: String,
+    /// Node-to-node transport (Raft, block replicas, joins). Default `127.0.0.1:7100`; unset,
+    /// a node that never joined a cluster takes a free port when that one is taken (see
+    /// [`Settings::cluster_listen`]).
+    pub cluster_listen: Option<String>,
     /// The transport address other nodes use to reach this one. Default: `cluster_listen`.
     pub cluster_advertise: Option<String>,
     /// Copies of a dirty block on distinct nodes before a write is acknowledged. Default: 2 in
@@ -249,7 +251,7 @@ impl Default for Settings {
             nfs_root_squash: false,
             nfs_anon_uid: 65534,
             nfs_anon_gid: 65534,
-            cluster_listen: "127.0.0.1:7100".into(),
+            cluster_listen: None,
             cluster_advertise: None,
             replicas: None,
             join: None,
@@ -269,6 +271,9 @@ const NOT_SETTINGS: &[&str] = &[
     "TIDEPOOL_S3_ACCESS_KEY_ID",
     "TIDEPOOL_S3_SECRET_ACCESS_KEY",
 ];
+
+/// `cluster_listen` when it is not set.
+pub const DEFAULT_CLUSTER_LISTEN: &str = "127.0.0.1:7100";
 
 impl Settings {
     /// Load `file` (if given, it must exist; else `./tidepool.toml` if present), then overlay
@@ -394,8 +399,10 @@ impl Settings {
 
     fn validate_cluster(&self) -> Result<(), SettingsError> {
         let bad = |key, value: String, reason: &str| Err(SettingsError::Invalid { key, value, reason: reason.into() });
-        if self.cluster_listen.parse::<std::net::SocketAddr>().is_err() {
-            return bad("cluster_listen", self.cluster_listen.clone(), "must be an address like 127.0.0.1:7100");
+        if let Some(a) = &self.cluster_listen
+            && a.parse::<std::net::SocketAddr>().is_err()
+        {
+            return bad("cluster_listen", a.clone(), "must be an address like 127.0.0.1:7100");
         }
         if let Some(a) = &self.cluster_advertise
             && a.parse::<std::net::SocketAddr>().is_err()
@@ -425,6 +432,11 @@ impl Settings {
 
     pub fn device_path(&self) -> PathBuf {
         self.device_path.clone().unwrap_or_else(|| self.data_dir.join("nvme.img"))
+    }
+
+    /// The transport's address: the setting, else `127.0.0.1:7100`.
+    pub fn cluster_listen(&self) -> &str {
+        self.cluster_listen.as_deref().unwrap_or(DEFAULT_CLUSTER_LISTEN)
     }
 
     pub fn bucket_url(&self) -> String {
@@ -457,7 +469,7 @@ mod tests {
     #[test]
     fn cluster_settings() {
         let s = Settings::load(None, env(&[])).unwrap();
-        assert_eq!((s.cluster_listen.as_str(), s.cluster_advertise.as_deref()), ("127.0.0.1:7100", None));
+        assert_eq!((s.cluster_listen(), s.cluster_advertise.as_deref()), ("127.0.0.1:7100", None));
         assert_eq!((s.replicas, s.join.as_deref()), (None, None));
         let tok = format!("{}.{}", "ab".repeat(16), "cd".repeat(32));
         let s = Settings::load(
@@ -470,7 +482,7 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!((s.cluster_listen.as_str(), s.replicas), ("127.0.0.2:7100", Some(3)));
+        assert_eq!((s.cluster_listen(), s.replicas), ("127.0.0.2:7100", Some(3)));
         for (k, v, want) in [
             ("TIDEPOOL_CLUSTER_LISTEN", "nowhere", "cluster_listen"),
             ("TIDEPOOL_CLUSTER_ADVERTISE", "x:y", "cluster_advertise"),

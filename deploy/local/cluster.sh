@@ -81,7 +81,7 @@ for i in $(seq 1 "$n"); do
   echo "  node $i  S3 http://127.0.0.$i:${S3_PORT:-9000}  NFS nfs://127.0.0.$i:${NFS_PORT:-11111}/  status http://127.0.0.$i:${HTTP_PORT:-9100}/status  log $dir/node$i.log"
 done
 grep -E '^  (S3 key|try) ' "$dir/node1.log" | sed 's/^/  /' || true
-echo "  nodes: $bin --data-dir $dir/node1 node list   (TIDEPOOL_HTTP_LISTEN=127.0.0.1:${HTTP_PORT:-9100})"
+echo "  nodes         TIDEPOOL_HTTP_LISTEN=127.0.0.1:${HTTP_PORT:-9100} $bin --data-dir $dir/node1 node list"
 if [[ -n "${DETACH:-}" ]]; then
   echo "running in the background: cluster.sh stop $dir"
   trap - INT TERM
