@@ -399,10 +399,18 @@ impl Settings {
 
     fn validate_cluster(&self) -> Result<(), SettingsError> {
         let bad = |key, value: String, reason: &str| Err(SettingsError::Invalid { key, value, reason: reason.into() });
-        if let Some(a) = &self.cluster_listen
-            && a.parse::<std::net::SocketAddr>().is_err()
-        {
-            return bad("cluster_listen", a.clone(), "must be an address like 127.0.0.1:7100");
+        if let Some(a) = &self.cluster_listen {
+            match a.parse::<std::net::SocketAddr>() {
+                Err(_) => return bad("cluster_listen", a.clone(), "must be an address like 127.0.0.1:7100"),
+                Ok(sa) if sa.ip().is_unspecified() && self.cluster_advertise.is_none() => {
+                    return bad(
+                        "cluster_listen",
+                        a.clone(),
+                        "listens on every address: set cluster_advertise to the one other nodes reach this node at",
+                    );
+                }
+                Ok(_) => {}
+            }
         }
         if let Some(a) = &self.cluster_advertise
             && a.parse::<std::net::SocketAddr>().is_err()
@@ -485,6 +493,7 @@ mod tests {
         assert_eq!((s.cluster_listen(), s.replicas), ("127.0.0.2:7100", Some(3)));
         for (k, v, want) in [
             ("TIDEPOOL_CLUSTER_LISTEN", "nowhere", "cluster_listen"),
+            ("TIDEPOOL_CLUSTER_LISTEN", "0.0.0.0:7100", "cluster_advertise"),
             ("TIDEPOOL_CLUSTER_ADVERTISE", "x:y", "cluster_advertise"),
             ("TIDEPOOL_JOIN", "node1", "join"),
             ("TIDEPOOL_REPLICAS", "0", "replicas"),

@@ -2,7 +2,8 @@
 //! (127.a.b.1..3, the same ports on each): node 1 starts the cluster, a node with a wrong
 //! token is refused at join (and its data folder is never created), nodes 2 and 3 join with
 //! the token; `node list` shows three reachable voters; files written through S3 on node 2
-//! read back byte for byte through nodes 3 and 1; the leader is SIGKILLed, a new one is
+//! read back byte for byte through nodes 3 and 1 (and a file written with `nfs-cp` on node 3
+//! through S3 on node 1 and NFS on node 2); the leader is SIGKILLed, a new one is
 //! elected, writes through the two survivors succeed and read back on each other; the killed
 //! node restarts, catches up and reads the new files; `status` lists every node; `tier flush`
 //! and removing the leader are refused on a follower with the leader named; a follower is
@@ -194,6 +195,26 @@ fn three_nodes_form_replicate_fail_over_and_catch_up() {
             assert!(got == *bytes, "{name} through {} differs ({} bytes, want {})", n.ip, got.len(), bytes.len());
         }
     }
+
+    // NFS too: nfs-cp into node 3, read back through S3 on node 1 and nfs-cp on node 2.
+    let nfs_url = |n: &Node, path: &str| format!("nfs://{}/{path}?nfsport=11111&mountport=11111", n.ip);
+    let nfs_bytes = pattern(7, (4 << 20) + 3);
+    let p = dir.path().join("nfs.bin");
+    std::fs::write(&p, &nfs_bytes).unwrap();
+    ok({
+        let mut c = Command::new("nfs-cp");
+        c.arg(&p).arg(nfs_url(&nodes[2], "/data/nfs.bin"));
+        c
+    });
+    let got = nodes[0].get(&key, "s3://data/nfs.bin", &dir.path().join("nfs.bin.s3"));
+    assert!(got == nfs_bytes, "nfs.bin written through NFS on node 3 differs through S3 on node 1");
+    let back = dir.path().join("nfs.bin.nfs");
+    ok({
+        let mut c = Command::new("nfs-cp");
+        c.arg(nfs_url(&nodes[1], "/data/nfs.bin")).arg(&back);
+        c
+    });
+    assert!(std::fs::read(&back).unwrap() == nfs_bytes, "nfs.bin differs through NFS on node 2");
 
     // SIGKILL the leader; the two others elect a new one.
     let leader_id = list["leader_id"].as_u64().unwrap();
