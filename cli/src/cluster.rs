@@ -268,7 +268,7 @@ pub async fn prepare(s: &Settings) -> Result<Prepared> {
         {
             // A node alone on the default port that someone else holds (another node on this
             // machine): any free port does until it is asked to be joinable.
-            tracing::warn!(
+            tracing::info!(
                 error = %source,
                 "cluster_listen={} is taken; using a free port (set cluster_listen to choose)",
                 crate::settings::DEFAULT_CLUSTER_LISTEN
