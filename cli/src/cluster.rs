@@ -47,6 +47,8 @@ use crate::nodekey::NodeKey;
 use crate::settings::Settings;
 
 pub const TOKEN_FILE: &str = "cluster.token";
+/// Written once a joiner has the cluster's node key: it is a member (holds the seed it used).
+pub const JOINED_FILE: &str = "joined";
 const SECRET_BYTES: usize = 32;
 const WRAP_LABEL: &[u8] = b"tidepool node key wrap";
 
@@ -303,7 +305,7 @@ pub async fn prepare(s: &Settings) -> Result<Prepared> {
 /// Whether the folder is new or a node alone (never joined: no peers recorded). Only such a
 /// node may fall back to a free transport port.
 fn existing_alone(data_dir: &Path) -> bool {
-    !data_dir.join(crate::datadir::SUPERBLOCK).exists() || !data_dir.join("joined").exists()
+    !data_dir.join(crate::datadir::SUPERBLOCK).exists() || !data_dir.join(JOINED_FILE).exists()
 }
 
 fn join_error(seed: &str, e: &TransportError) -> String {
@@ -373,7 +375,7 @@ impl Cluster {
         }
         let key = self.token.unwrap_key(&body)?;
         let key = NodeKey::install(data_dir, key)?;
-        crate::datadir::write_atomic(&data_dir.join("joined"), format!("{seed}\n").as_bytes())?;
+        crate::datadir::write_atomic(&data_dir.join(JOINED_FILE), format!("{seed}\n").as_bytes())?;
         tracing::info!(node_id = self.node_id, leader_id, %seed, "joined the cluster");
         Ok(key)
     }

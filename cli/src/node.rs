@@ -223,10 +223,22 @@ impl Node {
         // The address book from the recorded members, before anything needs a peer (a
         // restarted node answers the leader and catches up through it).
         cluster.sync_peers(&meta);
-        if let Some(seed) = &prepared.join
-            && !meta.status().voters.contains(&data.superblock.node_id)
-        {
-            data.node_key = Arc::new(cluster.join(seed, &data.path).await?);
+        // A joiner joins until its folder records that it did (`joined`, written after the
+        // cluster's node key is stored): a join cut short is asked again (the leader answers a
+        // repeated join of the same id and address as the first), through --join or a member
+        // it already knows.
+        let node_id = data.superblock.node_id;
+        if node_id != 1 && !data.path.join(crate::cluster::JOINED_FILE).exists() {
+            let known = meta.read(|s| {
+                s.nodes.iter().find(|(id, n)| **id != node_id && !n.addr.is_empty()).map(|(_, n)| n.addr.clone())
+            });
+            let Some(seed) = prepared.join.clone().or(known) else {
+                return Err(format!(
+                    "node {node_id} never finished joining its cluster: start it with --join <a member's cluster address>"
+                )
+                .into());
+            };
+            data.node_key = Arc::new(cluster.join(&seed, &data.path).await?);
         }
         if meta.status().voters.len() > 1 || prepared.join.is_some() {
             catch_up(&meta).await;
