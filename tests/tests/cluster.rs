@@ -8,6 +8,7 @@
 //! node restarts, catches up and reads the new files; `status` lists every node; `tier flush`
 //! and removing the leader are refused on a follower with the leader named; a follower is
 //! removed (dirty blocks to the bucket first) and every file still reads through the other two.
+//! A second test spins a 3-node cluster down and brings a 2-node cluster up from its bucket.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -34,7 +35,11 @@ impl Drop for Node {
 
 impl Node {
     fn new(root: &Path, ip: String, name: &str) -> Node {
-        Node { ip, data: root.join(name), bucket: root.join("bucket"), child: None, banner: String::new() }
+        Node::with_bucket(root, ip, name, "bucket")
+    }
+
+    fn with_bucket(root: &Path, ip: String, name: &str, bucket: &str) -> Node {
+        Node { ip, data: root.join(name), bucket: root.join(bucket), child: None, banner: String::new() }
     }
 
     fn http(&self) -> String {
@@ -60,8 +65,12 @@ impl Node {
     }
 
     fn up(&mut self, args: &[&str]) {
+        self.up_with(args, &[]);
+    }
+
+    fn up_with(&mut self, args: &[&str], env: &[(&str, &str)]) {
         let mut c = self.cmd();
-        c.arg("up").args(args).stdout(Stdio::piped()).stderr(Stdio::null());
+        c.arg("up").args(args).envs(env.iter().copied()).stdout(Stdio::piped()).stderr(Stdio::null());
         let mut child = c.spawn().expect("start tidepool up");
         let banner = read_banner(&mut child);
         assert!(banner.contains("Ctrl-C"), "tidepool up at {} did not start:\n{banner}", self.ip);
@@ -315,5 +324,73 @@ fn three_nodes_form_replicate_fail_over_and_catch_up() {
     }
     for i in [lead, follower] {
         nodes[i].stop();
+    }
+}
+
+/// Issue 7, item 6: a 3-node cluster spins down (the leader makes every node read-only first:
+/// a write through a follower is refused), and a 2-node cluster comes up from the same bucket
+/// (`up --from` on its first node, the second joins) and serves every file through both.
+#[test]
+fn three_nodes_spin_down_and_two_come_up_from_the_bucket() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (rand::random::<u8>() % 200 + 20, rand::random::<u8>() % 250 + 1);
+    let ip = |i: u8| format!("127.{a}.{b}.{i}");
+    let mut nodes: Vec<Node> = (1..=3).map(|i| Node::new(dir.path(), ip(i), &format!("node{i}"))).collect();
+    nodes[0].up(&[]);
+    let key = banner_key(&nodes[0].banner);
+    let token = std::fs::read_to_string(nodes[0].data.join("cluster.token")).unwrap().trim().to_string();
+    let seed = format!("{}:7100", nodes[0].ip);
+    for n in &mut nodes[1..] {
+        n.up(&["--join", &seed, "--token", &token]);
+    }
+    let out = nodes[1].aws(&key, &["s3", "mb", "s3://data"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let files: Vec<(String, Vec<u8>)> =
+        (0..4u64).map(|i| (format!("f{i}"), pattern(40 + i, (3 << 20) + 1000 * i as usize))).collect();
+    for (k, (name, bytes)) in files.iter().enumerate() {
+        let p = dir.path().join(name);
+        std::fs::write(&p, bytes).unwrap();
+        nodes[k % 3].put(&key, &p, &format!("s3://data/{name}"));
+    }
+    let leader_id = nodes[0].nodes()["leader_id"].as_u64().unwrap();
+    let ids: Vec<u64> = nodes.iter().map(|n| n.nodes()["node_id"].as_u64().unwrap()).collect();
+    let lead = ids.iter().position(|id| *id == leader_id).unwrap();
+    let down = ok({
+        let mut c = nodes[lead].cmd();
+        c.arg("spin-down");
+        c
+    });
+    assert!(down.contains("LATEST now points at it"), "{down}");
+    let late = dir.path().join("late");
+    std::fs::write(&late, b"too late").unwrap();
+    let follower = (lead + 1) % 3;
+    let out = nodes[follower].aws(&key, &["s3", "cp", late.to_str().unwrap(), "s3://data/late"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("AccessDenied"), "a follower refuses writes after spin-down: {err}");
+    for n in &mut nodes {
+        n.stop();
+    }
+
+    // Two new nodes on other addresses, the same bucket.
+    let url = format!("file://{}", dir.path().join("bucket").display());
+    let mut new: Vec<Node> =
+        (5..=6).map(|i| Node::with_bucket(dir.path(), ip(i), &format!("new{i}"), "bucket")).collect();
+    let env = [("TIDEPOOL_S3_ACCESS_KEY_ID", key.0.as_str()), ("TIDEPOOL_S3_SECRET_ACCESS_KEY", key.1.as_str())];
+    new[0].up_with(&["--from", &url, "--rehydrate", "lazy"], &env);
+    let token = std::fs::read_to_string(new[0].data.join("cluster.token")).unwrap().trim().to_string();
+    let seed = format!("{}:7100", new[0].ip);
+    new[1].up(&["--join", &seed, "--token", &token]);
+    assert_eq!(voters(&new[1].nodes()).len(), 2);
+    for n in &new {
+        for (name, bytes) in &files {
+            let got = n.get(&key, &format!("s3://data/{name}"), &dir.path().join(format!("{name}.{}", n.ip)));
+            assert!(got == *bytes, "{name} through {} of the new cluster differs", n.ip);
+        }
+    }
+    let p = dir.path().join("after");
+    std::fs::write(&p, pattern(99, 12345)).unwrap();
+    new[1].put(&key, &p, "s3://data/after");
+    for n in &mut new {
+        n.stop();
     }
 }
