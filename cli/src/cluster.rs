@@ -476,7 +476,7 @@ impl Cluster {
                 _ => None,
             }
         });
-        let stats = futures_join_all(asks).await;
+        let stats = futures_util::future::join_all(asks).await;
         let list: Vec<serde_json::Value> = ids
             .iter()
             .zip(stats)
@@ -537,30 +537,6 @@ impl Cluster {
         }
         self.transport.shutdown().await;
     }
-}
-
-/// Runs the futures concurrently, answers in order (a handful: one per node).
-async fn futures_join_all<F: std::future::Future>(futs: impl Iterator<Item = F>) -> Vec<F::Output> {
-    let mut pending: Vec<_> = futs.map(|f| Some(Box::pin(f))).collect();
-    let mut results: Vec<Option<F::Output>> = (0..pending.len()).map(|_| None).collect();
-    std::future::poll_fn(|cx| {
-        let mut all = true;
-        for (i, slot) in pending.iter_mut().enumerate() {
-            if let Some(f) = slot {
-                match f.as_mut().poll(cx) {
-                    std::task::Poll::Ready(v) => {
-                        results[i] = Some(v);
-                        *slot = None;
-                    }
-                    std::task::Poll::Pending => all = false,
-                }
-            }
-        }
-        if all { std::task::Poll::Ready(()) } else { std::task::Poll::Pending }
-    })
-    .await;
-    // Invariant: every slot was filled before poll_fn returned Ready.
-    results.into_iter().map(|r| r.expect("every future finished")).collect()
 }
 
 fn now_nanos() -> i64 {
