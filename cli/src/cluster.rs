@@ -270,8 +270,8 @@ pub async fn prepare(s: &Settings) -> Result<Prepared> {
         Err(TransportError::Connect { source, .. })
             if s.cluster_listen.is_none() && s.join.is_none() && existing_alone(&s.data_dir) =>
         {
-            // A node alone on the default port that someone else holds (another node on this
-            // machine): any free port does until it is asked to be joinable.
+            // The default port held by someone else (another node on this machine): any free
+            // port does; `up` prints the one taken, which is the one to --join.
             tracing::info!(
                 error = %source,
                 "cluster_listen={} is taken; using a free port (set cluster_listen to choose)",
@@ -304,8 +304,10 @@ pub async fn prepare(s: &Settings) -> Result<Prepared> {
     Ok(Prepared { cluster, identity, join })
 }
 
-/// Whether the folder is new or a node alone (never joined: no peers recorded). Only such a
-/// node may fall back to a free transport port.
+/// Whether the folder never joined a cluster through `--join` (new, or the node that started
+/// its cluster). Only such a node may fall back to a free transport port when `cluster_listen`
+/// is unset and the default is taken; if others had joined it, it records its new address
+/// (`SetNode`) at start and their address books follow.
 fn existing_alone(data_dir: &Path) -> bool {
     !data_dir.join(crate::datadir::SUPERBLOCK).exists() || !data_dir.join(JOINED_FILE).exists()
 }
