@@ -136,23 +136,35 @@ now() { python3 -c 'import time; print(time.time())'; }
 RES=$OUT/results.txt
 : >"$RES"
 wait_quiet 600
+# Each case runs on both servers back to back (the order alternates by round), so the two
+# figures of a pair see the same machine; the load is recorded before each pair.
 for r in $(seq "$ROUNDS"); do
-  for s in tidepool ganesha; do
-    wait_quiet 60
-    echo "round=$r server=$s op=load load1=$(cut -d' ' -f1 /proc/loadavg)" >>"$RES"
+  if [ $((r % 2)) = 1 ]; then ORDER="tidepool ganesha"; else ORDER="ganesha tidepool"; fi
+  pair_start() { wait_quiet 60; echo "round=$r op=load case=$1 load1=$(cut -d' ' -f1 /proc/loadavg)" >>"$RES"; }
+  pair_start seq_write
+  for s in $ORDER; do
     log "round $r $s: nfs-cp write ${SIZE_MIB} MiB"
     drop; t=$(now); nfs-cp "$SRC" "$(url $s big-$r.bin)" >/dev/null; w=$(secs "$t")
+    echo "round=$r server=$s op=seq_write mib_per_sec=$(python3 -c "print(f'{$SIZE_MIB/$w:.0f}')") secs=$w" | tee -a "$RES"
+  done
+  pair_start seq_read
+  for s in $ORDER; do
     log "round $r $s: nfs-cp read"
     drop; t=$(now); nfs-cp "$(url $s big-$r.bin)" "$SINK" >/dev/null; rd=$(secs "$t"); rm -f "$SINK"
-    echo "round=$r server=$s op=seq_write mib_per_sec=$(python3 -c "print(f'{$SIZE_MIB/$w:.0f}')") secs=$w" | tee -a "$RES"
     echo "round=$r server=$s op=seq_read mib_per_sec=$(python3 -c "print(f'{$SIZE_MIB/$rd:.0f}')") secs=$rd" | tee -a "$RES"
+  done
+  pair_start small
+  for s in $ORDER; do
     log "round $r $s: $FILES small files"
     echo "round=$r server=$s $("$CLIENT" small 127.0.0.1 "${PORT[$s]}" "${MNT[$s]}" "${EXP[$s]}" "small-$r" "$FILES" "$FILE_BYTES" "$CONNS")" | tee -a "$RES"
+  done
+  pair_start randread
+  for s in $ORDER; do
     log "round $r $s: random 4 KiB reads"
     drop
     echo "round=$r server=$s $("$CLIENT" randread 127.0.0.1 "${PORT[$s]}" "${MNT[$s]}" "${EXP[$s]}" "big-$r.bin" "$READ_SECS" 4096 "$CONNS")" | tee -a "$RES"
-    "$CLIENT" rm 127.0.0.1 "${PORT[$s]}" "${MNT[$s]}" "${EXP[$s]}" "big-$r.bin"   # disk space
   done
+  for s in $ORDER; do "$CLIENT" rm 127.0.0.1 "${PORT[$s]}" "${MNT[$s]}" "${EXP[$s]}" "big-$r.bin"; done   # disk space
 done
 
 # ---------- table: median of the rounds ----------
