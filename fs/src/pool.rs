@@ -208,6 +208,9 @@ impl Fs {
     }
 }
 
+/// Block ids per `has_blocks` request of a repair pass.
+const HAS_BATCH: usize = 16_384;
+
 /// What one [`Fs::repair_replicas`] pass found and did.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RepairReport {
@@ -263,7 +266,19 @@ impl Fs {
             let res = if node == local {
                 Ok(ids.iter().map(|id| self.store.contains(*id)).collect())
             } else {
-                peers.has_blocks(node, &ids).await
+                // In batches: a request header is bounded (1 MiB), ids are 8 bytes or more.
+                let mut all = Vec::with_capacity(ids.len());
+                let mut res = Ok(());
+                for chunk in ids.chunks(HAS_BATCH) {
+                    match peers.has_blocks(node, chunk).await {
+                        Ok(h) => all.extend(h),
+                        Err(e) => {
+                            res = Err(e);
+                            break;
+                        }
+                    }
+                }
+                res.map(|()| all)
             };
             match res {
                 Ok(h) if h.len() == ids.len() => {

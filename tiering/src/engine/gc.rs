@@ -14,6 +14,9 @@ use super::upload::{Pick, Planned};
 use super::{Result, Tier, TierCounters};
 use crate::format::{ObjectId, ObjectKind, TRAILER_LEN, decode_index, decode_trailer};
 
+/// In a cluster, unrecorded objects younger than this are not swept (see `sweep_orphans`).
+pub const SWEEP_MIN_AGE_MS: u64 = 15 * 60 * 1000;
+
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct GcReport {
     pub deleted_objects: u64,
@@ -149,9 +152,13 @@ impl Tier {
         Ok(())
     }
 
-    /// Deletes bucket objects the meta group does not know (and no upload has in flight).
+    /// Deletes bucket objects the meta group does not know (and no upload has in flight; in a
+    /// cluster, and made in the last [`SWEEP_MIN_AGE_MS`]).
     async fn sweep_orphans(&self) -> Result<u64> {
         let mut n = 0;
+        let cluster = self.fs()?.meta().status().voters.len() > 1;
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         for dir in [ObjectKind::Chunk, ObjectKind::Pack] {
             let mut next = None;
             loop {
@@ -164,6 +171,12 @@ impl Tier {
                         continue;
                     }
                     if self.fs()?.meta().read(|s| s.objects.contains_key(&id.0)) {
+                        continue;
+                    }
+                    // In a cluster the in-flight set is this node's only: a deposed leader may
+                    // still be recording an object it uploaded. Only objects older than any
+                    // such upload can be (its record fails after `propose_timeout`).
+                    if cluster && now_ms.saturating_sub(id.created_unix_ms()) < SWEEP_MIN_AGE_MS {
                         continue;
                     }
                     self.objects.delete(&id.key(kind)).await?;

@@ -297,6 +297,9 @@ impl Tier {
     async fn run(self: Arc<Self>) {
         let mut last_gc = tokio::time::Instant::now();
         let mut swept = false;
+        // The orphan sweep runs on the first GC pass and then hourly (in a cluster, objects
+        // too young at one sweep are swept at a later one).
+        let mut last_sweep = tokio::time::Instant::now();
         while !self.stop.load(Ordering::SeqCst) {
             // In a cluster, uploads, manifests and GC are the leader's alone (one writer of the
             // bucket and of the object table); eviction and read-through run on every node.
@@ -324,9 +327,13 @@ impl Tier {
                 }
             }
             if leader && (!swept || last_gc.elapsed() >= self.cfg.gc_interval) {
-                match self.gc(!swept).await {
+                let sweep = !swept || last_sweep.elapsed() >= std::time::Duration::from_secs(3600);
+                match self.gc(sweep).await {
                     Ok(r) => {
                         swept = true;
+                        if sweep {
+                            last_sweep = tokio::time::Instant::now();
+                        }
                         if r.deleted_objects + r.rewritten_objects + r.orphans_deleted > 0 {
                             tracing::info!(?r, "tiering: gc");
                         }

@@ -35,9 +35,19 @@ impl ObjectKind {
 }
 
 impl ObjectId {
-    /// A fresh id from the thread's random number generator.
+    /// A fresh id: the creation time (unix milliseconds) in the top 48 bits, 80 random bits
+    /// below. GC tells young objects by it (`created_unix_ms`): an object a deposed leader is
+    /// still recording must not be swept as an orphan by the new one.
     pub fn random() -> Self {
-        ObjectId(rand::random())
+        let ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let low: u128 = rand::random::<u128>() & ((1u128 << 80) - 1);
+        ObjectId((u128::from(ms & ((1 << 48) - 1)) << 80) | low)
+    }
+
+    /// The creation time [`ObjectId::random`] put in the id (unix milliseconds). Ids made
+    /// before it did are random there: they read as some time between 1970 and 10889.
+    pub fn created_unix_ms(&self) -> u64 {
+        (self.0 >> 80) as u64
     }
 
     /// A fresh id from `rng`, for tests and simulations that seed their randomness.

@@ -120,3 +120,16 @@ fn chunk_builder_refuses_a_second_file() {
     b.add(1, 10, 0, b"a");
     b.add(2, 11, 0, b"b");
 }
+
+#[test]
+fn fresh_ids_carry_their_creation_time_and_stay_distinct() {
+    let before = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let ids: Vec<ObjectId> = (0..1000).map(|_| ObjectId::random()).collect();
+    let after = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    for id in &ids {
+        assert!((before..=after).contains(&id.created_unix_ms()), "{id}");
+    }
+    let distinct: std::collections::HashSet<u128> = ids.iter().map(|i| i.0).collect();
+    assert_eq!(distinct.len(), ids.len());
+    assert_eq!(ObjectId(42).created_unix_ms(), 0, "an id planted by hand reads as old");
+}
