@@ -62,6 +62,7 @@ cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -f "$SINK"
+  [ "${SRC_MADE:-0}" = 1 ] && rm -f "$SRC"
   # The servers' data (a device file of several GiB) goes; KEEP_DATA=1 keeps it.
   [ "${KEEP_DATA:-0}" = 1 ] || rm -rf "$OUT/tp-data" "$OUT/ganesha/export"
 }
@@ -78,10 +79,16 @@ wait_quiet() { # up to $1 seconds
 # ---------- servers ----------
 TP_PORT=$(free_port); TP_HTTP=$(free_port); TP_S3=$(free_port)
 G_PORT=$(free_port); G_MNT=$(free_port)
-rm -rf "$OUT/tp-data" "$OUT/ganesha"
-mkdir -p "$OUT/ganesha/export" "$OUT/ganesha/recovery"
 # One big file at a time (each round's is removed after it); room for two, and the small files.
 DEVICE_GIB=$(( (2 * SIZE_MIB + 1023) / 1024 + 2 ))
+rm -rf "$OUT/tp-data" "$OUT/ganesha"
+need_mib=$(( DEVICE_GIB * 1024 + SIZE_MIB + 2048 ))
+free_mib=$(df -Pm "$OUT" | awk 'NR==2 {print $4}')
+if [ "$free_mib" -lt "$need_mib" ]; then
+  log "only ${free_mib} MiB free on the disk of $OUT; this run needs ${need_mib} MiB (device ${DEVICE_GIB} GiB + Ganesha's copy + 2 GiB margin)"
+  exit 1
+fi
+mkdir -p "$OUT/ganesha/export" "$OUT/ganesha/recovery"
 # The cold tier is held back (TIERING=1: its defaults), as Ganesha has none: otherwise the
 # node's write-back copies each big file into its bucket (a local folder on the same disk by
 # default) during the runs, once the dirty bytes pass dirty_high (a quarter of the device) or
@@ -126,8 +133,10 @@ for s in tidepool ganesha; do
   nfs-ls "$(url $s '')" >/dev/null || { log "$s does not answer"; tail -20 "$OUT/$s.log" "$OUT/ganesha/ganesha.log" 2>/dev/null; exit 1; }
 done
 
-SRC=$OUT/src-${SIZE_MIB}MiB.bin
-[ -s "$SRC" ] || { log "making $SRC"; head -c $((SIZE_MIB << 20)) /dev/urandom >"$SRC"; }
+# The source file lives in memory (tmpfs), like the read sink: the disk holds only the servers'
+# data (tidepool's device file, allocated whole, and Ganesha's copy).
+SRC=${SRC:-/dev/shm/tidepool-bench-nfs-src-${SIZE_MIB}MiB.bin}
+[ -s "$SRC" ] || { log "making $SRC"; SRC_MADE=1; head -c $((SIZE_MIB << 20)) /dev/urandom >"$SRC"; }
 
 drop() { if [ "$DROP_CACHES" = 1 ]; then sync; echo 3 >/proc/sys/vm/drop_caches; fi; }
 secs() { local t0=$1; python3 -c "import time; print(f'{time.time()-$t0:.3f}')"; }
