@@ -47,8 +47,6 @@ use crate::nodekey::NodeKey;
 use crate::settings::Settings;
 
 pub const TOKEN_FILE: &str = "cluster.token";
-/// `Request::Other` kind the leader sends at spin-down: data `[1]` read-only, `[0]` writable.
-const READ_ONLY_KIND: &str = "read-only";
 /// Written once a joiner has the cluster's node key: it is a member (holds the seed it used).
 pub const JOINED_FILE: &str = "joined";
 const SECRET_BYTES: usize = 32;
@@ -504,27 +502,6 @@ impl Cluster {
         })
     }
 
-    /// Sets every other voter read-only (a spin-down starts with this on the leader, which
-    /// then sets itself): the flag is each node's own, not replicated. Fails, naming the node,
-    /// if one does not answer: a spin-down must not go on while a node still takes writes.
-    pub async fn set_read_only_everywhere(&self, fs: &Fs, on: bool) -> std::result::Result<(), String> {
-        let voters = fs.meta().status().voters;
-        for id in voters.into_iter().filter(|id| *id != self.node_id) {
-            let req = Request::Other { kind: READ_ONLY_KIND.into(), data: vec![u8::from(on)] };
-            match self.transport.call(id, req, Bytes::new()).await {
-                Ok((Response::Ok, _)) => {}
-                Ok((r, _)) => return Err(format!("node {id} did not become read-only: {r:?}")),
-                Err(e) => {
-                    return Err(format!(
-                        "node {id} cannot be made read-only ({e}): every node must refuse writes before a \
-                         spin-down; bring it back, or take it out with `tidepool node remove {id}`"
-                    ));
-                }
-            }
-        }
-        Ok(())
-    }
-
     /// The leader's http address, if known (for "run this on the leader" answers).
     pub fn leader_http(&self, fs: &Fs) -> (u64, Option<String>) {
         let leader = fs.meta().status().leader_id;
@@ -715,11 +692,6 @@ impl Handler for NodeHandler {
             Request::Stats => (Response::Stats { data: local_stats(&fs).to_string().into_bytes() }, Bytes::new()),
             Request::Join { node_id, addr } => self.join(&fs, from, node_id, addr).await,
             Request::Ping => (Response::Pong { node_id: fs.meta().status().node_id }, Bytes::new()),
-            Request::Other { kind, data } if kind == READ_ONLY_KIND => {
-                fs.set_read_only(data == [1]);
-                tracing::info!(read_only = data == [1], from, "read-only set by the leader (spin-down)");
-                (Response::Ok, Bytes::new())
-            }
             Request::Other { kind, .. } => err(ErrKind::Invalid, format!("unknown request kind={kind}")),
         }
     }

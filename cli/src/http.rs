@@ -244,12 +244,7 @@ async fn route(src: &StatusSource, req: Request) -> (&'static str, &'static str,
         {
             return (status_line(code), json, body);
         }
-        if req.path == "/admin/spin-down"
-            && let Some(cluster) = &src.cluster
-            && let Err(e) = cluster.set_read_only_everywhere(&src.fs, true).await
-        {
-            return (status_line(503), json, serde_json::json!({ "error": e }).to_string());
-        }
+        // A spin-down freezes writes on every node through the meta group (`Fs::freeze`).
         let (code, body) =
             crate::spin::route(&src.tier, &src.manifest_settings, &src.object_store, &req.method, &req.path).await;
         return (status_line(code), json, body);
