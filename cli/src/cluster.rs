@@ -340,9 +340,9 @@ impl Cluster {
         Ok(())
     }
 
-    /// The [`RaftNet`] for the meta group.
-    pub fn raft_net(&self) -> Arc<dyn RaftNet> {
-        Arc::new(TransportNet(self.transport.clone()))
+    /// The [`RaftNet`] for the meta group; messages over `chunk` bytes go in pieces.
+    pub fn raft_net(&self, chunk: usize) -> Arc<dyn RaftNet> {
+        Arc::new(TransportNet { transport: self.transport.clone(), chunk, rt: tokio::runtime::Handle::current() })
     }
 
     pub fn attach_inbox(&self, inbox: RaftInbox) {
@@ -619,11 +619,47 @@ impl tidepool_fs::Peers for TransportPeers {
     }
 }
 
-struct TransportNet(Arc<Transport>);
+struct TransportNet {
+    transport: Arc<Transport>,
+    /// Messages bigger than this go in pieces (`raftsnap`).
+    chunk: usize,
+    /// The driver thread is no tokio thread: piece sending is spawned here.
+    rt: tokio::runtime::Handle,
+}
 
 impl RaftNet for TransportNet {
     fn send(&self, msg: raft::eraftpb::Message) {
-        self.0.send_raft(msg.to, msg);
+        use protobuf::Message as _;
+        if msg.get_msg_type() != raft::eraftpb::MessageType::MsgSnapshot || (msg.compute_size() as usize) <= self.chunk
+        {
+            self.transport.send_raft(msg.to, msg);
+            return;
+        }
+        let (to, transport, chunk) = (msg.to, self.transport.clone(), self.chunk);
+        let bytes = match msg.write_to_bytes() {
+            Ok(b) => b,
+            Err(e) => return tracing::error!(to, error = %e, "cannot encode a raft snapshot message"),
+        };
+        self.rt.spawn(async move {
+            let pieces = crate::raftsnap::split(&bytes, chunk);
+            let n = pieces.len();
+            for (p, body) in pieces {
+                let data = postcard::to_allocvec(&p).expect("a piece header encodes");
+                let req = Request::Other { kind: crate::raftsnap::KIND.into(), data };
+                match transport.call(to, req, Bytes::copy_from_slice(body)).await {
+                    Ok((Response::Ok, _)) => {}
+                    other => {
+                        let why = match other {
+                            Ok((r, _)) => format!("{r:?}"),
+                            Err(e) => e.to_string(),
+                        };
+                        // Raft sends the snapshot again after the follower's next rejection.
+                        return tracing::warn!(to, piece = p.index, pieces = n, error = %why, "raft snapshot piece not taken");
+                    }
+                }
+            }
+            tracing::info!(to, bytes = bytes.len(), pieces = n, "raft snapshot sent in pieces");
+        });
     }
 }
 
@@ -631,6 +667,8 @@ impl RaftNet for TransportNet {
 /// group is open, the filesystem once it is; until then requests answer `Unavailable`.
 #[derive(Default)]
 struct NodeHandler {
+    /// Raft messages arriving in pieces (`raftsnap`).
+    pieces: std::sync::Mutex<crate::raftsnap::Reassembler>,
     cluster: OnceLock<Weak<Cluster>>,
     inbox: OnceLock<RaftInbox>,
     fs: OnceLock<Weak<Fs>>,
@@ -662,6 +700,12 @@ impl Handler for NodeHandler {
     }
 
     async fn request(&self, from: u64, req: Request, body: Bytes) -> (Response, Bytes) {
+        // Before the filesystem check: a joiner gets its snapshot before it opens one.
+        if let Request::Other { kind, data } = &req
+            && kind == crate::raftsnap::KIND
+        {
+            return self.raft_piece(from, data, &body);
+        }
         let Some(fs) = self.fs.get().and_then(Weak::upgrade) else {
             return err(ErrKind::Unavailable, "this node is starting or stopping");
         };
@@ -698,6 +742,29 @@ impl Handler for NodeHandler {
 }
 
 impl NodeHandler {
+    /// One piece of a Raft message too big for a frame; the message is stepped once whole.
+    fn raft_piece(&self, from: u64, data: &[u8], body: &[u8]) -> (Response, Bytes) {
+        use protobuf::Message as _;
+        let Some(inbox) = self.inbox.get() else { return err(ErrKind::Unavailable, "the meta group is not open yet") };
+        let piece: crate::raftsnap::Piece = match postcard::from_bytes(data) {
+            Ok(p) => p,
+            Err(e) => return err(ErrKind::Invalid, format!("bad raft piece header: {e}")),
+        };
+        let whole = self.pieces.lock().unwrap_or_else(std::sync::PoisonError::into_inner).add(from, piece, body);
+        match whole {
+            Ok(None) => (Response::Ok, Bytes::new()),
+            Ok(Some(bytes)) => match raft::eraftpb::Message::parse_from_bytes(&bytes) {
+                Ok(msg) => {
+                    tracing::info!(from, bytes = bytes.len(), "raft message put back together from pieces");
+                    inbox.step(msg);
+                    (Response::Ok, Bytes::new())
+                }
+                Err(e) => err(ErrKind::Invalid, format!("raft message from pieces does not decode: {e}")),
+            },
+            Err(e) => err(ErrKind::Invalid, e),
+        }
+    }
+
     async fn join(&self, fs: &Fs, from: u64, node_id: u64, addr: String) -> (Response, Bytes) {
         let Some(cluster) = self.cluster.get().and_then(Weak::upgrade) else {
             return err(ErrKind::Unavailable, "this node is stopping");

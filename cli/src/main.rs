@@ -12,6 +12,7 @@ mod keys;
 mod node;
 mod nodekey;
 mod offline;
+mod raftsnap;
 mod settings;
 mod spin;
 mod tier;

@@ -217,7 +217,7 @@ impl Node {
             }
             _ => {}
         }
-        let net = cluster.raft_net();
+        let net = cluster.raft_net(settings.raft_snapshot_chunk_size.0 as usize);
         let meta = tokio::task::block_in_place(|| MetaGroup::open_with(&meta_dir, raft_opts, initial, Some(net)))?;
         cluster.attach_inbox(meta.inbox());
         // The address book from the recorded members, before anything needs a peer (a

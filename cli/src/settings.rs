@@ -195,6 +195,9 @@ pub struct Settings {
     pub cluster_token: Option<String>,
     /// A file holding the cluster token (instead of `cluster_token`). Default: none.
     pub cluster_token_file: Option<PathBuf>,
+    /// A Raft message bigger than this (a metadata snapshot of a large namespace) goes to a
+    /// peer in pieces of this size. Default 16 MiB; 256 bytes to 32 MiB.
+    pub raft_snapshot_chunk_size: ByteSize,
 }
 
 /// A CIDR list from a TOML array of strings or one comma-separated string.
@@ -257,6 +260,7 @@ impl Default for Settings {
             join: None,
             cluster_token: None,
             cluster_token_file: None,
+            raft_snapshot_chunk_size: ByteSize(16 << 20),
         }
     }
 }
@@ -316,6 +320,13 @@ impl Settings {
 
     pub fn validate(&self) -> Result<(), SettingsError> {
         let bad = |key, value: String, reason: &str| Err(SettingsError::Invalid { key, value, reason: reason.into() });
+        if !(256..=32 << 20).contains(&self.raft_snapshot_chunk_size.0) {
+            return bad(
+                "raft_snapshot_chunk_size",
+                self.raft_snapshot_chunk_size.to_string(),
+                "must be between 256 bytes and 32MiB",
+            );
+        }
         let bs = self.block_size.0;
         if !(4096..=16 << 20).contains(&bs) || !bs.is_multiple_of(4096) {
             return bad("block_size", self.block_size.to_string(), "must be a multiple of 4KiB between 4KiB and 16MiB");

@@ -117,6 +117,8 @@ impl Cluster {
             c.spawn(i);
         }
         c.wait_voters(n);
+        let log = std::fs::read_to_string(c.root.path().join("node1.log")).unwrap_or_default();
+        assert!(log.contains("raft snapshot sent in pieces"), "the joiners' snapshots went in pieces:\n{}", c.log(1));
         c
     }
 
@@ -147,6 +149,9 @@ impl Cluster {
             // Nothing goes to the bucket during the test: every byte read back comes from a
             // node's NVMe, so a lost replica would show.
             .env("TIDEPOOL_TIER_AFTER_SECS", "3600")
+            // Every snapshot a joining (or lagging) node gets travels in 256-byte pieces, as one
+            // of a namespace too big for a transport frame would.
+            .env("TIDEPOOL_RAFT_SNAPSHOT_CHUNK_SIZE", "256")
             .env("TIDEPOOL_HTTP_LISTEN", format!("{ip}:{HTTP}"))
             .env("TIDEPOOL_S3_LISTEN", format!("{ip}:{S3}"))
             .env("TIDEPOOL_NFS_LISTEN", format!("{ip}:{NFS}"))
