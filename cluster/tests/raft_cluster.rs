@@ -13,43 +13,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
-use serde::{Deserialize, Serialize};
-use tidepool_cluster::raft::{MetaGroup, RaftError, RaftInbox, RaftNet, RaftOptions, StateMachine};
 
-#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
-struct Kv {
-    map: BTreeMap<String, u64>,
-}
+use tidepool_cluster::raft::{MetaGroup, RaftError, RaftInbox, RaftNet, RaftOptions};
 
-#[derive(Debug, Serialize, Deserialize)]
-enum KvCmd {
-    Put(String, u64),
-    Incr(String, u64),
-}
-
-impl StateMachine for Kv {
-    type Command = KvCmd;
-    type Output = Option<u64>;
-
-    fn apply(&mut self, cmd: KvCmd) -> Option<u64> {
-        match cmd {
-            KvCmd::Put(k, v) => self.map.insert(k, v),
-            KvCmd::Incr(k, by) => {
-                let v = self.map.entry(k).or_insert(0);
-                *v += by;
-                Some(*v)
-            }
-        }
-    }
-
-    fn snapshot(&self) -> Vec<u8> {
-        postcard::to_allocvec(&self.map).expect("kv map encodes")
-    }
-
-    fn restore(data: &[u8]) -> Result<Self, String> {
-        Ok(Kv { map: postcard::from_bytes(data).map_err(|e| e.to_string())? })
-    }
-}
+mod common;
+use common::{Kv, KvCmd};
 
 /// Faults the network applies to every message.
 #[derive(Default, Clone, Copy)]
