@@ -81,7 +81,7 @@ impl From<MetaStateV1> for MetaStateV2 {
     }
 }
 
-impl From<MetaStateV2> for MetaState {
+impl From<MetaStateV2> for MetaStateV3 {
     fn from(v: MetaStateV2) -> Self {
         let blocks: BTreeMap<BlockId, BlockMeta> = v
             .blocks
@@ -89,7 +89,7 @@ impl From<MetaStateV2> for MetaState {
             .map(|(id, b)| (id, BlockMeta { len: b.len, state: BlockState::Dirty, refs: b.refs, written: 0 }))
             .collect();
         let dirty_bytes = blocks.values().map(|b| u64::from(b.len)).sum();
-        MetaState {
+        MetaStateV3 {
             inodes: v.inodes,
             entries: v.entries,
             blocks,
@@ -102,8 +102,6 @@ impl From<MetaStateV2> for MetaState {
             dirty_bytes,
             manifest_epoch: 0,
             manifest_oldest_retained: 0,
-            nodes: BTreeMap::new(),
-            frozen: false,
         }
     }
 }
@@ -194,8 +192,8 @@ impl MetaState {
             ));
         }
         let state: MetaState = match version {
-            1 => MetaStateV2::from(decode_payload::<MetaStateV1>(payload)?).into(),
-            2 => decode_payload::<MetaStateV2>(payload)?.into(),
+            1 => MetaStateV3::from(MetaStateV2::from(decode_payload::<MetaStateV1>(payload)?)).into(),
+            2 => MetaStateV3::from(decode_payload::<MetaStateV2>(payload)?).into(),
             3 => decode_payload::<MetaStateV3>(payload)?.into(),
             _ => decode_payload(payload)?,
         };
