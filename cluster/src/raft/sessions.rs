@@ -40,14 +40,21 @@ pub(crate) fn parse_context(c: &[u8]) -> Option<(u64, u64)> {
     Some((nonce, u64::from_le_bytes(a)))
 }
 
+/// One client's applied sequence numbers: every one up to `floor`, and those in `above`.
+/// Proposals mostly apply in order, so `above` stays small; a number that never applies (its
+/// proposal timed out) is given up on once it is `WINDOW` behind the highest.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Window {
-    /// Highest sequence number applied.
-    max: u64,
-    /// Sequence numbers applied within `WINDOW` below `max`.
-    seen: BTreeSet<u64>,
+    floor: u64,
+    above: BTreeSet<u64>,
     /// Log index of this client's last applied entry.
     last_index: u64,
+}
+
+impl Window {
+    fn has(&self, seq: u64) -> bool {
+        seq <= self.floor || self.above.contains(&seq)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,13 +67,20 @@ impl Sessions {
     /// (apply it), false for a duplicate (skip it).
     pub(crate) fn first_apply(&mut self, nonce: u64, seq: u64, index: u64) -> bool {
         let w = self.clients.entry(nonce).or_default();
-        if seq.saturating_add(WINDOW) <= w.max || !w.seen.insert(seq) {
+        if w.has(seq) {
             return false;
         }
-        if seq > w.max {
-            w.max = seq;
-            let floor = seq.saturating_sub(WINDOW);
-            w.seen = w.seen.split_off(&floor);
+        w.above.insert(seq);
+        // Contiguous numbers join the floor; a gap more than WINDOW behind is given up on.
+        let max = *w.above.last().expect("just inserted");
+        let give_up = max.saturating_sub(WINDOW);
+        if give_up > w.floor {
+            w.floor = give_up;
+            w.above = w.above.split_off(&(give_up + 1));
+        }
+        while w.above.first() == Some(&(w.floor + 1)) {
+            w.above.pop_first();
+            w.floor += 1;
         }
         w.last_index = index;
         if index % 4096 == 0 {
@@ -77,7 +91,7 @@ impl Sessions {
 
     /// Whether (`nonce`, `seq`) has been applied (or is too old to tell: counted as applied).
     pub(crate) fn applied(&self, nonce: u64, seq: u64) -> bool {
-        self.clients.get(&nonce).is_some_and(|w| seq.saturating_add(WINDOW) <= w.max || w.seen.contains(&seq))
+        self.clients.get(&nonce).is_some_and(|w| w.has(seq))
     }
 }
 
@@ -116,6 +130,21 @@ mod tests {
         assert!(!s.first_apply(7, 1, 13));
         assert!(s.first_apply(8, 1, 14), "clients are independent");
         assert!(s.applied(7, 1) && s.applied(7, 2) && !s.applied(7, 3));
+    }
+
+    #[test]
+    fn in_order_numbers_keep_the_table_small() {
+        let mut s = Sessions::default();
+        for seq in 1..=100_000 {
+            assert!(s.first_apply(9, seq, seq));
+        }
+        let w = &s.clients[&9];
+        assert_eq!((w.floor, w.above.len()), (100_000, 0));
+        // A gap (a proposal that never applied) is given up on once WINDOW behind.
+        assert!(s.first_apply(9, 100_002, 1));
+        assert!(s.first_apply(9, 100_003 + WINDOW, 2));
+        assert!(s.applied(9, 100_001), "given up on: counted as applied");
+        assert!(s.clients[&9].above.len() <= 2);
     }
 
     #[test]
