@@ -88,7 +88,10 @@ pub async fn remove_route(cluster: &Cluster, fs: &Fs, tier: &tidepool_tiering::T
     let flushed = match tier.flush_all().await {
         Ok(r) => r,
         Err(e) => {
-            return fail(503, format!("cannot upload the dirty blocks before removing node {id}: {e}; nothing changed"));
+            return fail(
+                503,
+                format!("cannot upload the dirty blocks before removing node {id}: {e}; nothing changed"),
+            );
         }
     };
     if let Err(e) = meta.propose(Command::DropNode { id }).await {
@@ -128,7 +131,11 @@ pub fn print_banner(cluster: &Arc<Cluster>, fs: &Fs, data_dir: &Path, replicas: 
     println!(
         "  replicas      {copies} cop{} of each dirty block before a write is acknowledged{}",
         if copies == 1 { "y" } else { "ies" },
-        if replicas > members { format!(" (replicas={replicas}, but {members} node(s) hold blocks)") } else { String::new() }
+        if replicas > members {
+            format!(" (replicas={replicas}, but {members} node(s) hold blocks)")
+        } else {
+            String::new()
+        }
     );
     println!("  cluster token {} (0600; `tidepool cluster token` prints it)", ClusterToken::path(data_dir).display());
     println!(

@@ -370,7 +370,9 @@ async fn spin_down_then_a_new_node_starts_from_the_manifest_and_rehydrates() {
     let meta = MetaGroup::open(&dir.path().join("meta"), RaftOptions::default(), loaded.state).unwrap();
     meta.snapshot_now().await.unwrap();
     let (fs, report) =
-        Fs::open(meta, store, e.clock.clone(), FsOptions { block_size: BLOCK, id_batch: 256, ..FsOptions::default() }).await.unwrap();
+        Fs::open(meta, store, e.clock.clone(), FsOptions { block_size: BLOCK, id_batch: 256, ..FsOptions::default() })
+            .await
+            .unwrap();
     assert_eq!(report.missing_blocks, 0);
     let fs = Arc::new(fs);
     let tier = Tier::new(&fs, objects.clone(), config(64 << 20), e.clock.clone());

@@ -28,10 +28,14 @@ async fn open_fs(dir: &std::path::Path) -> Arc<Fs> {
     let opts = StoreOptions { segment_bytes: 4 << 20, max_block_bytes: BLOCK, crc_cache_bytes: 1 << 20 };
     let store = BlockStore::format(dev, opts).await.unwrap();
     let meta = MetaGroup::open(&dir.join("meta"), RaftOptions::default(), MetaState::new()).unwrap();
-    let (fs, _) =
-        Fs::open(meta, Arc::new(store), Arc::new(SystemClock), FsOptions { block_size: BLOCK, id_batch: 4096, ..FsOptions::default() })
-            .await
-            .unwrap();
+    let (fs, _) = Fs::open(
+        meta,
+        Arc::new(store),
+        Arc::new(SystemClock),
+        FsOptions { block_size: BLOCK, id_batch: 4096, ..FsOptions::default() },
+    )
+    .await
+    .unwrap();
     Arc::new(fs)
 }
 

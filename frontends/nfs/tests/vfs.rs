@@ -25,10 +25,14 @@ async fn open_fs(dir: &std::path::Path, dev: &Arc<dyn BlockDevice>, fresh: bool)
         BlockStore::open(dev.clone(), store_opts()).await.unwrap()
     };
     let meta = MetaGroup::open(&dir.join("meta"), RaftOptions::default(), MetaState::new()).unwrap();
-    let (fs, _) =
-        Fs::open(meta, Arc::new(store), Arc::new(SystemClock), FsOptions { block_size: BLOCK, id_batch: 4096, ..FsOptions::default() })
-            .await
-            .unwrap();
+    let (fs, _) = Fs::open(
+        meta,
+        Arc::new(store),
+        Arc::new(SystemClock),
+        FsOptions { block_size: BLOCK, id_batch: 4096, ..FsOptions::default() },
+    )
+    .await
+    .unwrap();
     Arc::new(fs)
 }
 

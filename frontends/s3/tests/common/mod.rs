@@ -27,8 +27,14 @@ pub async fn fs_env() -> Env {
     let opts = StoreOptions { segment_bytes: 4 << 20, max_block_bytes: block, crc_cache_bytes: 1 << 20 };
     let store = Arc::new(BlockStore::format(dev, opts).await.unwrap());
     let meta = MetaGroup::open(&dir.path().join("meta"), RaftOptions::default(), MetaState::new()).unwrap();
-    let (fs, _) =
-        Fs::open(meta, store, Arc::new(SystemClock), FsOptions { block_size: block, id_batch: 4096, ..FsOptions::default() }).await.unwrap();
+    let (fs, _) = Fs::open(
+        meta,
+        store,
+        Arc::new(SystemClock),
+        FsOptions { block_size: block, id_batch: 4096, ..FsOptions::default() },
+    )
+    .await
+    .unwrap();
     Env { _dir: dir, fs: Arc::new(fs) }
 }
 
