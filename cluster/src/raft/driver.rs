@@ -51,6 +51,7 @@ pub(crate) struct Handle<S: StateMachine> {
     thread: Option<JoinHandle<()>>,
     state: Arc<RwLock<S>>,
     status: Arc<Mutex<RaftStatus>>,
+    alone_leader: Arc<std::sync::atomic::AtomicBool>,
     observer: Arc<Mutex<Option<Observer<S::Output>>>>,
 }
 
@@ -80,13 +81,14 @@ impl<S: StateMachine> Handle<S> {
         let state = node.state_handle();
         let status = node.status_handle();
         let observer = node.observer_handle();
+        let alone_leader = node.alone_leader_handle();
         let (tx, rx) = mpsc::channel();
         let tick = opts.tick;
         let thread = std::thread::Builder::new()
             .name(format!("tidepool-raft-{}", opts.node_id))
             .spawn(move || run(node, rx, tick))
             .map_err(super::durable::io_err(dir))?;
-        Ok(Handle { tx: Some(tx), thread: Some(thread), state, status, observer })
+        Ok(Handle { tx: Some(tx), thread: Some(thread), state, status, alone_leader, observer })
     }
 
     /// A function that hands a peer's message to the driver (a no-op once it stopped).
@@ -97,6 +99,11 @@ impl<S: StateMachine> Handle<S> {
                 let _ = tx.send(Msg::Raft(m));
             }
         })
+    }
+
+    /// Whether this node is the leader of a group of one (as of the last driver round).
+    pub(crate) fn alone_leader(&self) -> bool {
+        self.alone_leader.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub(crate) async fn read_barrier(&self) -> Result<(), RaftError> {

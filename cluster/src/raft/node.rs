@@ -70,6 +70,8 @@ pub(crate) struct Node<S: StateMachine> {
     log: LogFile,
     state: Arc<RwLock<S>>,
     status: Arc<Mutex<RaftStatus>>,
+    /// The leader of a group of one (reads need no ReadIndex round): read lock-free per read.
+    alone_leader: Arc<std::sync::atomic::AtomicBool>,
     net: Option<Arc<dyn RaftNet>>,
     observer: Arc<Mutex<Option<Observer<S::Output>>>>,
     /// Keyed by proposal context.
@@ -117,6 +119,7 @@ impl<S: StateMachine> Node<S> {
             log,
             state,
             status,
+            alone_leader: Arc::new(std::sync::atomic::AtomicBool::new(false)),
             net,
             observer: Arc::new(Mutex::new(None)),
             pending: HashMap::new(),
@@ -141,6 +144,10 @@ impl<S: StateMachine> Node<S> {
 
     pub(crate) fn state_handle(&self) -> Arc<RwLock<S>> {
         Arc::clone(&self.state)
+    }
+
+    pub(crate) fn alone_leader_handle(&self) -> Arc<std::sync::atomic::AtomicBool> {
+        Arc::clone(&self.alone_leader)
     }
 
     pub(crate) fn observer_handle(&self) -> Arc<Mutex<Option<Observer<S::Output>>>> {
@@ -578,6 +585,8 @@ impl<S: StateMachine> Node<S> {
     pub(crate) fn publish_status(&self) {
         let raft = &self.raw.raft;
         let conf = raft.prs().conf().to_conf_state();
+        let alone = raft.state == StateRole::Leader && conf.voters == [self.opts.node_id];
+        self.alone_leader.store(alone, std::sync::atomic::Ordering::Release);
         let mut st = self.status.lock().unwrap_or_else(PoisonError::into_inner);
         *st = RaftStatus {
             node_id: self.opts.node_id,
