@@ -219,6 +219,20 @@ fn status_line(code: u16) -> &'static str {
     }
 }
 
+/// The admin routes' gate: this node has them (404 otherwise) and the caller sent the admin
+/// token derived from the node key (401 otherwise).
+fn admin_gate(src: &StatusSource, req: &Request) -> Result<(), (&'static str, &'static str, String)> {
+    let Some(admin) = &src.admin else {
+        return Err(("404 Not Found", "text/plain", "no admin routes on this node\n".into()));
+    };
+    let token = req.authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).unwrap_or("");
+    if !admin.node_key.check_admin_token(token.trim()) {
+        let msg = "missing or wrong admin token: the CLI sends it (derived from <data_dir>/node.key)";
+        return Err(("401 Unauthorized", "application/json", serde_json::json!({ "error": msg }).to_string()));
+    }
+    Ok(())
+}
+
 async fn route(src: &StatusSource, req: Request) -> (&'static str, &'static str, String) {
     let json = "application/json";
     if let Some(query) = req.path.strip_prefix("/tier/status") {
@@ -231,13 +245,8 @@ async fn route(src: &StatusSource, req: Request) -> (&'static str, &'static str,
         return (status_line(code), json, body);
     }
     if req.path == "/admin/spin-down" || req.path == "/admin/snapshot" {
-        let Some(admin) = &src.admin else {
-            return ("404 Not Found", "text/plain", "no admin routes on this node\n".into());
-        };
-        let token = req.authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).unwrap_or("");
-        if !admin.node_key.check_admin_token(token.trim()) {
-            let msg = "missing or wrong admin token: the CLI sends it (derived from <data_dir>/node.key)";
-            return ("401 Unauthorized", json, serde_json::json!({ "error": msg }).to_string());
+        if let Err(refused) = admin_gate(src, &req) {
+            return refused;
         }
         if let Some(cluster) = &src.cluster
             && let Some((code, body)) = crate::cluster_cmd::not_leader(cluster, &src.fs, &req.path)
@@ -250,13 +259,8 @@ async fn route(src: &StatusSource, req: Request) -> (&'static str, &'static str,
         return (status_line(code), json, body);
     }
     if req.path.starts_with("/admin/tier/") || req.path == "/admin/pin" || req.path == "/admin/unpin" {
-        let Some(admin) = &src.admin else {
-            return ("404 Not Found", "text/plain", "no admin routes on this node\n".into());
-        };
-        let token = req.authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).unwrap_or("");
-        if !admin.node_key.check_admin_token(token.trim()) {
-            let msg = "missing or wrong admin token: the CLI sends it (derived from <data_dir>/node.key)";
-            return ("401 Unauthorized", json, serde_json::json!({ "error": msg }).to_string());
+        if let Err(refused) = admin_gate(src, &req) {
+            return refused;
         }
         if req.method != "POST" {
             return ("405 Method Not Allowed", "text/plain", "only POST\n".into());
@@ -271,13 +275,11 @@ async fn route(src: &StatusSource, req: Request) -> (&'static str, &'static str,
         return (status_line(code), json, body);
     }
     if req.path == "/admin/node/remove" {
-        let (Some(admin), Some(cluster)) = (&src.admin, &src.cluster) else {
+        let Some(cluster) = &src.cluster else {
             return ("404 Not Found", "text/plain", "no admin routes on this node\n".into());
         };
-        let token = req.authorization.as_deref().and_then(|a| a.strip_prefix("Bearer ")).unwrap_or("");
-        if !admin.node_key.check_admin_token(token.trim()) {
-            let msg = "missing or wrong admin token: the CLI sends it (derived from <data_dir>/node.key)";
-            return ("401 Unauthorized", json, serde_json::json!({ "error": msg }).to_string());
+        if let Err(refused) = admin_gate(src, &req) {
+            return refused;
         }
         if req.method != "POST" {
             return ("405 Method Not Allowed", "text/plain", "only POST\n".into());

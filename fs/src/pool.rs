@@ -175,16 +175,22 @@ impl Fs {
         let local = self.peers().map(|p| p.local_id());
         for node in nodes {
             if Some(*node) == local {
-                for id in ids {
-                    match self.store.delete(*id).await {
-                        Ok(()) | Err(StoreError::NotFound(_)) => {}
-                        Err(e) => tracing::warn!(block_id = id, error = %e, "cannot delete block"),
-                    }
-                }
+                self.delete_local(ids).await;
             } else if let Some(p) = self.peers()
                 && let Err(e) = p.delete_blocks(*node, ids).await
             {
                 tracing::warn!(node, count = ids.len(), error = %e, "cannot delete blocks on peer");
+            }
+        }
+    }
+
+    /// Deletes blocks from this node's store (absent ones are fine; a failure is logged and
+    /// the block freed by the next open's reconcile).
+    async fn delete_local(&self, ids: &[BlockId]) {
+        for id in ids {
+            match self.store.delete(*id).await {
+                Ok(()) | Err(StoreError::NotFound(_)) => {}
+                Err(e) => tracing::warn!(block_id = id, error = %e, "cannot delete block"),
             }
         }
     }
@@ -196,14 +202,7 @@ impl Fs {
                 let nodes = p.nodes();
                 self.delete_on(&nodes, ids).await;
             }
-            None => {
-                for id in ids {
-                    match self.store.delete(*id).await {
-                        Ok(()) | Err(StoreError::NotFound(_)) => {}
-                        Err(e) => tracing::warn!(block_id = id, error = %e, "cannot discard uncommitted block"),
-                    }
-                }
-            }
+            None => self.delete_local(ids).await,
         }
     }
 }
