@@ -149,7 +149,9 @@ impl Fs {
     }
 
     /// A byte range of a block from this node's store or, failing that, from the members in
-    /// placement order. `StoreError::NotFound` if no node has it.
+    /// placement order. `StoreError::NotFound` if no node has it. Not cached: `Fs::read` asks
+    /// the read cache before it comes here (`rw.rs`, `read_block_into`), while the write-back's
+    /// whole-block reads of dirty blocks come here directly and must not fill the cache.
     pub async fn read_block_hot(&self, id: BlockId, offset: u32, len: u32) -> Result<Vec<u8>> {
         match self.store.get(id, offset, len).await {
             Err(StoreError::NotFound(_)) => {}
@@ -188,6 +190,7 @@ impl Fs {
     /// the block freed by the next open's reconcile).
     async fn delete_local(&self, ids: &[BlockId]) {
         for id in ids {
+            self.uncache(*id);
             match self.store.delete(*id).await {
                 Ok(()) | Err(StoreError::NotFound(_)) => {}
                 Err(e) => tracing::warn!(block_id = id, error = %e, "cannot delete block"),

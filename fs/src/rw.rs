@@ -35,6 +35,9 @@ impl Staged {
     }
 }
 
+/// A piece of a planned read: its file offset, the block range, and the block's length.
+type Planned = (u64, Extent, u32);
+
 /// How often a read retries when a block it planned to read was freed under it by a
 /// concurrent overwrite (it then re-reads the extents, which name the new blocks).
 const READ_RETRIES: usize = 8;
@@ -248,8 +251,9 @@ impl Fs {
         }
     }
 
-    /// The read length (clipped to the file size) and the extents covering it.
-    fn plan_read(&self, ino: Ino, offset: u64, len: usize) -> Result<(usize, Vec<(u64, Extent)>)> {
+    /// The read length (clipped to the file size) and the extents covering it, each with the
+    /// length of its block (0 if the block table does not have it: then it is not cached).
+    fn plan_read(&self, ino: Ino, offset: u64, len: usize) -> Result<(usize, Vec<Planned>)> {
         self.meta.read(|s| {
             let inode = s.inode(ino).ok_or(tidepool_cluster::MetaError::NoInode(ino))?;
             match inode.attr.kind {
@@ -262,25 +266,70 @@ impl Fs {
                 return Ok((0, Vec::new()));
             }
             let n = (size - offset).min(len as u64);
-            Ok((n as usize, s.extents_in(ino, offset, n)?))
+            let extents = s.extents_in(ino, offset, n)?;
+            Ok((
+                n as usize,
+                extents
+                    .into_iter()
+                    .map(|(at, e)| {
+                        let block_len = s.blocks.get(&e.block).map_or(0, |b| b.len);
+                        (at, e, block_len)
+                    })
+                    .collect(),
+            ))
         })
     }
 
-    async fn read_extents(&self, offset: u64, len: usize, extents: &[(u64, Extent)]) -> Result<Vec<u8>> {
+    /// Reads the extents (in file order, within `offset..offset + len`) into one buffer, each
+    /// block range straight into its part of it, in parallel; holes stay zero.
+    async fn read_extents(&self, offset: u64, len: usize, extents: &[Planned]) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len];
-        let reads = extents.iter().map(|(file_off, e)| async move {
-            let bytes = self.read_block(e.block, e.block_offset, e.len as u32).await?;
-            Ok::<_, FsError>((*file_off, bytes))
-        });
-        for (file_off, bytes) in try_join_all(reads).await? {
-            let at = (file_off - offset) as usize;
-            buf[at..at + bytes.len()].copy_from_slice(&bytes);
+        {
+            let mut rest: &mut [u8] = &mut buf;
+            let mut at = offset;
+            let mut reads = Vec::with_capacity(extents.len());
+            for (file_off, e, block_len) in extents {
+                // Extents come sorted, disjoint and clipped to the range (`extents_in`).
+                let (_, tail) = std::mem::take(&mut rest).split_at_mut((file_off - at) as usize);
+                let (part, tail) = tail.split_at_mut(e.len as usize);
+                rest = tail;
+                at = file_off + e.len;
+                reads.push(self.read_block_into(e.block, e.block_offset, *block_len, part));
+            }
+            try_join_all(reads).await?;
         }
         if let Some(cold) = self.cold() {
-            let ids: Vec<u64> = extents.iter().map(|(_, e)| e.block).collect();
+            let ids: Vec<u64> = extents.iter().map(|(_, e, _)| e.block).collect();
             cold.touch(&ids);
         }
         Ok(buf)
+    }
+
+    /// Bytes `offset..offset + out.len()` of block `id` (`block_len` bytes long) into `out`:
+    /// from the read cache when it holds every page of the range (one copy), else from the
+    /// source (`read_block`). A miss reads the whole pages covering the range (the store reads
+    /// them anyway to check their crcs), puts them in the cache, then copies the range out.
+    /// Only verified bytes reach the cache: `read_block` answers an error for a page that
+    /// fails its checksum, and then nothing is inserted.
+    async fn read_block_into(&self, id: u64, offset: u32, block_len: u32, out: &mut [u8]) -> Result<()> {
+        let len = u32::try_from(out.len()).map_err(|_| FsError::Invalid("block range over 4 GiB"))?;
+        let end = offset.checked_add(len).ok_or(FsError::Invalid("block range past 4 GiB"))?;
+        let cache = self.cache.as_ref().filter(|_| len > 0 && end <= block_len);
+        let Some(cache) = cache else {
+            let data = self.read_block(id, offset, len).await?;
+            return copy_exact(out, &data, id);
+        };
+        if cache.read(id, offset, out) {
+            return Ok(());
+        }
+        let (first, last) = crate::cache::pages_of(offset, out.len());
+        let start = first * crate::cache::PAGE as u32;
+        let stop = ((u64::from(last) + 1) * crate::cache::PAGE as u64).min(u64::from(block_len)) as u32;
+        let data = self.read_block(id, start, stop - start).await?;
+        let skip = (offset - start) as usize;
+        copy_exact(out, data.get(skip..skip + out.len()).unwrap_or_default(), id)?;
+        cache.insert(id, first, &data);
+        Ok(())
     }
 
     /// A byte range of one block: from NVMe (this node's, then the cluster's), or through the
@@ -295,4 +344,20 @@ impl Fs {
             res => res,
         }
     }
+}
+
+/// Copies a block range read from a source into its place, checking the source gave as many
+/// bytes as asked.
+fn copy_exact(out: &mut [u8], data: &[u8], id: u64) -> Result<()> {
+    if data.len() != out.len() {
+        tracing::error!(
+            block_id = id,
+            want = out.len(),
+            got = data.len(),
+            "block range read returned the wrong length"
+        );
+        return Err(FsError::Invalid("block range read returned the wrong length"));
+    }
+    out.copy_from_slice(data);
+    Ok(())
 }

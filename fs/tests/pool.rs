@@ -127,8 +127,13 @@ async fn cluster() -> Cluster {
             w.stores.insert(id, store.clone());
         }
         let clock = Arc::new(ManualClock::new(1_700_000_000_000_000_000));
-        let fopts =
-            FsOptions { block_size: BLOCK, id_batch: 64, replicas: 2, orphan_grace: Some(Duration::from_secs(600)) };
+        let fopts = FsOptions {
+            block_size: BLOCK,
+            id_batch: 64,
+            replicas: 2,
+            orphan_grace: Some(Duration::from_secs(600)),
+            ..FsOptions::default()
+        };
         let (f, _) = Fs::open(meta, store, clock, fopts).await.unwrap();
         f.set_peers(Arc::new(DirectPeers { me: id, world: world.clone() }));
         if id != 1 {

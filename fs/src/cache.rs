@@ -1,0 +1,527 @@
+//! The read cache: verified 4 KiB pages of blocks, in RAM, below every front end.
+//!
+//! `Fs::read` asks it first (`rw.rs`, `read_block`); a range whose pages are all here is
+//! copied out of it (one copy, into the answer) without touching the device, a peer or the
+//! bucket. On a miss the page-aligned range covering the request (clipped to the block) is
+//! read from the source, and its pages go in. Only bytes that were verified go in: the block
+//! store checks the crc32c of every page it returns, a peer's store checks its own, the cold
+//! tier checks the block's crc before it answers (invariant 11). A read that fails its
+//! checksum returns an error and caches nothing.
+//!
+//! **Why nothing but a free ever invalidates a page.** The key is (block id, page index), and
+//! a block id names the same bytes forever (ARCHITECTURE.md, invariant 2):
+//! - Blocks are immutable: an overwrite writes new blocks and moves extents (copy-on-write,
+//!   `cluster/src/meta/data.rs`); no command changes the bytes of an existing block.
+//! - Ids are never reused: `AllocBlockIds` hands out `next_block_id..` and only moves it up
+//!   (`alloc_block_ids`, checked add); `next_block_id` is in every snapshot, and a write or
+//!   publish naming an id at or above it, or one already in the block table, is refused
+//!   (`check_new_blocks`). Each writer uses each id of its range once (`Fs::alloc_ids`).
+//! - Moving a block keeps its id and bytes: the store's cleaner copies it forward, the cold
+//!   tier's read-through puts the bytes it fetched and verified back under the same id
+//!   (`tiering/src/engine/evict.rs`, `fetch_block_once` / `cache`), rehydration likewise, and
+//!   a replica on a peer is the same id and bytes. Eviction from NVMe does not change what
+//!   the id names, so its pages may stay here (serving a cold block from RAM is right).
+//!
+//! So a cached page is stale only if its block was freed, and a freed block is never asked
+//! for again (no extent points at it). Freed blocks are dropped anyway, to give the memory
+//! back: by the meta group's apply observer on every node and by local deletes. A read that
+//! was already in flight when its block was freed may put the block's pages back after the
+//! drop; they are never read (no extent names the id) and age out like any cold page.
+//!
+//! **Eviction: S3-FIFO** (Yang et al., SOSP '23), per shard: new pages enter a small FIFO
+//! (a tenth of the shard); a page read again while there moves to the main FIFO when it
+//! reaches the head, others leave and their keys go to a ghost FIFO; a miss on a ghost key
+//! enters main directly. Main is a CLOCK (a page read since its last pass is put back with
+//! its count lowered). So a sequential scan (a 2 GiB `nfs-cp`, an S3 GET of a big object)
+//! passes through the small FIFO without pushing out pages that are read again and again,
+//! and a hit is a map lookup and a counter bump, with no list to reorder under the lock.
+//! While the cache is not full nothing is evicted, whatever the queue.
+//!
+//! **Writes do not insert.** A block just written is not put in the cache: the writer (an
+//! NFS client, an S3 PUT) has the bytes and rarely reads them straight back, and a 2 GiB
+//! sequential write would copy 2 GiB into RAM, on the write path, to leave behind the tail
+//! of the file only (a later sequential read from the start would push that out before it
+//! reaches it). Pages come in when they are read.
+//!
+//! **Bounded**: each shard holds at most `capacity / shards` bytes, counting every page as
+//! its length plus [`ENTRY_OVERHEAD`] (map entry, queue slot, allocation), so the whole never
+//! exceeds `capacity`. Pages of one block live in one shard (dropping a block is one lock).
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use bytes::Bytes;
+use tidepool_cluster::meta::BlockId;
+
+/// The page size of the cache (and of the block store's crcs).
+pub const PAGE: usize = 4096;
+
+/// Bytes each cached page is charged beyond its data: its map entry, queue slot and the
+/// allocation's header, rounded up.
+pub const ENTRY_OVERHEAD: usize = 128;
+
+/// Shards at most; fewer for a small cache, so that a shard holds at least 64 pages.
+const MAX_SHARDS: usize = 16;
+
+/// The small FIFO's share of a shard (S3-FIFO's 10 %).
+const SMALL_PERCENT: usize = 10;
+
+/// Highest read count a page keeps (main's CLOCK passes it over this many times).
+const MAX_FREQ: u8 = 3;
+
+/// Counters of the read cache, shared with `FsMetrics` (which reports them).
+#[derive(Debug, Default)]
+pub struct CacheCounters {
+    pub(crate) hits: AtomicU64,
+    pub(crate) misses: AtomicU64,
+    pub(crate) evictions: AtomicU64,
+    pub(crate) inserted_pages: AtomicU64,
+    pub(crate) held_bytes: AtomicU64,
+    pub(crate) capacity_bytes: AtomicU64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+struct Key {
+    block: BlockId,
+    page: u32,
+}
+
+/// A multiply-fold hasher for integer keys (std's SipHash is several times slower, and the
+/// keys are not attacker-chosen: block ids come from the meta group).
+#[derive(Default)]
+struct KeyHasher(u64);
+
+impl Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.write_u64(u64::from(*b));
+        }
+    }
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x517c_c1b7_2722_0a95);
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.write_u64(u64::from(n));
+    }
+}
+
+type Map<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
+
+struct Entry {
+    data: Bytes,
+    /// Reads since it entered its queue or was last passed over (capped at `MAX_FREQ`).
+    freq: u8,
+    main: bool,
+    /// The sequence number of its live queue slot: queue slots with another one are stale
+    /// (the page was dropped, moved or put in again) and skipped.
+    seq: u64,
+}
+
+#[derive(Default)]
+struct Shard {
+    map: Map<Key, Entry>,
+    /// Pages held and highest page index + 1, per block: a drop looks up exactly those.
+    blocks: Map<BlockId, (u32, u32)>,
+    small: VecDeque<(Key, u64)>,
+    main: VecDeque<(Key, u64)>,
+    ghost: VecDeque<(Key, u64)>,
+    ghost_map: Map<Key, u64>,
+    small_bytes: usize,
+    main_bytes: usize,
+    seq: u64,
+}
+
+fn charge(e: &Entry) -> usize {
+    e.data.len() + ENTRY_OVERHEAD
+}
+
+impl Shard {
+    fn bytes(&self) -> usize {
+        self.small_bytes + self.main_bytes
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    /// Removes `key`'s entry and its block's page count; returns the bytes it was charged.
+    fn remove(&mut self, key: Key) -> Option<usize> {
+        let e = self.map.remove(&key)?;
+        let c = charge(&e);
+        if e.main {
+            self.main_bytes -= c;
+        } else {
+            self.small_bytes -= c;
+        }
+        if let Some(b) = self.blocks.get_mut(&key.block) {
+            b.0 -= 1;
+            if b.0 == 0 {
+                self.blocks.remove(&key.block);
+            }
+        }
+        Some(c)
+    }
+
+    /// Evicts one page (moving others between queues on the way). Returns the bytes freed,
+    /// or `None` if the shard is empty.
+    fn evict_one(&mut self, cap: usize) -> Option<usize> {
+        loop {
+            let from_small = self.small_bytes > cap * SMALL_PERCENT / 100 || self.main_bytes == 0;
+            if from_small {
+                let (key, seq) = self.small.pop_front()?;
+                let Some(e) = self.map.get_mut(&key).filter(|e| e.seq == seq && !e.main) else { continue };
+                if e.freq > 0 {
+                    // Read again while on probation: into main.
+                    let seq = {
+                        self.seq += 1;
+                        self.seq
+                    };
+                    let c = charge(e);
+                    (e.freq, e.main, e.seq) = (0, true, seq);
+                    self.small_bytes -= c;
+                    self.main_bytes += c;
+                    self.main.push_back((key, seq));
+                    continue;
+                }
+                let freed = self.remove(key);
+                let seq = self.next_seq();
+                self.ghost.push_back((key, seq));
+                self.ghost_map.insert(key, seq);
+                return freed;
+            }
+            let (key, seq) = self.main.pop_front()?;
+            let Some(e) = self.map.get_mut(&key).filter(|e| e.seq == seq && e.main) else { continue };
+            if e.freq > 0 {
+                e.freq -= 1;
+                self.main.push_back((key, seq));
+                continue;
+            }
+            return self.remove(key);
+        }
+    }
+
+    /// Drops queue slots that no longer name a live entry once they outnumber the entries
+    /// (many pages were dropped with their blocks while nothing had to be evicted).
+    fn compact(&mut self) {
+        if self.small.len() + self.main.len() > 2 * self.map.len() + 1024 {
+            let map = &self.map;
+            let live = |(k, s): &(Key, u64)| map.get(k).is_some_and(|e| e.seq == *s);
+            self.small.retain(live);
+            self.main.retain(live);
+        }
+    }
+}
+
+/// The cache. Cheap to share (`Arc`); every method takes `&self`.
+pub struct ReadCache {
+    shards: Box<[Mutex<Shard>]>,
+    /// Bytes one shard may hold.
+    shard_cap: usize,
+    /// Ghost keys one shard remembers (as many as it holds full pages).
+    ghost_cap: usize,
+    counters: Arc<CacheCounters>,
+}
+
+impl ReadCache {
+    /// A cache of at most `capacity_bytes`; `None` for 0 (disabled) or for less than one page.
+    pub fn new(capacity_bytes: u64, counters: Arc<CacheCounters>) -> Option<Self> {
+        let cap = usize::try_from(capacity_bytes).unwrap_or(usize::MAX);
+        let per_page = PAGE + ENTRY_OVERHEAD;
+        if cap < per_page {
+            return None;
+        }
+        let shards = (cap / (64 * per_page)).clamp(1, MAX_SHARDS);
+        let shard_cap = cap / shards;
+        counters.capacity_bytes.store((shard_cap * shards) as u64, Ordering::Relaxed);
+        Some(ReadCache {
+            shards: (0..shards).map(|_| Mutex::new(Shard::default())).collect(),
+            shard_cap,
+            ghost_cap: (shard_cap / per_page).max(1),
+            counters,
+        })
+    }
+
+    fn shard(&self, block: BlockId) -> MutexGuard<'_, Shard> {
+        // splitmix64's finaliser: consecutive ids spread over the shards.
+        let mut z = block.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        let i = ((z ^ (z >> 31)) % self.shards.len() as u64) as usize;
+        // A panic while holding a shard leaves plain maps and counters, consistent enough to
+        // keep serving: every update below is finished before the next can panic.
+        self.shards[i].lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Copies bytes `offset..offset + out.len()` of `block` into `out` if every page they
+    /// cover is here (a hit), and counts a hit or a miss. On a miss `out` may hold part of
+    /// the range; the caller overwrites it.
+    pub fn read(&self, block: BlockId, offset: u32, out: &mut [u8]) -> bool {
+        if out.is_empty() {
+            return true;
+        }
+        let (first, last) = pages_of(offset, out.len());
+        let hit = {
+            let mut shard = self.shard(block);
+            let mut done = 0;
+            let mut hit = true;
+            for page in first..=last {
+                let Some(e) = shard.map.get_mut(&Key { block, page }) else {
+                    hit = false;
+                    break;
+                };
+                let start = page as usize * PAGE;
+                // The part of the wanted range in this page.
+                let from = (offset as usize).max(start) - start;
+                let n = (out.len() - done).min(PAGE - from);
+                if from + n > e.data.len() {
+                    // The block is shorter than asked: the source answers the error.
+                    hit = false;
+                    break;
+                }
+                out[done..done + n].copy_from_slice(&e.data[from..from + n]);
+                done += n;
+                e.freq = (e.freq + 1).min(MAX_FREQ);
+            }
+            hit
+        };
+        let c = if hit { &self.counters.hits } else { &self.counters.misses };
+        c.fetch_add(1, Ordering::Relaxed);
+        hit
+    }
+
+    /// Puts the pages of `data`, which holds bytes `first_page * PAGE..` of `block`: whole
+    /// pages, the last one short only where the block ends. Pages already here are kept.
+    pub fn insert(&self, block: BlockId, first_page: u32, data: &[u8]) {
+        let mut guard = self.shard(block);
+        let shard = &mut *guard;
+        let (mut added, mut evicted, mut freed) = (0u64, 0u64, 0usize);
+        for (i, chunk) in data.chunks(PAGE).enumerate() {
+            let key = Key { block, page: first_page + i as u32 };
+            if shard.map.contains_key(&key) {
+                continue;
+            }
+            let c = chunk.len() + ENTRY_OVERHEAD;
+            if c > self.shard_cap {
+                break;
+            }
+            while shard.bytes() + c > self.shard_cap {
+                match shard.evict_one(self.shard_cap) {
+                    Some(n) => {
+                        evicted += 1;
+                        freed += n;
+                    }
+                    None => break,
+                }
+            }
+            let to_main = shard.ghost_map.remove(&key).is_some();
+            let seq = shard.next_seq();
+            let e = Entry { data: Bytes::copy_from_slice(chunk), freq: 0, main: to_main, seq };
+            if to_main {
+                shard.main_bytes += c;
+                shard.main.push_back((key, seq));
+            } else {
+                shard.small_bytes += c;
+                shard.small.push_back((key, seq));
+            }
+            shard.map.insert(key, e);
+            let b = shard.blocks.entry(block).or_insert((0, 0));
+            b.0 += 1;
+            b.1 = b.1.max(key.page + 1);
+            added += c as u64;
+        }
+        while shard.ghost_map.len() > self.ghost_cap {
+            let Some((k, s)) = shard.ghost.pop_front() else { break };
+            if shard.ghost_map.get(&k) == Some(&s) {
+                shard.ghost_map.remove(&k);
+            }
+        }
+        if shard.ghost.len() > 2 * shard.ghost_map.len() + 1024 {
+            let gm = &shard.ghost_map;
+            shard.ghost.retain(|(k, s)| gm.get(k) == Some(s));
+        }
+        // The gauge moves under the shard's lock, so it never goes below zero.
+        let c = &self.counters;
+        c.held_bytes.fetch_add(added, Ordering::Relaxed);
+        c.held_bytes.fetch_sub(freed as u64, Ordering::Relaxed);
+        drop(guard);
+        c.inserted_pages.fetch_add(data.len().div_ceil(PAGE) as u64, Ordering::Relaxed);
+        c.evictions.fetch_add(evicted, Ordering::Relaxed);
+    }
+
+    /// Drops every page of `block` (it was freed).
+    pub fn remove_block(&self, block: BlockId) {
+        let mut shard = self.shard(block);
+        let Some((_, end)) = shard.blocks.get(&block).copied() else { return };
+        let mut freed = 0;
+        for page in 0..end {
+            freed += shard.remove(Key { block, page }).unwrap_or(0);
+            if !shard.blocks.contains_key(&block) {
+                break;
+            }
+        }
+        shard.compact();
+        self.counters.held_bytes.fetch_sub(freed as u64, Ordering::Relaxed);
+    }
+
+    #[cfg(test)]
+    /// Bytes held, counted as the bound counts them (data plus `ENTRY_OVERHEAD` per page).
+    pub fn held_bytes(&self) -> u64 {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).bytes() as u64).sum()
+    }
+
+    #[cfg(test)]
+    /// Pages held.
+    pub fn pages(&self) -> usize {
+        self.shards.iter().map(|s| s.lock().unwrap_or_else(std::sync::PoisonError::into_inner).map.len()).sum()
+    }
+
+    #[cfg(test)]
+    /// Whether page `page` of `block` is here (counts nothing).
+    pub fn contains(&self, block: BlockId, page: u32) -> bool {
+        self.shard(block).map.contains_key(&Key { block, page })
+    }
+}
+
+/// First and last page index of `len > 0` bytes at `offset`.
+pub(crate) fn pages_of(offset: u32, len: usize) -> (u32, u32) {
+    let end = u64::from(offset) + len as u64 - 1;
+    (offset / PAGE as u32, (end / PAGE as u64) as u32)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(block: u64, p: u32, len: usize) -> Vec<u8> {
+        (0..len).map(|i| (block as u8).wrapping_mul(7) ^ (p as u8) ^ (i as u8)).collect()
+    }
+
+    fn cache(bytes: u64) -> (ReadCache, Arc<CacheCounters>) {
+        let c = Arc::new(CacheCounters::default());
+        (ReadCache::new(bytes, c.clone()).unwrap(), c)
+    }
+
+    #[test]
+    fn zero_or_less_than_a_page_is_no_cache() {
+        let c = Arc::new(CacheCounters::default());
+        assert!(ReadCache::new(0, c.clone()).is_none());
+        assert!(ReadCache::new(PAGE as u64, c).is_none());
+    }
+
+    #[test]
+    fn miss_then_hit_copies_the_range() {
+        let (c, n) = cache(1 << 20);
+        let mut out = vec![0u8; 100];
+        assert!(!c.read(7, 5000, &mut out));
+        // Pages 1 and 2 of block 7 (the covering range of 5000..5100 is page 1 only).
+        let data: Vec<u8> = [page(7, 1, PAGE), page(7, 2, PAGE)].concat();
+        c.insert(7, 1, &data);
+        assert!(c.read(7, 5000, &mut out));
+        assert_eq!(out, data[5000 - PAGE..5100 - PAGE]);
+        // A range over both pages, and one going past them (page 3 missing).
+        let mut two = vec![0u8; 2 * PAGE - 10];
+        assert!(c.read(7, PAGE as u32 + 10, &mut two));
+        assert_eq!(two, data[10..]);
+        assert!(!c.read(7, 2 * PAGE as u32, &mut [0u8; PAGE + 1]));
+        assert_eq!(n.hits.load(Ordering::Relaxed), 2);
+        assert_eq!(n.misses.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn short_last_page_and_reads_past_it() {
+        let (c, _) = cache(1 << 20);
+        let tail = page(3, 0, 100);
+        c.insert(3, 0, &tail);
+        let mut out = vec![0u8; 50];
+        assert!(c.read(3, 50, &mut out));
+        assert_eq!(out, tail[50..]);
+        assert!(!c.read(3, 50, &mut [0u8; 51]), "past the block's end is the source's error to give");
+    }
+
+    #[test]
+    fn bytes_never_exceed_the_limit() {
+        let limit = 300 * (PAGE + ENTRY_OVERHEAD) as u64;
+        let (c, n) = cache(limit);
+        let mut rng = 0x1234_5678_u64;
+        for i in 0..20_000u64 {
+            rng = rng.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            let block = (rng >> 33) % 50;
+            let p = ((rng >> 20) % 64) as u32;
+            let len = if i % 5 == 0 { 1 + (rng >> 40) as usize % PAGE } else { PAGE };
+            let pages = 1 + (i % 4) as u32;
+            let data: Vec<u8> =
+                (0..pages).flat_map(|k| page(block, p + k, PAGE)).take(len + (pages as usize - 1) * PAGE).collect();
+            c.insert(block, p, &data);
+            if i % 7 == 0 {
+                c.read(block, p * PAGE as u32, &mut [0u8; 10]);
+            }
+            if i % 997 == 0 {
+                c.remove_block(block);
+            }
+            assert!(c.held_bytes() <= limit, "held {} > limit {limit} after {i}", c.held_bytes());
+        }
+        assert!(n.evictions.load(Ordering::Relaxed) > 0);
+        assert_eq!(n.held_bytes.load(Ordering::Relaxed), c.held_bytes(), "the gauge follows the shards");
+    }
+
+    #[test]
+    fn removed_block_is_gone_and_others_stay() {
+        let (c, n) = cache(4 << 20);
+        for b in [1u64, 2] {
+            for p in [0u32, 5, 9] {
+                c.insert(b, p, &page(b, p, PAGE));
+            }
+        }
+        c.remove_block(1);
+        for p in [0u32, 5, 9] {
+            assert!(!c.contains(1, p));
+            assert!(c.contains(2, p));
+            assert!(!c.read(1, p * PAGE as u32, &mut [0u8; 8]));
+        }
+        assert_eq!(c.pages(), 3);
+        assert_eq!(n.held_bytes.load(Ordering::Relaxed), 3 * (PAGE + ENTRY_OVERHEAD) as u64);
+        c.remove_block(42); // nothing there: fine
+    }
+
+    #[test]
+    fn a_scan_does_not_push_out_pages_read_again() {
+        // One shard of 100 pages: 20 hot pages read often, then a scan of 1,000 pages once.
+        let per = (PAGE + ENTRY_OVERHEAD) as u64;
+        let (c, _) = cache(100 * per);
+        assert_eq!(c.shards.len(), 1);
+        for p in 0..20u32 {
+            c.insert(1, p, &page(1, p, PAGE));
+        }
+        for p in 0..80u32 {
+            c.insert(2, p, &page(2, p, PAGE)); // fills the cache
+        }
+        for _ in 0..3 {
+            for p in 0..20u32 {
+                assert!(c.read(1, p * PAGE as u32, &mut [0u8; 16]));
+            }
+        }
+        for p in 0..1000u32 {
+            c.insert(3, p, &page(3, p, PAGE));
+        }
+        let kept = (0..20u32).filter(|p| c.contains(1, *p)).count();
+        assert_eq!(kept, 20, "the hot pages survive a scan five times the cache");
+    }
+
+    #[test]
+    fn queues_do_not_grow_with_drops_alone() {
+        let (c, _) = cache(64 << 20);
+        for b in 0..2_000u64 {
+            c.insert(b, 0, &page(b, 0, PAGE));
+            c.remove_block(b);
+        }
+        let s = c.shards.iter().map(|s| s.lock().unwrap().small.len()).sum::<usize>();
+        assert!(s <= 16 * 1024 + 16, "stale queue slots are compacted: {s}");
+        assert_eq!(c.pages(), 0);
+    }
+}

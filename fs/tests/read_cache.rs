@@ -1,0 +1,187 @@
+//! The read cache through the filesystem API: a second read of a range does not touch the
+//! device, a cache of 0 bytes is off, freed blocks leave it, and bytes that fail their
+//! checksum never enter it. A device wrapper counts reads and can corrupt what it returns.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use tidepool_cluster::{ManualClock, MetaGroup, MetaState, RaftOptions};
+use tidepool_fs::{ErrorKind, Fs, FsOptions, MetricsSnapshot, ROOT_INO};
+use tidepool_spdk::device::mem::MemDevice;
+use tidepool_spdk::device::{IoFuture, IoResult};
+use tidepool_spdk::{AlignedBuf, BlockDevice, BlockStore, DeviceError, DeviceInfo, StoreOptions};
+
+const BLOCK: usize = 1 << 20;
+
+/// Counts reads; with `corrupt` set, flips a byte in every buffer it reads.
+struct Device {
+    inner: MemDevice,
+    reads: AtomicU64,
+    corrupt: AtomicBool,
+}
+
+impl BlockDevice for Device {
+    fn info(&self) -> &DeviceInfo {
+        self.inner.info()
+    }
+    fn read(&self, offset: u64, buf: AlignedBuf) -> IoFuture<'_, IoResult> {
+        self.reads.fetch_add(1, Ordering::SeqCst);
+        Box::pin(async move {
+            let (mut buf, res) = self.inner.read(offset, buf).await;
+            if self.corrupt.load(Ordering::SeqCst) && !buf.is_empty() {
+                let n = buf.len();
+                buf[n - 1] ^= 0x5a;
+            }
+            (buf, res)
+        })
+    }
+    fn write(&self, offset: u64, buf: AlignedBuf) -> IoFuture<'_, IoResult> {
+        self.inner.write(offset, buf)
+    }
+    fn flush(&self) -> IoFuture<'_, Result<(), DeviceError>> {
+        self.inner.flush()
+    }
+}
+
+struct Env {
+    _dir: tempfile::TempDir,
+    fs: Fs,
+    dev: Arc<Device>,
+}
+
+async fn env(read_cache_bytes: u64) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let dev =
+        Arc::new(Device { inner: MemDevice::new(64 << 20), reads: AtomicU64::new(0), corrupt: AtomicBool::new(false) });
+    let opts = StoreOptions { segment_bytes: 4 << 20, max_block_bytes: BLOCK, crc_cache_bytes: 1 << 20 };
+    let store = Arc::new(BlockStore::format(dev.clone(), opts).await.unwrap());
+    let meta = MetaGroup::open(&dir.path().join("meta"), RaftOptions::default(), MetaState::new()).unwrap();
+    let clock = Arc::new(ManualClock::new(1_700_000_000_000_000_000));
+    let fopts = FsOptions { block_size: BLOCK, id_batch: 64, read_cache_bytes, ..FsOptions::default() };
+    let (fs, _) = Fs::open(meta, store, clock, fopts).await.unwrap();
+    Env { _dir: dir, fs, dev }
+}
+
+fn bytes(seed: u8, n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 12) as u8).collect()
+}
+
+impl Env {
+    fn reads(&self) -> u64 {
+        self.dev.reads.load(Ordering::SeqCst)
+    }
+    fn m(&self) -> MetricsSnapshot {
+        self.fs.metrics().snapshot()
+    }
+    async fn file(&self, name: &str, data: &[u8]) -> u64 {
+        let f = self.fs.create(ROOT_INO, name.as_bytes(), 0o644, 0, 0).await.unwrap();
+        self.fs.write(f.ino, 0, data).await.unwrap();
+        f.ino
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_read_of_a_range_does_not_touch_the_device() {
+    let e = env(16 << 20).await;
+    let data = bytes(1, 2 * BLOCK + 5000);
+    let ino = e.file("f", &data).await;
+    assert_eq!(e.m().read_cache_bytes, 0, "a write does not fill the cache");
+    // Unaligned, and across the boundary of blocks 1 and 2.
+    for (off, len) in [(10_000usize, 7000usize), (BLOCK - 3000, 9000), (2 * BLOCK, 5000)] {
+        let (r0, m0) = (e.reads(), e.m());
+        assert_eq!(e.fs.read(ino, off as u64, len).await.unwrap(), data[off..off + len]);
+        let (r1, m1) = (e.reads(), e.m());
+        assert!(r1 > r0, "the first read goes to the device");
+        assert!(m1.read_cache_misses > m0.read_cache_misses);
+        assert_eq!(m1.read_cache_hits, m0.read_cache_hits);
+        // Again, and a part of it: from RAM.
+        assert_eq!(e.fs.read(ino, off as u64, len).await.unwrap(), data[off..off + len]);
+        assert_eq!(e.fs.read(ino, off as u64 + 100, len - 200).await.unwrap(), data[off + 100..off + len - 100]);
+        let m2 = e.m();
+        assert_eq!(e.reads(), r1, "no device read for a cached range (offset {off})");
+        assert_eq!(m2.read_cache_misses, m1.read_cache_misses);
+        assert!(m2.read_cache_hits >= m1.read_cache_hits + 2);
+    }
+    let m = e.m();
+    assert!(m.read_cache_bytes > 0 && m.read_cache_bytes <= m.read_cache_capacity_bytes, "{m:?}");
+    // The whole file: the cached pages do not make the other ranges wrong.
+    assert_eq!(e.fs.read(ino, 0, data.len()).await.unwrap(), data);
+    assert_eq!(e.fs.read(ino, 0, data.len()).await.unwrap(), data);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn zero_bytes_turns_the_cache_off() {
+    let e = env(0).await;
+    let data = bytes(2, BLOCK + 100);
+    let ino = e.file("f", &data).await;
+    for _ in 0..3 {
+        let r0 = e.reads();
+        assert_eq!(e.fs.read(ino, 4096, 8192).await.unwrap(), data[4096..4096 + 8192]);
+        assert!(e.reads() > r0, "every read goes to the device");
+    }
+    let m = e.m();
+    assert_eq!((m.read_cache_hits, m.read_cache_misses, m.read_cache_bytes, m.read_cache_capacity_bytes), (0, 0, 0, 0));
+}
+
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freed_blocks_leave_the_cache() {
+    let e = env(16 << 20).await;
+    let a = bytes(3, BLOCK + 4096);
+    let ino = e.file("a", &a).await;
+    let keep = bytes(4, 3 * 4096);
+    let other = e.file("b", &keep).await;
+    assert_eq!(e.fs.read(ino, 0, a.len()).await.unwrap(), a);
+    assert_eq!(e.fs.read(other, 0, keep.len()).await.unwrap(), keep);
+    let held_b = {
+        let all = e.m().read_cache_bytes;
+        assert!(all > a.len() as u64, "{all}");
+        all
+    };
+    // Overwrite the start of `a`: its first block is freed, the new one is read from the device.
+    let patch = bytes(5, BLOCK);
+    e.fs.write(ino, 0, &patch).await.unwrap();
+    let r0 = e.reads();
+    assert_eq!(e.fs.read(ino, 0, 4096).await.unwrap(), patch[..4096]);
+    assert!(e.reads() > r0, "new block: not cached");
+    // Removing `a` frees its blocks, new and old: only `b`'s 3 pages stay.
+    e.fs.unlink(ROOT_INO, b"a").await.unwrap();
+    let per_page = |n: u64| n * (4096 + 128);
+    wait_for("a's pages to go", || e.m().read_cache_bytes == per_page(3)).await;
+    assert!(held_b > per_page(3));
+    let r1 = e.reads();
+    assert_eq!(e.fs.read(other, 0, keep.len()).await.unwrap(), keep);
+    assert_eq!(e.reads(), r1, "b's pages stayed");
+    e.fs.unlink(ROOT_INO, b"b").await.unwrap();
+    wait_for("every page to go", || e.m().read_cache_bytes == 0).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_that_fails_its_checksum_is_never_cached() {
+    let e = env(16 << 20).await;
+    let data = bytes(6, 4 * 4096);
+    let ino = e.file("f", &data).await;
+    // Page 0 read (and cached) while the device is sound; this also caches the block's crcs.
+    assert_eq!(e.fs.read(ino, 0, 4096).await.unwrap(), data[..4096]);
+    let held = e.m().read_cache_bytes;
+    e.dev.corrupt.store(true, Ordering::SeqCst);
+    for _ in 0..2 {
+        let err = e.fs.read(ino, 8192, 4096).await.unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::Corrupt, "{err}");
+    }
+    assert_eq!(e.m().read_cache_bytes, held, "nothing of the corrupt reads went in");
+    assert_eq!(e.fs.read(ino, 0, 4096).await.unwrap(), data[..4096], "a page verified before is still served");
+    e.dev.corrupt.store(false, Ordering::SeqCst);
+    assert_eq!(e.fs.read(ino, 8192, 4096).await.unwrap(), data[8192..12288]);
+    assert!(e.m().read_cache_bytes > held);
+}
