@@ -124,6 +124,28 @@ impl StatusSource {
         let _ = writeln!(out, "tidepool_fs_bytes_total{{dir=\"write\"}} {}", m.bytes_written);
         let _ = writeln!(
             out,
+            "# HELP tidepool_read_cache_total RAM read cache of block pages: block range reads served (hits) or not (misses), pages put in and evicted.\n# TYPE tidepool_read_cache_total counter"
+        );
+        for (what, n) in [
+            ("hits", m.read_cache_hits),
+            ("misses", m.read_cache_misses),
+            ("inserted_pages", m.read_cache_inserted_pages),
+            ("evicted_pages", m.read_cache_evictions),
+        ] {
+            let _ = writeln!(out, "tidepool_read_cache_total{{what=\"{what}\"}} {n}");
+        }
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_read_cache_bytes Bytes the read cache holds (pages and their overhead).\n# TYPE tidepool_read_cache_bytes gauge\ntidepool_read_cache_bytes {}",
+            m.read_cache_bytes
+        );
+        let _ = writeln!(
+            out,
+            "# HELP tidepool_read_cache_capacity_bytes The read cache's limit (read_cache_bytes; 0: off).\n# TYPE tidepool_read_cache_capacity_bytes gauge\ntidepool_read_cache_capacity_bytes {}",
+            m.read_cache_capacity_bytes
+        );
+        let _ = writeln!(
+            out,
             "# HELP tidepool_tier_total Tiering engine counters (uploads, eviction, read-through, gc).\n# TYPE tidepool_tier_total counter"
         );
         for (name, n) in self.tier.counters().snapshot() {

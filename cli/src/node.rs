@@ -263,6 +263,7 @@ impl Node {
             block_size: settings.block_size.0 as usize,
             replicas: settings.replicas.unwrap_or(2),
             orphan_grace: member.then_some(std::time::Duration::from_secs(300)),
+            read_cache_bytes: settings.read_cache_bytes.0,
             ..FsOptions::default()
         };
         let (fs, report) = Fs::open(meta, store.clone(), Arc::new(SystemClock), fs_opts).await?;

@@ -111,6 +111,11 @@ pub struct Settings {
     pub segment_size: ByteSize,
     /// Largest block a file is cut into. Default 4MiB.
     pub block_size: ByteSize,
+    /// RAM for the read cache of verified 4 KiB block pages, below the S3 and NFS front ends
+    /// (`fs/src/cache.rs`). Default 1GiB: fixed, so a node's memory does not depend on the
+    /// machine it lands on, and small next to the RAM of instances with local NVMe; 0 turns
+    /// the cache off. 0, or 1MiB to 1TiB.
+    pub read_cache_bytes: ByteSize,
     /// The cold tier: `file:///path`, `s3://bucket/prefix` or `az://container/prefix`.
     /// Default `file://<data_dir>/objects`. (`object_store` is accepted as an older name.)
     #[serde(alias = "object_store")]
@@ -225,6 +230,7 @@ impl Default for Settings {
             queue_depth: 64,
             segment_size: ByteSize(256 << 20),
             block_size: ByteSize(4 << 20),
+            read_cache_bytes: ByteSize(tidepool_fs::DEFAULT_READ_CACHE_BYTES),
             bucket: None,
             bucket_region: None,
             bucket_endpoint: None,
@@ -344,6 +350,14 @@ impl Settings {
                 "device_size",
                 self.device_size.to_string(),
                 "must hold at least 4 segments (lower segment_size for small devices)",
+            );
+        }
+        let rc = self.read_cache_bytes.0;
+        if rc != 0 && !(1 << 20..=1 << 40).contains(&rc) {
+            return bad(
+                "read_cache_bytes",
+                self.read_cache_bytes.to_string(),
+                "must be 0 (off) or between 1MiB and 1TiB",
             );
         }
         if !(1..=4096).contains(&self.queue_depth) {
@@ -530,6 +544,12 @@ mod tests {
         assert!(e.to_string().contains("bananas"), "{e}");
         let e = Settings::load(Some(&f), env(&[("TIDEPOOL_QUEUE_DEPTH", "0")])).unwrap_err();
         assert!(e.to_string().contains("queue_depth"), "{e}");
+        assert_eq!(s.read_cache_bytes.0, 1 << 30, "default");
+        let s = Settings::load(Some(&f), env(&[("TIDEPOOL_READ_CACHE_BYTES", "256MiB")])).unwrap();
+        assert_eq!(s.read_cache_bytes.0, 256 << 20);
+        assert_eq!(Settings::load(Some(&f), env(&[("TIDEPOOL_READ_CACHE_BYTES", "0")])).unwrap().read_cache_bytes.0, 0);
+        let e = Settings::load(Some(&f), env(&[("TIDEPOOL_READ_CACHE_BYTES", "4KiB")])).unwrap_err();
+        assert!(e.to_string().contains("read_cache_bytes"), "{e}");
         let s = Settings::load(
             Some(&f),
             env(&[
