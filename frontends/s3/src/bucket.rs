@@ -27,9 +27,10 @@ impl TidepoolS3 {
                 }
                 let Ok(name) = String::from_utf8(e.name) else { continue };
                 if names::is_bucket_name(&name) {
+                    let created = self.bucket_created(&e.attr).await;
                     buckets.push(Bucket {
                         name: Some(name),
-                        creation_date: Some(meta::timestamp(e.attr.ctime)),
+                        creation_date: Some(meta::timestamp(created)),
                         bucket_region: Some(self.opts.region.clone()),
                     });
                 }
@@ -42,6 +43,23 @@ impl TidepoolS3 {
         Ok(S3Response::new(ListBucketsOutput { buckets: Some(buckets), owner: Some(owner), ..Default::default() }))
     }
 
+    /// A bucket's creation time: recorded at CreateBucket (`:bucket-created`, ns), since a
+    /// folder's ctime and mtime move whenever entries are added. A folder made another way
+    /// (NFS `mkdir`, or before the key existed) gets the oldest of its times, recorded now so
+    /// that it stays (best effort: on a read-only filesystem it is computed each time).
+    async fn bucket_created(&self, dir: &tidepool_fs::FileAttr) -> i64 {
+        if let Ok(Some(t)) = self.fs.get_xattr(dir.ino, meta::BUCKET_CREATED)
+            && let Ok(t) = t.parse()
+        {
+            return t;
+        }
+        let oldest = dir.ctime.min(dir.mtime).min(dir.atime);
+        if let Err(e) = self.fs.set_xattr(dir.ino, meta::BUCKET_CREATED, &oldest.to_string()).await {
+            tracing::debug!(error = %e, ino = dir.ino, "cannot record a bucket's creation time");
+        }
+        oldest
+    }
+
     pub(crate) async fn op_create_bucket(
         &self,
         req: S3Request<CreateBucketInput>,
@@ -51,7 +69,12 @@ impl TidepoolS3 {
             return Err(s3_error!(InvalidBucketName, "{bucket:?} is not a valid bucket name"));
         }
         match self.fs.mkdir(ROOT_INO, bucket.as_bytes(), 0o755, 0, 0).await {
-            Ok(_) => Ok(S3Response::new(CreateBucketOutput { location: Some(format!("/{bucket}")) })),
+            Ok(dir) => {
+                // A crash before this commit leaves the bucket to `bucket_created`'s fallback.
+                let created = dir.ctime.to_string();
+                self.fs.set_xattr(dir.ino, meta::BUCKET_CREATED, &created).await.map_err(|e| fs_error(e, bucket))?;
+                Ok(S3Response::new(CreateBucketOutput { location: Some(format!("/{bucket}")) }))
+            }
             Err(e) if e.kind() == ErrorKind::Exists => match bucket_dir(&self.fs, bucket) {
                 Ok(Some(_)) => Err(s3_error!(BucketAlreadyOwnedByYou, "bucket {bucket:?} exists")),
                 _ => Err(s3_error!(BucketAlreadyExists, "{bucket:?} exists in the namespace and is not a folder")),

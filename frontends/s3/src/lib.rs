@@ -37,6 +37,7 @@
 
 mod auth;
 mod bucket;
+pub mod checksum;
 mod error;
 pub mod list;
 pub mod meta;
@@ -61,7 +62,9 @@ pub use server::serve;
 /// Settings of the S3 front end.
 #[derive(Debug, Clone)]
 pub struct S3Options {
-    /// Region answered by GetBucketLocation / HeadBucket. Default `us-east-1`.
+    /// The region of this endpoint: answered by GetBucketLocation / HeadBucket / ListBuckets,
+    /// and the only region a SigV4 signature may name (else `AuthorizationHeaderMalformed`).
+    /// Default `us-east-1`.
     pub region: String,
 }
 
@@ -119,10 +122,11 @@ impl TidepoolS3 {
 /// that refuses anonymous requests and records each request's operation for the metrics.
 pub fn build_service(s3: TidepoolS3, keys: Arc<dyn KeyProvider>) -> s3s::service::S3Service {
     let route = rename::RenameRoute { s3: s3.clone() };
+    let region = s3.opts.region.clone();
     let mut b = s3s::service::S3ServiceBuilder::new(s3);
     b.set_route(route);
     b.set_auth(auth::Auth { keys });
-    b.set_access(auth::Access);
+    b.set_access(auth::Access { region });
     b.build()
 }
 

@@ -28,10 +28,14 @@ use s3s::dto::*;
 use s3s::{S3Error, S3Request, S3Response, S3Result, s3_error};
 use tidepool_fs::{ErrorKind, FileAttr, InodeKind, Staged};
 
+use crate::checksum::{self, Alg};
 use crate::error::{fs_error, invalid_key};
 use crate::meta::{self, SystemHeaders};
 use crate::names::parse_key;
-use crate::object::{Content, CopyConditions, check_copy_conditions, from_hex, hex};
+use crate::object::{
+    Content, CopyConditions, StagedBody, base64, check_copy_conditions, checksum_fields, from_hex, hex,
+    set_checksum_fields,
+};
 use crate::{TidepoolS3, lookup_opt, remove_tree_contents};
 
 /// Where uploads in progress live.
@@ -44,6 +48,10 @@ pub const MAX_PART_NUMBER: i32 = 10_000;
 const MP_BUCKET: &str = ":mp-bucket";
 const MP_KEY: &str = ":mp-key";
 const MP_INITIATED: &str = ":mp-initiated";
+/// The checksum algorithm (`CRC32`, ...) and type (`COMPOSITE` / `FULL_OBJECT`) the upload was
+/// created with: every part is hashed with it, and Complete gives the object that checksum.
+const MP_CHECKSUM_ALG: &str = ":mp-checksum-algorithm";
+const MP_CHECKSUM_TYPE: &str = ":mp-checksum-type";
 /// Suffix of an upload directory claimed by a Complete or Abort in progress.
 const CLAIMED: &str = ".claimed";
 
@@ -92,6 +100,48 @@ struct PartInfo {
     size: u64,
     etag: String,
     mtime: i64,
+    checksum: Option<checksum::Stored>,
+}
+
+impl Upload {
+    /// The checksum algorithm of the upload and whether its object checksum is COMPOSITE.
+    fn checksum(&self) -> Option<(Alg, bool)> {
+        let alg = Alg::parse(self.xattrs.get(MP_CHECKSUM_ALG)?)?;
+        let composite = self.xattrs.get(MP_CHECKSUM_TYPE).map(String::as_str) != Some(ChecksumType::FULL_OBJECT);
+        Some((alg, composite))
+    }
+}
+
+/// The checksum algorithm and type of a CreateMultipartUpload, checked as S3 does.
+fn upload_checksum(
+    alg: Option<&ChecksumAlgorithm>,
+    typ: Option<&ChecksumType>,
+) -> S3Result<Option<(Alg, &'static str)>> {
+    let Some(alg) = alg else {
+        return match typ {
+            Some(_) => Err(s3_error!(
+                InvalidRequest,
+                "The x-amz-checksum-type header can only be used with the x-amz-checksum-algorithm header."
+            )),
+            None => Ok(None),
+        };
+    };
+    let alg = Alg::from_dto(alg)?;
+    let typ = match typ.map(ChecksumType::as_str) {
+        None => alg.default_multipart_type(),
+        Some(t) if t.eq_ignore_ascii_case(ChecksumType::COMPOSITE) => ChecksumType::COMPOSITE,
+        Some(t) if t.eq_ignore_ascii_case(ChecksumType::FULL_OBJECT) => ChecksumType::FULL_OBJECT,
+        Some(t) => return Err(s3_error!(InvalidRequest, "Value for x-amz-checksum-type header is invalid: {t:?}")),
+    };
+    let ok = if typ == ChecksumType::FULL_OBJECT { alg.is_crc() } else { alg != Alg::Crc64Nvme };
+    if !ok {
+        return Err(s3_error!(
+            InvalidRequest,
+            "The {typ} checksum type cannot be used with the {} checksum algorithm.",
+            alg.name()
+        ));
+    }
+    Ok(Some((alg, typ)))
 }
 
 impl TidepoolS3 {
@@ -160,7 +210,8 @@ impl TidepoolS3 {
                 }
                 let x = self.fs.get_xattrs(e.attr.ino).map_err(|e| fs_error(e, what))?;
                 let etag = meta::etag(&e.attr, &x);
-                parts.insert(n, PartInfo { ino: e.attr.ino, size: e.attr.size, etag, mtime: e.attr.mtime });
+                let checksum = checksum::Stored::load(&e.attr, &x);
+                parts.insert(n, PartInfo { ino: e.attr.ino, size: e.attr.size, etag, mtime: e.attr.mtime, checksum });
             }
             if eof || entries.is_empty() {
                 return Ok(parts);
@@ -179,6 +230,7 @@ impl TidepoolS3 {
         if key.folder {
             return Err(invalid_key(&input.key, "a key ending in '/' is a folder and takes an empty body"));
         }
+        let ck = upload_checksum(input.checksum_algorithm.as_ref(), input.checksum_type.as_ref())?;
         let sys = SystemHeaders {
             content_type: input.content_type.clone(),
             content_encoding: input.content_encoding.clone(),
@@ -188,6 +240,10 @@ impl TidepoolS3 {
             expires: input.expires.clone(),
         };
         let mut xattrs = meta::to_xattrs(input.metadata.as_ref(), &sys);
+        if let Some((alg, typ)) = ck {
+            xattrs.insert(MP_CHECKSUM_ALG.into(), alg.upper().into());
+            xattrs.insert(MP_CHECKSUM_TYPE.into(), typ.into());
+        }
         xattrs.insert(MP_BUCKET.into(), input.bucket.clone());
         xattrs.insert(MP_KEY.into(), input.key.clone());
         let id = new_upload_id();
@@ -202,16 +258,29 @@ impl TidepoolS3 {
             bucket: Some(input.bucket),
             key: Some(input.key),
             upload_id: Some(id),
+            checksum_algorithm: ck.map(|(a, _)| a.dto()),
+            checksum_type: ck.map(|(_, t)| ChecksumType::from_static(t)),
             ..Default::default()
         }))
     }
 
     /// Make `staged` part `n` of the upload in directory `dir`: one `Fs::publish` makes a file
     /// of the blocks and the ETag take the part's name (replacing a part of that number).
-    async fn put_part(&self, dir: u64, id: &str, n: i32, staged: Staged, md5: &str) -> S3Result<FileAttr> {
+    async fn put_part(
+        &self,
+        dir: u64,
+        id: &str,
+        n: i32,
+        staged: Staged,
+        md5: &str,
+        ck: Option<&checksum::Stored>,
+    ) -> S3Result<FileAttr> {
         let with_etag = |now| {
             let mut x = BTreeMap::new();
             meta::set_etag(&mut x, md5, now);
+            if let Some(c) = ck {
+                c.store(&mut x);
+            }
             x
         };
         match self.fs.publish(dir, n.to_string().as_bytes(), staged, with_etag, 0o644, 0, 0).await {
@@ -229,27 +298,68 @@ impl TidepoolS3 {
         let mut input = req.input;
         let body = input.body.take();
         let found = check_part_number(input.part_number)
-            .and_then(|()| self.find_upload(&input.bucket, &input.key, &input.upload_id));
-        let up = match found {
-            Ok(up) => up,
+            .and_then(|()| self.find_upload(&input.bucket, &input.key, &input.upload_id))
+            .and_then(|up| {
+                let ck =
+                    checksum::requested(&checksum_fields!(input), input.checksum_algorithm.as_ref(), &req.headers)?;
+                // Parts of an upload created with an algorithm are all hashed with it.
+                let alg = match (up.checksum(), &ck) {
+                    (Some((want, _)), Some(c)) if c.alg != want => {
+                        return Err(s3_error!(
+                            InvalidRequest,
+                            "Checksum Type mismatch occurred, expected checksum Type: {}, actual checksum Type: {}",
+                            want.name(),
+                            c.alg.name()
+                        ));
+                    }
+                    (Some((want, _)), _) => Some(want),
+                    (None, c) => c.as_ref().map(|c| c.alg),
+                };
+                Ok((up, ck, alg))
+            });
+        let (up, ck, alg) = match found {
+            Ok(v) => v,
             Err(e) => {
                 crate::object::drain_body(body).await;
                 return Err(e);
             }
         };
-        let (staged, md5, size) = match body {
-            Some(body) => self.stage_body(body).await?,
-            None => (Staged::default(), hex(&Md5::digest(b"")), 0),
+        let StagedBody { staged, md5, size, digest } = match body {
+            Some(body) => self.stage_body(body, alg).await?,
+            None => StagedBody {
+                staged: Staged::default(),
+                md5: hex(&Md5::digest(b"")),
+                size: 0,
+                digest: alg.map(|a| a.digest(b"")),
+            },
         };
-        if let Some(want) = &input.content_md5
-            && *want != crate::object::base64(&from_hex(&md5))
-        {
-            self.fs.discard_staged(staged).await;
-            return Err(s3_error!(BadDigest, "the Content-MD5 you specified did not match what was received"));
-        }
-        self.put_part(up.dir.ino, &input.upload_id, input.part_number, staged, &md5).await?;
+        let verified = match &ck {
+            Some(_) => self.check_digests(
+                input.content_md5.as_deref(),
+                &md5,
+                ck.as_ref(),
+                digest,
+                req.trailing_headers.as_ref(),
+            ),
+            // Not asked by the client, computed for the upload's algorithm.
+            None => self
+                .check_digests(input.content_md5.as_deref(), &md5, None, None, None)
+                .map(|_| alg.zip(digest).map(|(alg, d)| checksum::Stored { alg, value: base64(&d), composite: false })),
+        };
+        let stored = match verified {
+            Ok(v) => v,
+            Err(e) => {
+                self.fs.discard_staged(staged).await;
+                return Err(e);
+            }
+        };
+        self.put_part(up.dir.ino, &input.upload_id, input.part_number, staged, &md5, stored.as_ref()).await?;
         self.metrics.bytes_in(size);
-        Ok(S3Response::new(UploadPartOutput { e_tag: Some(ETag::Strong(md5)), ..Default::default() }))
+        let mut out = UploadPartOutput { e_tag: Some(ETag::Strong(md5)), ..Default::default() };
+        if let Some(c) = stored {
+            set_checksum_fields!(out, c.fields());
+        }
+        Ok(S3Response::new(out))
     }
 
     pub(crate) async fn op_upload_part_copy(
@@ -284,16 +394,20 @@ impl TidepoolS3 {
         if len > crate::object::MAX_OBJECT_BYTES {
             return Err(s3_error!(InvalidRequest, "a part is at most 5 GiB"));
         }
-        let (staged, md5) = self.stage_copy(sattr.ino, start, len, &src_key).await?;
-        let attr = self.put_part(up.dir.ino, &input.upload_id, input.part_number, staged, &md5).await?;
-        Ok(S3Response::new(UploadPartCopyOutput {
-            copy_part_result: Some(CopyPartResult {
-                e_tag: Some(ETag::Strong(md5)),
-                last_modified: Some(meta::timestamp(attr.mtime)),
-                ..Default::default()
-            }),
+        let alg = up.checksum().map(|(a, _)| a);
+        let StagedBody { staged, md5, digest, .. } = self.stage_copy(sattr.ino, start, len, &src_key, alg).await?;
+        let stored = alg.zip(digest).map(|(alg, d)| checksum::Stored { alg, value: base64(&d), composite: false });
+        let attr =
+            self.put_part(up.dir.ino, &input.upload_id, input.part_number, staged, &md5, stored.as_ref()).await?;
+        let mut result = CopyPartResult {
+            e_tag: Some(ETag::Strong(md5)),
+            last_modified: Some(meta::timestamp(attr.mtime)),
             ..Default::default()
-        }))
+        };
+        if let Some(c) = stored {
+            set_checksum_fields!(result, c.fields());
+        }
+        Ok(S3Response::new(UploadPartCopyOutput { copy_part_result: Some(result), ..Default::default() }))
     }
 
     /// Claim upload `id` (rename its directory to `<id>.claimed`); `NoSuchUpload` if another
@@ -331,6 +445,7 @@ impl TidepoolS3 {
         req: S3Request<CompleteMultipartUploadInput>,
     ) -> S3Result<S3Response<CompleteMultipartUploadOutput>> {
         let input = req.input;
+        let input_ck = checksum_fields!(input);
         let id = input.upload_id.clone();
         let listed: Vec<CompletedPart> = input.multipart_upload.and_then(|m| m.parts).unwrap_or_default();
         if listed.is_empty() {
@@ -355,9 +470,12 @@ impl TidepoolS3 {
         let claimed = self.claim(&id).await?;
 
         // Check the listed parts against the stored ones; nothing is changed yet.
-        let checked: S3Result<(Vec<u64>, String)> = (|| {
+        let upload_ck = up.checksum();
+        let checked: S3Result<(Vec<u64>, String, meta::PartSizes, Option<checksum::Stored>)> = (|| {
             let stored = self.parts_of(up.dir.ino, &id)?;
             let mut inos = Vec::with_capacity(listed.len());
+            let mut sizes = Vec::with_capacity(listed.len());
+            let mut digests = Vec::with_capacity(listed.len());
             let mut md5s = Md5::new();
             for (i, p) in listed.iter().enumerate() {
                 let n = p.part_number.unwrap_or_default();
@@ -375,19 +493,36 @@ impl TidepoolS3 {
                         part.size
                     ));
                 }
+                check_part_checksum(n, p, part.checksum.as_ref())?;
+                if let Some((alg, _)) = upload_ck {
+                    let d = part.checksum.as_ref().filter(|c| c.alg == alg).and_then(checksum::Stored::raw);
+                    let d = d.ok_or_else(|| {
+                        s3_error!(InvalidPart, "part {n} has no {} checksum; upload it again", alg.upper())
+                    })?;
+                    digests.push((d, part.size));
+                }
                 md5s.update(from_hex(&part.etag));
                 inos.push(part.ino);
+                sizes.push(part.size);
             }
-            Ok((inos, format!("{}-{}", hex(&md5s.finalize()), listed.len())))
+            let object_ck = upload_ck.map(|(alg, composite)| checksum::multipart(alg, composite, &digests));
+            check_object_checksum(&input_ck, input.checksum_type.as_ref(), object_ck.as_ref())?;
+            Ok((inos, format!("{}-{}", hex(&md5s.finalize()), listed.len()), meta::PartSizes(sizes), object_ck))
         })();
-        let (inos, etag) = match checked {
+        let (inos, etag, sizes, object_ck) = match checked {
             Ok(v) => v,
             Err(e) => {
                 self.unclaim(&id, &claimed).await;
                 return Err(e);
             }
         };
-        let xattrs: BTreeMap<String, String> = up.xattrs.into_iter().filter(|(k, _)| !k.starts_with(":mp-")).collect();
+        let mut xattrs: BTreeMap<String, String> =
+            up.xattrs.into_iter().filter(|(k, _)| !k.starts_with(":mp-")).collect();
+        // GET / HEAD with partNumber answer each part's range from these.
+        sizes.store(&mut xattrs);
+        if let Some(c) = &object_ck {
+            c.store(&mut xattrs);
+        }
         let first = inos[0];
         let res = self.publish(bucket.ino, &input.key, &key, Content::Parts(inos), &etag, xattrs).await;
         match &res {
@@ -404,13 +539,18 @@ impl TidepoolS3 {
             size = attr.size,
             "multipart completed"
         );
-        Ok(S3Response::new(CompleteMultipartUploadOutput {
+        let mut out = CompleteMultipartUploadOutput {
             bucket: Some(input.bucket.clone()),
             key: Some(input.key.clone()),
             e_tag: Some(ETag::Strong(etag)),
             location: Some(format!("/{}/{}", input.bucket, input.key)),
             ..Default::default()
-        }))
+        };
+        if let Some(c) = object_ck {
+            out.checksum_type = Some(c.checksum_type());
+            set_checksum_fields!(out, c.fields());
+        }
+        Ok(S3Response::new(out))
     }
 
     pub(crate) async fn op_abort_multipart_upload(
@@ -437,13 +577,17 @@ impl TidepoolS3 {
                 truncated = true;
                 break;
             }
-            parts.push(Part {
+            let mut part = Part {
                 part_number: Some(*n),
                 e_tag: Some(ETag::Strong(p.etag.clone())),
                 size: Some(p.size as i64),
                 last_modified: Some(meta::timestamp(p.mtime)),
                 ..Default::default()
-            });
+            };
+            if let Some(c) = &p.checksum {
+                set_checksum_fields!(part, c.fields());
+            }
+            parts.push(part);
         }
         Ok(S3Response::new(ListPartsOutput {
             bucket: Some(input.bucket),
@@ -554,6 +698,60 @@ impl TidepoolS3 {
             ..Default::default()
         }))
     }
+}
+
+/// A part listed in Complete with a checksum must have been uploaded with that checksum.
+fn check_part_checksum(n: i32, listed: &CompletedPart, stored: Option<&checksum::Stored>) -> S3Result<()> {
+    let given = checksum_fields!(listed);
+    for alg in Alg::ALL {
+        let Some(v) = checksum::field(&given, alg) else { continue };
+        if stored.is_none_or(|c| c.alg != alg || c.value != *v) {
+            return Err(s3_error!(
+                InvalidPart,
+                "The {} checksum given for part {n} does not match the uploaded part.",
+                alg.upper()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A whole-object checksum (or type) sent with Complete must match what the upload gives.
+fn check_object_checksum(
+    given: &Checksum,
+    typ: Option<&ChecksumType>,
+    object: Option<&checksum::Stored>,
+) -> S3Result<()> {
+    if let Some(t) = typ
+        && object.is_none_or(|c| !c.checksum_type().as_str().eq_ignore_ascii_case(t.as_str()))
+    {
+        return Err(s3_error!(
+            InvalidRequest,
+            "The upload was created using the {} checksum mode. The complete request must use the same checksum mode.",
+            object.map_or("no", |c| if c.composite { "COMPOSITE" } else { "FULL_OBJECT" })
+        ));
+    }
+    for alg in Alg::ALL {
+        let Some(v) = checksum::field(given, alg) else { continue };
+        match object {
+            Some(c) if c.alg == alg => {
+                // A COMPOSITE value may be sent with or without its `-N`.
+                let ours = c.value.as_str();
+                let bare = ours.rsplit_once('-').map_or(ours, |(b, _)| b);
+                if v != ours && !(c.composite && v == bare) {
+                    return Err(checksum::bad_digest(alg));
+                }
+            }
+            _ => {
+                return Err(s3_error!(
+                    InvalidRequest,
+                    "The upload was created without the {} checksum algorithm; Complete cannot name it.",
+                    alg.upper()
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `x-amz-copy-source-range: bytes=first-last` (both inclusive, within the source).

@@ -22,6 +22,7 @@ use s3s::dto::*;
 use s3s::{S3Error, S3Request, S3Response, S3Result, s3_error};
 use tidepool_fs::{ErrorKind, FileAttr, Fs, InodeKind, Staged};
 
+use crate::checksum::{self, Alg};
 use crate::error::{conflict, fs_error, invalid_key, no_such_key};
 use crate::meta::{self, SystemHeaders};
 use crate::names::{KeyPath, parse_key};
@@ -41,6 +42,44 @@ pub(crate) enum Content {
     Parts(Vec<u64>),
 }
 
+/// A body staged for a PUT, a part or a copy.
+pub(crate) struct StagedBody {
+    pub staged: Staged,
+    /// Hex MD5 (the ETag).
+    pub md5: String,
+    pub size: u64,
+    /// The additional checksum's digest, when one was asked for.
+    pub digest: Option<Vec<u8>>,
+}
+
+/// The five `x-amz-checksum-*` fields of an input, as one [`Checksum`].
+macro_rules! checksum_fields {
+    ($i:expr) => {
+        s3s::dto::Checksum {
+            checksum_crc32: $i.checksum_crc32.clone(),
+            checksum_crc32c: $i.checksum_crc32c.clone(),
+            checksum_crc64nvme: $i.checksum_crc64nvme.clone(),
+            checksum_sha1: $i.checksum_sha1.clone(),
+            checksum_sha256: $i.checksum_sha256.clone(),
+            checksum_type: None,
+        }
+    };
+}
+pub(crate) use checksum_fields;
+
+/// Copy the five checksum fields of `c` into the same-named fields of an output.
+macro_rules! set_checksum_fields {
+    ($out:expr, $c:expr) => {{
+        let c: s3s::dto::Checksum = $c;
+        $out.checksum_crc32 = c.checksum_crc32;
+        $out.checksum_crc32c = c.checksum_crc32c;
+        $out.checksum_crc64nvme = c.checksum_crc64nvme;
+        $out.checksum_sha1 = c.checksum_sha1;
+        $out.checksum_sha256 = c.checksum_sha256;
+    }};
+}
+pub(crate) use set_checksum_fields;
+
 /// The four `x-amz-copy-source-if-*` conditions of a CopyObject or UploadPartCopy.
 pub(crate) struct CopyConditions<'a> {
     pub if_match: Option<&'a ETagCondition>,
@@ -54,6 +93,7 @@ impl TidepoolS3 {
         let mut input = req.input;
         let body = input.body.take();
         let checked = async {
+            let ck = checksum::requested(&checksum_fields!(input), input.checksum_algorithm.as_ref(), &req.headers)?;
             let bucket = self.require_bucket(&input.bucket)?;
             let key = parse_key(&input.key)?;
             if let Some(len) = input.content_length
@@ -67,10 +107,10 @@ impl TidepoolS3 {
                 input.if_match.as_ref(),
                 input.if_none_match.as_ref(),
             )?;
-            Ok((bucket, key))
+            Ok((bucket, key, ck))
         }
         .await;
-        let (bucket, key) = match checked {
+        let (bucket, key, ck) = match checked {
             Ok(v) => v,
             Err(e) => {
                 drain_body(body).await;
@@ -79,22 +119,34 @@ impl TidepoolS3 {
         };
         let sys = SystemHeaders {
             content_type: input.content_type.clone(),
-            content_encoding: input.content_encoding.clone(),
+            content_encoding: meta::without_aws_chunked(input.content_encoding.clone()),
             content_disposition: input.content_disposition.clone(),
             cache_control: input.cache_control.clone(),
             content_language: input.content_language.clone(),
             expires: input.expires.clone(),
         };
-        let xattrs = meta::to_xattrs(input.metadata.as_ref(), &sys);
-        let (staged, md5, size) = match body {
-            Some(body) => self.stage_body(body).await?,
-            None => (Staged::default(), hex(&Md5::digest(b"")), 0),
+        let mut xattrs = meta::to_xattrs(input.metadata.as_ref(), &sys);
+        let alg = ck.as_ref().map(|c| c.alg);
+        let StagedBody { staged, md5, size, digest } = match body {
+            Some(body) => self.stage_body(body, alg).await?,
+            None => StagedBody {
+                staged: Staged::default(),
+                md5: hex(&Md5::digest(b"")),
+                size: 0,
+                digest: alg.map(|a| a.digest(b"")),
+            },
         };
-        if let Some(want) = &input.content_md5
-            && *want != base64(&from_hex(&md5))
-        {
-            self.fs.discard_staged(staged).await;
-            return Err(s3_error!(BadDigest, "the Content-MD5 you specified did not match what was received"));
+        let verified =
+            self.check_digests(input.content_md5.as_deref(), &md5, ck.as_ref(), digest, req.trailing_headers.as_ref());
+        let stored = match verified {
+            Ok(v) => v,
+            Err(e) => {
+                self.fs.discard_staged(staged).await;
+                return Err(e);
+            }
+        };
+        if let Some(c) = &stored {
+            c.store(&mut xattrs);
         }
         let attr = if key.folder {
             if size > 0 {
@@ -107,11 +159,37 @@ impl TidepoolS3 {
         };
         self.metrics.bytes_in(size);
         tracing::debug!(bucket = input.bucket, key = input.key, size, ino = attr.ino, "put");
-        Ok(S3Response::new(PutObjectOutput {
-            e_tag: Some(ETag::Strong(md5)),
-            size: Some(size as i64),
-            ..Default::default()
-        }))
+        let mut out = PutObjectOutput { e_tag: Some(ETag::Strong(md5)), size: Some(size as i64), ..Default::default() };
+        if let Some(c) = stored {
+            out.checksum_type = Some(c.checksum_type());
+            set_checksum_fields!(out, c.fields());
+        }
+        Ok(S3Response::new(out))
+    }
+
+    /// Check a received body against `Content-MD5` and the additional checksum asked for (its
+    /// header value, or its trailer now that the body is read): `BadDigest` on a mismatch.
+    /// Returns the checksum to keep with the body.
+    pub(crate) fn check_digests(
+        &self,
+        content_md5: Option<&str>,
+        md5: &str,
+        ck: Option<&checksum::Requested>,
+        digest: Option<Vec<u8>>,
+        trailers: Option<&s3s::TrailingHeaders>,
+    ) -> S3Result<Option<checksum::Stored>> {
+        if let Some(want) = content_md5
+            && *want != base64(&from_hex(md5))
+        {
+            return Err(s3_error!(BadDigest, "The Content-MD5 you specified did not match what we received."));
+        }
+        match (ck, digest) {
+            (Some(c), Some(d)) => {
+                let value = checksum::verify(c, trailers, &d)?;
+                Ok(Some(checksum::Stored { alg: c.alg, value, composite: false }))
+            }
+            _ => Ok(None),
+        }
     }
 
     /// PUT with If-None-Match: * (create only) or If-Match (replace only that version).
@@ -148,11 +226,12 @@ impl TidepoolS3 {
         Ok(())
     }
 
-    /// Stream a request body into staged blocks of `block_size`, computing MD5 and size. One
-    /// block is written while the next is received.
-    pub(crate) async fn stage_body(&self, mut body: StreamingBlob) -> S3Result<(Staged, String, u64)> {
+    /// Stream a request body into staged blocks of `block_size`, computing MD5, size and the
+    /// digest of `alg` (an additional checksum). One block is written while the next is received.
+    pub(crate) async fn stage_body(&self, mut body: StreamingBlob, alg: Option<Alg>) -> S3Result<StagedBody> {
         let bs = self.fs.options().block_size;
         let mut md5 = Md5::new();
+        let mut hasher = alg.map(Alg::hasher);
         let mut size = 0u64;
         let mut staged = Staged::default();
         let mut buf: Vec<u8> = Vec::with_capacity(bs);
@@ -165,6 +244,9 @@ impl TidepoolS3 {
                     Some(Err(e)) => return Err(s3_error!(IncompleteBody, "reading the request body failed: {e}")),
                 };
                 md5.update(&chunk);
+                if let Some(h) = &mut hasher {
+                    h.update(&chunk);
+                }
                 size += chunk.len() as u64;
                 if size > MAX_OBJECT_BYTES {
                     return Err(s3_error!(EntityTooLarge, "a single PUT is at most 5 GiB; use multipart upload"));
@@ -194,7 +276,7 @@ impl TidepoolS3 {
         }
         .await;
         match result {
-            Ok(()) => Ok((staged, hex(&md5.finalize()), size)),
+            Ok(()) => Ok(StagedBody { staged, md5: hex(&md5.finalize()), size, digest: hasher.map(|h| h.finalize()) }),
             Err(e) => {
                 if let Some(prev) = inflight.take()
                     && let Ok(s) = join_stage(prev).await
@@ -425,24 +507,18 @@ impl TidepoolS3 {
             input.if_modified_since.as_ref(),
             input.if_unmodified_since.as_ref(),
         )?;
-        if input.part_number.is_some_and(|p| p != 1) {
-            return Err(s3_error!(InvalidRange, "the object has one part; partNumber must be 1"));
-        }
         let size = if attr.kind == InodeKind::File { attr.size } else { 0 };
-        let (start, len, content_range) = match &input.range {
-            None => (0, size, None),
-            Some(r) => {
-                let span = r.check(size)?;
-                (span.start, span.end - span.start, Some(format!("bytes {}-{}/{size}", span.start, span.end - 1)))
-            }
-        };
+        let span = read_span(&attr, &x, size, input.range.as_ref(), input.part_number)?;
+        let (start, len, content_range) = (span.start, span.len, span.content_range);
         let body = (len > 0).then(|| body_stream(self.fs.clone(), attr.ino, start, len));
         self.metrics.bytes_out(len);
         let sys = SystemHeaders::from_xattrs(&x);
-        let output = GetObjectOutput {
+        let ck = checksum_for(&attr, &x, input.checksum_mode.as_ref(), span.whole);
+        let mut output = GetObjectOutput {
             body,
             content_length: Some(len as i64),
             content_range,
+            parts_count: span.parts_count,
             accept_ranges: Some("bytes".into()),
             e_tag: Some(ETag::Strong(etag)),
             last_modified: Some(meta::timestamp(attr.mtime)),
@@ -455,6 +531,10 @@ impl TidepoolS3 {
             expires: sys.expires,
             ..Default::default()
         };
+        if let Some(c) = ck {
+            output.checksum_type = Some(c.checksum_type());
+            set_checksum_fields!(output, c.fields());
+        }
         Ok(S3Response::new(output))
     }
 
@@ -474,17 +554,14 @@ impl TidepoolS3 {
             input.if_unmodified_since.as_ref(),
         )?;
         let size = if attr.kind == InodeKind::File { attr.size } else { 0 };
-        let (len, content_range) = match &input.range {
-            None => (size, None),
-            Some(r) => {
-                let span = r.check(size)?;
-                (span.end - span.start, Some(format!("bytes {}-{}/{size}", span.start, span.end - 1)))
-            }
-        };
+        let span = read_span(&attr, &x, size, input.range.as_ref(), input.part_number)?;
+        let (len, content_range) = (span.len, span.content_range);
         let sys = SystemHeaders::from_xattrs(&x);
-        Ok(S3Response::new(HeadObjectOutput {
+        let ck = checksum_for(&attr, &x, input.checksum_mode.as_ref(), span.whole);
+        let mut output = HeadObjectOutput {
             content_length: Some(len as i64),
             content_range,
+            parts_count: span.parts_count,
             accept_ranges: Some("bytes".into()),
             e_tag: Some(ETag::Strong(etag)),
             last_modified: Some(meta::timestamp(attr.mtime)),
@@ -496,7 +573,12 @@ impl TidepoolS3 {
             content_language: sys.content_language,
             expires: sys.expires,
             ..Default::default()
-        }))
+        };
+        if let Some(c) = ck {
+            output.checksum_type = Some(c.checksum_type());
+            set_checksum_fields!(output, c.fields());
+        }
+        Ok(S3Response::new(output))
     }
 
     pub(crate) async fn op_delete_object(
@@ -604,7 +686,12 @@ impl TidepoolS3 {
         if size > MAX_OBJECT_BYTES {
             return Err(s3_error!(InvalidRequest, "a copy source is at most 5 GiB; use UploadPartCopy"));
         }
-        let xattrs = if replace {
+        // The copy gets a checksum of the algorithm asked for, else of the source's.
+        let alg = match &input.checksum_algorithm {
+            Some(a) => Some(Alg::from_dto(a)?),
+            None => checksum::Stored::load(&sattr, &sx).map(|c| c.alg),
+        };
+        let mut xattrs = if replace {
             let sys = SystemHeaders {
                 content_type: input.content_type.clone(),
                 content_encoding: input.content_encoding.clone(),
@@ -615,9 +702,14 @@ impl TidepoolS3 {
             };
             meta::to_xattrs(input.metadata.as_ref(), &sys)
         } else {
-            sx.into_iter().filter(|(k, _)| k != meta::ETAG && k != meta::ETAG_MTIME).collect()
+            // The copy is a new single-part body: what described the source's body goes.
+            sx.into_iter().filter(|(k, _)| !meta::is_body_key(k)).collect()
         };
-        let (staged, md5) = self.stage_copy(sattr.ino, 0, size, &src_key).await?;
+        let StagedBody { staged, md5, digest, .. } = self.stage_copy(sattr.ino, 0, size, &src_key, alg).await?;
+        let stored = alg.zip(digest).map(|(alg, d)| checksum::Stored { alg, value: base64(&d), composite: false });
+        if let Some(c) = &stored {
+            c.store(&mut xattrs);
+        }
         let attr = if key.folder {
             if size > 0 {
                 self.fs.discard_staged(staged).await;
@@ -627,20 +719,31 @@ impl TidepoolS3 {
         } else {
             self.publish(dst_bucket.ino, &input.key, &key, Content::Staged(staged), &md5, xattrs).await?
         };
-        Ok(S3Response::new(CopyObjectOutput {
-            copy_object_result: Some(CopyObjectResult {
-                e_tag: Some(ETag::Strong(md5)),
-                last_modified: Some(meta::timestamp(attr.mtime)),
-                ..Default::default()
-            }),
+        let mut result = CopyObjectResult {
+            e_tag: Some(ETag::Strong(md5)),
+            last_modified: Some(meta::timestamp(attr.mtime)),
             ..Default::default()
-        }))
+        };
+        if let Some(c) = stored {
+            result.checksum_type = Some(c.checksum_type());
+            set_checksum_fields!(result, c.fields());
+        }
+        Ok(S3Response::new(CopyObjectOutput { copy_object_result: Some(result), ..Default::default() }))
     }
 
-    /// Read `len` bytes at `start` of file `ino` into staged blocks, with their MD5.
-    pub(crate) async fn stage_copy(&self, ino: u64, start: u64, len: u64, what: &str) -> S3Result<(Staged, String)> {
+    /// Read `len` bytes at `start` of file `ino` into staged blocks, with their MD5 and the
+    /// digest of `alg`.
+    pub(crate) async fn stage_copy(
+        &self,
+        ino: u64,
+        start: u64,
+        len: u64,
+        what: &str,
+        alg: Option<Alg>,
+    ) -> S3Result<StagedBody> {
         let bs = self.fs.options().block_size;
         let mut md5 = Md5::new();
+        let mut hasher = alg.map(Alg::hasher);
         let mut staged = Staged::default();
         let mut off = start;
         let end = start + len;
@@ -652,6 +755,9 @@ impl TidepoolS3 {
                     return Err(tidepool_fs::FsError::Invalid("copy source changed while it was read"));
                 }
                 md5.update(&data);
+                if let Some(h) = &mut hasher {
+                    h.update(&data);
+                }
                 self.fs.stage(&data).await
             }
             .await;
@@ -664,8 +770,91 @@ impl TidepoolS3 {
             }
             off += n as u64;
         }
-        Ok((staged, hex(&md5.finalize())))
+        Ok(StagedBody { staged, md5: hex(&md5.finalize()), size: len, digest: hasher.map(|h| h.finalize()) })
     }
+}
+
+/// The part of an object a GET or HEAD answers.
+struct ReadSpan {
+    start: u64,
+    len: u64,
+    /// Set for a `Range` or `partNumber` request (the answer is then 206).
+    content_range: Option<String>,
+    /// `x-amz-mp-parts-count`: answered with `partNumber` on a multipart object, as S3.
+    parts_count: Option<i32>,
+    /// The answer is the whole object (so its whole-object checksum applies).
+    whole: bool,
+}
+
+/// `Range` or `partNumber` (not both, as S3): a multipart object's part `n` is the range it was
+/// uploaded as (sizes from `:mp-parts`); any other object has one part, the whole object.
+fn read_span(
+    attr: &FileAttr,
+    x: &BTreeMap<String, String>,
+    size: u64,
+    range: Option<&Range>,
+    part_number: Option<i32>,
+) -> S3Result<ReadSpan> {
+    let content_range = |start: u64, end: u64| (end > start).then(|| format!("bytes {start}-{}/{size}", end - 1));
+    match (range, part_number) {
+        (None, None) => Ok(ReadSpan { start: 0, len: size, content_range: None, parts_count: None, whole: true }),
+        (Some(r), None) => {
+            let span = r.check(size)?;
+            Ok(ReadSpan {
+                start: span.start,
+                len: span.end - span.start,
+                content_range: Some(format!("bytes {}-{}/{size}", span.start, span.end - 1)),
+                parts_count: None,
+                whole: false,
+            })
+        }
+        (Some(_), Some(_)) => {
+            Err(s3_error!(InvalidRequest, "Cannot specify both Range header and partNumber query parameter."))
+        }
+        (None, Some(n)) => {
+            if !(1..=crate::multipart::MAX_PART_NUMBER).contains(&n) {
+                return Err(s3_error!(
+                    InvalidArgument,
+                    "Part number must be an integer between 1 and 10000, inclusive"
+                ));
+            }
+            let parts = if attr.kind == InodeKind::File { meta::PartSizes::load(attr, x) } else { None };
+            let (start, end, parts_count, whole) = match &parts {
+                Some(p) => {
+                    let (start, end) = p.range(n as usize).ok_or_else(invalid_part_number)?;
+                    // A part's own checksum is not kept: none is answered for it.
+                    (start, end, Some(p.count() as i32), false)
+                }
+                None if n == 1 => (0, size, None, true),
+                None => return Err(invalid_part_number()),
+            };
+            Ok(ReadSpan { start, len: end - start, content_range: content_range(start, end), parts_count, whole })
+        }
+    }
+}
+
+/// The stored checksum, answered with `x-amz-checksum-mode: ENABLED` when the answer is the
+/// whole object (S3 answers none for a range).
+fn checksum_for(
+    attr: &FileAttr,
+    x: &BTreeMap<String, String>,
+    mode: Option<&ChecksumMode>,
+    whole: bool,
+) -> Option<checksum::Stored> {
+    let enabled = mode.is_some_and(|m| m.as_str().eq_ignore_ascii_case(ChecksumMode::ENABLED));
+    if !enabled || !whole || attr.kind != InodeKind::File {
+        return None;
+    }
+    checksum::Stored::load(attr, x)
+}
+
+fn invalid_part_number() -> S3Error {
+    let mut e = S3Error::with_message(
+        s3s::S3ErrorCode::Custom("InvalidPartNumber".into()),
+        "The requested partnumber is not satisfiable",
+    );
+    e.set_status_code(hyper::StatusCode::RANGE_NOT_SATISFIABLE);
+    e
 }
 
 async fn join_stage(h: tokio::task::JoinHandle<tidepool_fs::Result<Staged>>) -> S3Result<Staged> {
@@ -851,17 +1040,6 @@ pub(crate) fn base64(b: &[u8]) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn base64_of_md5() {
-        assert_eq!(super::base64(b"f"), "Zg==");
-        assert_eq!(super::base64(b"fo"), "Zm8=");
-        assert_eq!(super::base64(b"foo"), "Zm9v");
-        assert_eq!(super::base64(&super::from_hex("d41d8cd98f00b204e9800998ecf8427e")), "1B2M2Y8AsgTpgAmY7PhCfg==");
-    }
-}
-
 /// How much of a refused request's body is read before the error answer (see [`drain_body`]).
 const DRAIN_ON_ERROR_BYTES: u64 = 8 << 20;
 
@@ -880,5 +1058,16 @@ pub(crate) async fn drain_body(body: Option<StreamingBlob>) {
             Some(Ok(chunk)) => read += chunk.len() as u64,
             _ => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn base64_of_md5() {
+        assert_eq!(super::base64(b"f"), "Zg==");
+        assert_eq!(super::base64(b"fo"), "Zm8=");
+        assert_eq!(super::base64(b"foo"), "Zm9v");
+        assert_eq!(super::base64(&super::from_hex("d41d8cd98f00b204e9800998ecf8427e")), "1B2M2Y8AsgTpgAmY7PhCfg==");
     }
 }

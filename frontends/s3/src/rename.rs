@@ -51,7 +51,13 @@ impl S3Route for RenameRoute {
         yes
     }
 
-    // `check_access` keeps the default: requests without verified credentials are refused.
+    /// As every operation: verified credentials, signed for this endpoint's region.
+    async fn check_access(&self, req: &mut S3Request<Body>) -> S3Result<()> {
+        match req.credentials {
+            Some(_) => crate::auth::check_region(&req.headers, &req.uri, &self.s3.opts.region),
+            None => Err(crate::auth::anonymous()),
+        }
+    }
 
     async fn call(&self, req: S3Request<Body>) -> S3Result<S3Response<Body>> {
         self.s3.op_rename_object(&req.uri, &req.headers).await?;
@@ -60,7 +66,7 @@ impl S3Route for RenameRoute {
 }
 
 /// `%XX` decoding of a path or header value; the result must be UTF-8.
-fn percent_decode(s: &str) -> S3Result<String> {
+pub(crate) fn percent_decode(s: &str) -> S3Result<String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -76,7 +76,15 @@ async fn handle(
         op = tracing::field::Empty,
         status = tracing::field::Empty
     );
-    let res = svc.call(req.map(s3s::Body::from)).instrument(span.clone()).await;
+    let mut res = svc.call(req.map(s3s::Body::from)).instrument(span.clone()).await;
+    // s3s answers HeadObject 200 always; S3 answers a HEAD of a range or part 206, as a GET.
+    if let Ok(r) = &mut res
+        && r.status() == hyper::StatusCode::OK
+        && r.headers().contains_key(hyper::header::CONTENT_RANGE)
+        && slot.0.lock().ok().is_some_and(|g| g.as_deref() == Some("HeadObject"))
+    {
+        *r.status_mut() = hyper::StatusCode::PARTIAL_CONTENT;
+    }
     let status = match &res {
         Ok(r) => r.status().as_u16(),
         Err(_) => 500,
