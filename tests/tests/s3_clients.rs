@@ -264,10 +264,128 @@ fn boto3_rclone_and_curl() {
 
 /// curl with a SigV4 signature from the test key.
 fn curl_sigv4(args: &[&str]) -> Command {
+    curl_sigv4_in("us-east-1", args)
+}
+
+/// curl with a SigV4 signature from the test key for `region`.
+fn curl_sigv4_in(region: &str, args: &[&str]) -> Command {
     let mut c = Command::new("curl");
-    c.args(["-sS", "--aws-sigv4", "aws:amz:us-east-1:s3", "--user", &format!("{KEY}:{SECRET}")]);
+    c.args(["-sS", "--aws-sigv4", &format!("aws:amz:{region}:s3"), "--user", &format!("{KEY}:{SECRET}")]);
     c.args(["-H", "x-amz-content-sha256: UNSIGNED-PAYLOAD"]).args(args);
     c
+}
+
+/// The region a signature names must be the endpoint's (`s3_region`, us-east-1 here); bucket
+/// creation dates stay put; additional checksums through the aws CLI and curl.
+#[test]
+fn region_creation_date_and_checksums_with_real_clients() {
+    let up = start();
+    let w = &up.work;
+    let path = |p: &str| w.join(p).to_str().unwrap().to_owned();
+    ok(aws(&up, &["s3", "mb", "s3://integ"]));
+
+    // Another region: refused as S3 does, for the CLI (header auth) and for curl.
+    let out = run({
+        let mut c = aws(&up, &["s3api", "list-buckets"]);
+        c.env("AWS_DEFAULT_REGION", "eu-west-1");
+        c
+    });
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("AuthorizationHeaderMalformed"), "{err}");
+    let body = ok(curl_sigv4_in("eu-west-1", &[&format!("{}/integ", up.endpoint)]));
+    assert!(
+        body.contains("AuthorizationHeaderMalformed")
+            && body.contains("the region &apos;eu-west-1&apos; is wrong; expecting &apos;us-east-1&apos;"),
+        "{body}"
+    );
+    let body = ok(curl_sigv4(&[&format!("{}/integ", up.endpoint)]));
+    assert!(body.contains("ListBucketResult"), "the right region works: {body}");
+
+    // CreationDate does not move when objects come and go.
+    let created = || {
+        let l = json(&ok(aws(&up, &["s3api", "list-buckets"])));
+        l["Buckets"][0]["CreationDate"].as_str().unwrap().to_owned()
+    };
+    let before = created();
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    write(&w.join("f.txt"), b"some bytes");
+    ok(aws(&up, &["s3", "cp", &path("f.txt"), "s3://integ/a/b/f.txt"]));
+    ok(aws(&up, &["s3", "rm", "s3://integ/a/b/f.txt"]));
+    assert_eq!(created(), before);
+
+    // A checksum asked of the CLI is checked, kept and answered.
+    let put = json(&ok(aws(
+        &up,
+        &[
+            "s3api",
+            "put-object",
+            "--bucket",
+            "integ",
+            "--key",
+            "ck",
+            "--body",
+            &path("f.txt"),
+            "--checksum-algorithm",
+            "SHA256",
+        ],
+    )));
+    let sha = put["ChecksumSHA256"].as_str().expect("the PUT answers its checksum").to_owned();
+    let got = json(&ok(aws(
+        &up,
+        &["s3api", "get-object", "--bucket", "integ", "--key", "ck", "--checksum-mode", "ENABLED", &path("ck.out")],
+    )));
+    assert_eq!(got["ChecksumSHA256"].as_str(), Some(sha.as_str()), "{got}");
+    // A wrong one is refused and nothing is stored.
+    let out = run(aws(
+        &up,
+        &[
+            "s3api",
+            "put-object",
+            "--bucket",
+            "integ",
+            "--key",
+            "bad",
+            "--body",
+            &path("f.txt"),
+            "--checksum-sha256",
+            "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",
+        ],
+    ));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("BadDigest"), "{out:?}");
+    let code = ok(curl_sigv4(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "PUT",
+        "-H",
+        "x-amz-checksum-crc32: AAAAAA==",
+        "--data-binary",
+        "not empty",
+        &format!("{}/integ/bad", up.endpoint),
+    ]));
+    assert_eq!(code, "400", "curl with a wrong x-amz-checksum-crc32");
+    let out = run(aws(&up, &["s3api", "head-object", "--bucket", "integ", "--key", "bad"]));
+    assert!(!out.status.success(), "nothing stored: {out:?}");
+    // The right value through curl: stored, and answered by the PUT.
+    let headers = ok(curl_sigv4(&[
+        "-D",
+        "-",
+        "-o",
+        "/dev/null",
+        "-X",
+        "PUT",
+        "-H",
+        "x-amz-checksum-crc32: AAAAAA==",
+        "--data-binary",
+        "",
+        &format!("{}/integ/empty", up.endpoint),
+    ]));
+    assert!(
+        headers.starts_with("HTTP/1.1 200") && headers.to_lowercase().contains("x-amz-checksum-crc32: aaaaaa=="),
+        "{headers}"
+    );
 }
 
 /// Multipart upload through the aws CLI (`s3 cp` above its 8 MiB threshold, and every `s3api`
@@ -288,6 +406,24 @@ fn multipart_and_rename_with_real_clients() {
     assert!(head["ETag"].as_str().unwrap().ends_with("-5\""), "a multipart ETag: {head}");
     ok(aws(&up, &["s3", "cp", "s3://mpu/cli/big.bin", &path("back.bin")]));
     assert!(std::fs::read(w.join("back.bin")).unwrap() == big, "round trip of a multipart upload");
+    // Part 2 by number: the range it was uploaded as, with the part count.
+    let part = json(&ok(aws(
+        &up,
+        &["s3api", "get-object", "--bucket", "mpu", "--key", "cli/big.bin", "--part-number", "2", &path("part2.bin")],
+    )));
+    assert_eq!(part["ContentLength"].as_u64(), Some(8 << 20), "{part}");
+    assert_eq!(part["PartsCount"].as_u64(), Some(5), "{part}");
+    assert_eq!(part["ContentRange"].as_str(), Some("bytes 8388608-16777215/41943040"), "{part}");
+    assert!(std::fs::read(w.join("part2.bin")).unwrap() == big[8 << 20..16 << 20], "part 2's bytes");
+    let out = run(aws(&up, &["s3api", "head-object", "--bucket", "mpu", "--key", "cli/big.bin", "--part-number", "6"]));
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("416"), "{out:?}");
+    // The CLI uploads with CRC32 checksums: the object's is COMPOSITE over its 5 parts.
+    let head = json(&ok(aws(
+        &up,
+        &["s3api", "head-object", "--bucket", "mpu", "--key", "cli/big.bin", "--checksum-mode", "ENABLED"],
+    )));
+    assert!(head["ChecksumCRC32"].as_str().is_some_and(|c| c.ends_with("-5")), "{head}");
+    assert_eq!(head["ChecksumType"].as_str(), Some("COMPOSITE"), "{head}");
 
     // s3api, call by call.
     let created = json(&ok(aws(
