@@ -45,6 +45,7 @@ mod metrics;
 pub mod multipart;
 pub mod names;
 mod object;
+mod read;
 mod rename;
 mod server;
 mod service;
