@@ -103,6 +103,17 @@ struct PartInfo {
     checksum: Option<checksum::Stored>,
 }
 
+/// What a Complete makes of the listed parts.
+struct Joined {
+    /// The parts' files, in order.
+    inos: Vec<u64>,
+    /// The multipart ETag: MD5 of the binary part MD5s, `-N`.
+    etag: String,
+    sizes: meta::PartSizes,
+    /// The object's checksum, when the upload was created with an algorithm.
+    checksum: Option<checksum::Stored>,
+}
+
 impl Upload {
     /// The checksum algorithm of the upload and whether its object checksum is COMPOSITE.
     fn checksum(&self) -> Option<(Alg, bool)> {
@@ -440,6 +451,51 @@ impl TidepoolS3 {
         }
     }
 
+    /// The parts named by a Complete, checked against the stored ones (present, same ETag, 5 MiB
+    /// but the last, same checksum if one is given), and what the object gets from them.
+    fn check_listed_parts(&self, up: &Upload, id: &str, listed: &[CompletedPart]) -> S3Result<Joined> {
+        let upload_ck = up.checksum();
+        let stored = self.parts_of(up.dir.ino, id)?;
+        let mut inos = Vec::with_capacity(listed.len());
+        let mut sizes = Vec::with_capacity(listed.len());
+        let mut digests = Vec::with_capacity(listed.len());
+        let mut md5s = Md5::new();
+        for (i, p) in listed.iter().enumerate() {
+            let n = p.part_number.unwrap_or_default();
+            let part = stored.get(&n).ok_or_else(|| {
+                s3_error!(InvalidPart, "part {n} was not uploaded (or was replaced); ListParts shows what is there")
+            })?;
+            let etag_ok = p.e_tag.as_ref().is_some_and(|e| e.value().trim_matches('"') == part.etag);
+            if !etag_ok {
+                return Err(s3_error!(InvalidPart, "the ETag given for part {n} does not match the stored part"));
+            }
+            if i + 1 < listed.len() && part.size < MIN_PART_BYTES {
+                return Err(s3_error!(
+                    EntityTooSmall,
+                    "part {n} is {} bytes; every part but the last must be at least 5 MiB",
+                    part.size
+                ));
+            }
+            check_part_checksum(n, p, part.checksum.as_ref())?;
+            if let Some((alg, _)) = upload_ck {
+                let d = part.checksum.as_ref().filter(|c| c.alg == alg).and_then(checksum::Stored::raw);
+                let d = d.ok_or_else(|| {
+                    s3_error!(InvalidPart, "part {n} has no {} checksum; upload it again", alg.upper())
+                })?;
+                digests.push((d, part.size));
+            }
+            md5s.update(from_hex(&part.etag));
+            inos.push(part.ino);
+            sizes.push(part.size);
+        }
+        Ok(Joined {
+            inos,
+            etag: format!("{}-{}", hex(&md5s.finalize()), listed.len()),
+            sizes: meta::PartSizes(sizes),
+            checksum: upload_ck.map(|(alg, composite)| checksum::multipart(alg, composite, &digests)),
+        })
+    }
+
     pub(crate) async fn op_complete_multipart_upload(
         &self,
         req: S3Request<CompleteMultipartUploadInput>,
@@ -470,46 +526,11 @@ impl TidepoolS3 {
         let claimed = self.claim(&id).await?;
 
         // Check the listed parts against the stored ones; nothing is changed yet.
-        let upload_ck = up.checksum();
-        let checked: S3Result<(Vec<u64>, String, meta::PartSizes, Option<checksum::Stored>)> = (|| {
-            let stored = self.parts_of(up.dir.ino, &id)?;
-            let mut inos = Vec::with_capacity(listed.len());
-            let mut sizes = Vec::with_capacity(listed.len());
-            let mut digests = Vec::with_capacity(listed.len());
-            let mut md5s = Md5::new();
-            for (i, p) in listed.iter().enumerate() {
-                let n = p.part_number.unwrap_or_default();
-                let part = stored.get(&n).ok_or_else(|| {
-                    s3_error!(InvalidPart, "part {n} was not uploaded (or was replaced); ListParts shows what is there")
-                })?;
-                let etag_ok = p.e_tag.as_ref().is_some_and(|e| e.value().trim_matches('"') == part.etag);
-                if !etag_ok {
-                    return Err(s3_error!(InvalidPart, "the ETag given for part {n} does not match the stored part"));
-                }
-                if i + 1 < listed.len() && part.size < MIN_PART_BYTES {
-                    return Err(s3_error!(
-                        EntityTooSmall,
-                        "part {n} is {} bytes; every part but the last must be at least 5 MiB",
-                        part.size
-                    ));
-                }
-                check_part_checksum(n, p, part.checksum.as_ref())?;
-                if let Some((alg, _)) = upload_ck {
-                    let d = part.checksum.as_ref().filter(|c| c.alg == alg).and_then(checksum::Stored::raw);
-                    let d = d.ok_or_else(|| {
-                        s3_error!(InvalidPart, "part {n} has no {} checksum; upload it again", alg.upper())
-                    })?;
-                    digests.push((d, part.size));
-                }
-                md5s.update(from_hex(&part.etag));
-                inos.push(part.ino);
-                sizes.push(part.size);
-            }
-            let object_ck = upload_ck.map(|(alg, composite)| checksum::multipart(alg, composite, &digests));
-            check_object_checksum(&input_ck, input.checksum_type.as_ref(), object_ck.as_ref())?;
-            Ok((inos, format!("{}-{}", hex(&md5s.finalize()), listed.len()), meta::PartSizes(sizes), object_ck))
-        })();
-        let (inos, etag, sizes, object_ck) = match checked {
+        let checked = self.check_listed_parts(&up, &id, &listed).and_then(|c| {
+            check_object_checksum(&input_ck, input.checksum_type.as_ref(), c.checksum.as_ref())?;
+            Ok(c)
+        });
+        let Joined { inos, etag, sizes, checksum: object_ck } = match checked {
             Ok(v) => v,
             Err(e) => {
                 self.unclaim(&id, &claimed).await;
@@ -598,6 +619,10 @@ impl TidepoolS3 {
             next_part_number_marker: parts.last().and_then(|p| p.part_number),
             is_truncated: Some(truncated),
             storage_class: Some(StorageClass::from_static(StorageClass::STANDARD)),
+            checksum_algorithm: up.checksum().map(|(a, _)| a.dto()),
+            checksum_type: up.checksum().map(|(_, composite)| {
+                ChecksumType::from_static(if composite { ChecksumType::COMPOSITE } else { ChecksumType::FULL_OBJECT })
+            }),
             parts: Some(parts),
             ..Default::default()
         }))

@@ -209,6 +209,7 @@ fails("BadDigest", 400, s3.upload_part, Bucket="integ", Key="ck/mp-sha", UploadI
 fails("InvalidRequest", 400, s3.upload_part, Bucket="integ", Key="ck/mp-sha", UploadId=up["UploadId"], PartNumber=3, Body=b"x", ChecksumCRC32C=b64(crc32c(b"x")))
 lp = s3.list_parts(Bucket="integ", Key="ck/mp-sha", UploadId=up["UploadId"])
 assert [p["ChecksumSHA256"] for p in lp["Parts"]] == [d["ChecksumSHA256"] for d in done], lp
+assert lp["ChecksumAlgorithm"] == "SHA256" and lp["ChecksumType"] == "COMPOSITE", lp
 bad = [dict(done[0], ChecksumSHA256=b64(b"\1" * 32)), done[1]]
 fails("InvalidPart", 400, s3.complete_multipart_upload, Bucket="integ", Key="ck/mp-sha", UploadId=up["UploadId"], MultipartUpload={"Parts": bad})
 r = s3.complete_multipart_upload(Bucket="integ", Key="ck/mp-sha", UploadId=up["UploadId"], MultipartUpload={"Parts": done})
