@@ -34,6 +34,10 @@
 //!   (`Fs::concat`: no data is copied) and publishes it like a PUT ([`multipart`]).
 //! - **RenameObject** (S3 Express One Zone) is one `Fs::rename`; s3s 0.14 has no such operation,
 //!   so a custom route serves it after s3s has checked the signature (`rename.rs`).
+//! - **One region**: s3s verifies a SigV4 signature with whatever region its scope names; the
+//!   access check (`auth.rs`) then refuses any other than [`S3Options::region`], as S3 does.
+//! - **Additional checksums** (`x-amz-checksum-*`) are computed while a body is staged and
+//!   checked before it is published; s3s parses them but checks none ([`checksum`]).
 
 mod auth;
 mod bucket;
