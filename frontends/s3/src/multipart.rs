@@ -477,6 +477,15 @@ impl TidepoolS3 {
                 ));
             }
             check_part_checksum(n, p, part.checksum.as_ref())?;
+            if let Some((alg, true)) = upload_ck
+                && checksum::field(&checksum_fields!(p), alg).is_none()
+            {
+                return Err(s3_error!(
+                    InvalidRequest,
+                    "The upload was created using a {} checksum. The complete request must include the checksum for each part. It was missing for part {n} in the request.",
+                    alg.name()
+                ));
+            }
             if let Some((alg, _)) = upload_ck {
                 let d = part.checksum.as_ref().filter(|c| c.alg == alg).and_then(checksum::Stored::raw);
                 let d = d.ok_or_else(|| {

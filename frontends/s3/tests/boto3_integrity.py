@@ -210,6 +210,9 @@ fails("InvalidRequest", 400, s3.upload_part, Bucket="integ", Key="ck/mp-sha", Up
 lp = s3.list_parts(Bucket="integ", Key="ck/mp-sha", UploadId=up["UploadId"])
 assert [p["ChecksumSHA256"] for p in lp["Parts"]] == [d["ChecksumSHA256"] for d in done], lp
 assert lp["ChecksumAlgorithm"] == "SHA256" and lp["ChecksumType"] == "COMPOSITE", lp
+missing = [{"PartNumber": 1, "ETag": done[0]["ETag"]}, done[1]]
+r = fails("InvalidRequest", 400, s3.complete_multipart_upload, Bucket="integ", Key="ck/mp-sha", UploadId=up["UploadId"], MultipartUpload={"Parts": missing})
+assert "missing for part 1" in r["Error"]["Message"], r
 bad = [dict(done[0], ChecksumSHA256=b64(b"\1" * 32)), done[1]]
 fails("InvalidPart", 400, s3.complete_multipart_upload, Bucket="integ", Key="ck/mp-sha", UploadId=up["UploadId"], MultipartUpload={"Parts": bad})
 r = s3.complete_multipart_upload(Bucket="integ", Key="ck/mp-sha", UploadId=up["UploadId"], MultipartUpload={"Parts": done})
