@@ -20,7 +20,10 @@
 # servers listen on free 127.0.0.1 ports with their data under OUT (default target/bench-nfs,
 # the same disk) and are stopped (SIGTERM to their own pids) on exit. Before each read the
 # page cache is dropped (DROP_CACHES=0 to keep it): Ganesha reads through it, tidepool's
-# io_uring engine reads the device file with O_DIRECT.
+# io_uring engine reads the device file with O_DIRECT. tidepool has its own RAM read cache
+# (`read_cache_bytes`, default 1 GiB; READ_CACHE=512MiB or READ_CACHE=0 to set it): the node
+# is restarted before its random reads, so that cache starts empty as the page cache does
+# (with DROP_CACHES=0 it is not restarted). Its hits and misses are recorded after the run.
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
@@ -59,6 +62,7 @@ SINK=${SINK:-/dev/shm/tidepool-bench-nfs-read.bin}
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 PIDS=()
 cleanup() {
+  [ -n "$TP_PID" ] && kill "$TP_PID" 2>/dev/null || true
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
   rm -f "$SINK"
@@ -97,12 +101,18 @@ TIER_ENV=()
 if [ "${TIERING:-0}" != 1 ]; then
   TIER_ENV=(TIDEPOOL_TIER_AFTER_SECS=86400 TIDEPOOL_DIRTY_HIGH=$(( DEVICE_GIB * 1024 / 2 ))MiB)
 fi
-log "starting tidepool up (nfs 127.0.0.1:$TP_PORT, device ${DEVICE_GIB}GiB under $OUT/tp-data, ${TIER_ENV[*]:-tiering at its defaults})"
-env "${TIER_ENV[@]}" TIDEPOOL_DEVICE_SIZE=${DEVICE_GIB}GiB TIDEPOOL_NFS_LISTEN=127.0.0.1:$TP_PORT \
-  TIDEPOOL_HTTP_LISTEN=127.0.0.1:$TP_HTTP TIDEPOOL_S3_LISTEN=127.0.0.1:$TP_S3 \
-  TIDEPOOL_S3_ACCESS_KEY_ID=BENCHNFSACCESSKEY001 TIDEPOOL_S3_SECRET_ACCESS_KEY=benchnfssecret0123456789abcdefghij \
-  "$TP" --data-dir "$OUT/tp-data" up >"$OUT/tidepool.log" 2>&1 &
-PIDS+=($!)
+[ -n "${READ_CACHE:-}" ] && TIER_ENV+=(TIDEPOOL_READ_CACHE_BYTES=$READ_CACHE)
+TP_PID=
+start_tp() {
+  env "${TIER_ENV[@]}" TIDEPOOL_DEVICE_SIZE=${DEVICE_GIB}GiB TIDEPOOL_NFS_LISTEN=127.0.0.1:$TP_PORT \
+    TIDEPOOL_HTTP_LISTEN=127.0.0.1:$TP_HTTP TIDEPOOL_S3_LISTEN=127.0.0.1:$TP_S3 \
+    TIDEPOOL_S3_ACCESS_KEY_ID=BENCHNFSACCESSKEY001 TIDEPOOL_S3_SECRET_ACCESS_KEY=benchnfssecret0123456789abcdefghij \
+    "$TP" --data-dir "$OUT/tp-data" up >>"$OUT/tidepool.log" 2>&1 &
+  TP_PID=$!
+}
+log "starting tidepool up (nfs 127.0.0.1:$TP_PORT, device ${DEVICE_GIB}GiB under $OUT/tp-data, read cache ${READ_CACHE:-1GiB (default)}, ${TIER_ENV[*]:-tiering at its defaults})"
+: >"$OUT/tidepool.log"
+start_tp
 if ! pgrep -x rpcbind >/dev/null; then
   log "starting rpcbind (Ganesha registers with it)"
   rpcbind -f -w >"$OUT/rpcbind.log" 2>&1 &
@@ -128,10 +138,23 @@ url() { # server, file at the export's top
   # libnfs takes the export as the path up to the last `/`: tidepool's top is nfs://host//file
   echo "nfs://127.0.0.1${EXP[$1]}/$2?nfsport=${PORT[$1]}&mountport=${MNT[$1]}"
 }
-for s in tidepool ganesha; do
-  for _ in $(seq 100); do nfs-ls "$(url $s '')" >/dev/null 2>&1 && break; sleep 0.2; done
-  nfs-ls "$(url $s '')" >/dev/null || { log "$s does not answer"; tail -20 "$OUT/$s.log" "$OUT/ganesha/ganesha.log" 2>/dev/null; exit 1; }
-done
+answers() {
+  for _ in $(seq 100); do nfs-ls "$(url $1 '')" >/dev/null 2>&1 && break; sleep 0.2; done
+  nfs-ls "$(url $1 '')" >/dev/null || { log "$1 does not answer"; tail -20 "$OUT/$1.log" "$OUT/ganesha/ganesha.log" 2>/dev/null; exit 1; }
+}
+for s in tidepool ganesha; do answers $s; done
+# tidepool's RAM read cache emptied the only way it can be from outside: a restart (SIGTERM
+# to its own pid, then `up` on the same data folder).
+restart_tp() {
+  kill "$TP_PID"; wait "$TP_PID" 2>/dev/null || true
+  start_tp; answers tidepool
+}
+cache_metrics() {
+  curl -s "http://127.0.0.1:$TP_HTTP/metrics" | awk '
+    /^tidepool_read_cache_total\{what="hits"\}/ {h=$2} /^tidepool_read_cache_total\{what="misses"\}/ {m=$2}
+    /^tidepool_read_cache_bytes / {b=$2} /^tidepool_read_cache_capacity_bytes / {c=$2}
+    END {printf "cache_hits=%d cache_misses=%d cache_bytes=%d cache_capacity_bytes=%d", h, m, b, c}'
+}
 
 # The source file lives in memory (tmpfs), like the read sink: the disk holds only the servers'
 # data (tidepool's device file, allocated whole, and Ganesha's copy).
@@ -170,8 +193,11 @@ for r in $(seq "$ROUNDS"); do
   pair_start randread
   for s in $ORDER; do
     log "round $r $s: random 4 KiB reads"
+    [ "$s" = tidepool ] && [ "$DROP_CACHES" = 1 ] && restart_tp
     drop
-    echo "round=$r server=$s $("$CLIENT" randread 127.0.0.1 "${PORT[$s]}" "${MNT[$s]}" "${EXP[$s]}" "big-$r.bin" "$READ_SECS" 4096 "$CONNS")" | tee -a "$RES"
+    line="round=$r server=$s $("$CLIENT" randread 127.0.0.1 "${PORT[$s]}" "${MNT[$s]}" "${EXP[$s]}" "big-$r.bin" "$READ_SECS" 4096 "$CONNS")"
+    [ "$s" = tidepool ] && line="$line $(cache_metrics)"
+    echo "$line" | tee -a "$RES"
   done
   for s in $ORDER; do "$CLIENT" rm 127.0.0.1 "${PORT[$s]}" "${MNT[$s]}" "${EXP[$s]}" "big-$r.bin"; done   # disk space
 done
