@@ -445,7 +445,7 @@ async fn store_seq_read(store: &Arc<BlockStore>, ids: &[u64], qd: usize) -> Resu
         while set.len() < qd {
             let Some(id) = pending.next() else { break };
             let s = Arc::clone(store);
-            set.spawn(async move { s.get(id, 0, BLOCK as u32).await.map(|v| v.len()) });
+            set.spawn(async move { s.get_bytes(id, 0, BLOCK as u32).await.map(|v| v.len()) });
         }
         match set.join_next().await {
             None => break,
@@ -475,7 +475,7 @@ async fn store_rand_read(store: &Arc<BlockStore>, ids: &[u64], qd: usize, dur: D
             while Instant::now() < deadline {
                 let id = ids[rng.gen_range(0..ids.len())];
                 let off = rng.gen_range(0..pages) * PAGE as u32;
-                s.get(id, off, PAGE as u32).await?;
+                s.get_bytes(id, off, PAGE as u32).await?;
                 n += 1;
             }
             Ok::<u64, StoreError>(n)

@@ -3,8 +3,11 @@
 
 use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::ptr::NonNull;
 use std::sync::{Mutex, PoisonError};
+
+use crate::store::state::IntHasher;
 
 /// Alignment of every buffer: the largest logical block size we meet (4 KiB).
 pub const ALIGN: usize = 4096;
@@ -120,14 +123,15 @@ pub struct BufPool {
 }
 
 struct PoolInner {
-    free: HashMap<usize, Vec<AlignedBuf>>,
+    /// By capacity; few distinct keys, looked up on every take and give.
+    free: HashMap<usize, Vec<AlignedBuf>, BuildHasherDefault<IntHasher>>,
     bytes: usize,
 }
 
 impl BufPool {
     /// A pool that keeps at most `max_bytes` of idle buffers (capacity counted).
     pub fn new(max_bytes: usize) -> Self {
-        BufPool { inner: Mutex::new(PoolInner { free: HashMap::new(), bytes: 0 }), max_bytes }
+        BufPool { inner: Mutex::new(PoolInner { free: HashMap::default(), bytes: 0 }), max_bytes }
     }
 
     /// A buffer of `len` valid bytes with unspecified (but initialised) contents: a pooled one

@@ -116,10 +116,18 @@ async fn put_get_sizes_1b_to_4mib() {
 
 #[test]
 fn any_byte_range_reads_back() {
+    // Cached crcs (the one-read path) and none (every read also fetches its header pages).
+    for cache in [1 << 20, 0] {
+        any_byte_range_reads_back_with(cache);
+    }
+}
+
+fn any_byte_range_reads_back_with(crc_cache_bytes: usize) {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let sizes = [1usize, 4096, 4097, 10_000, 300_000, 4 << 20];
     let s = rt.block_on(async {
-        let s = BlockStore::format(mem(64 * MIB), opts(16 * MIB, 4 << 20)).await.unwrap();
+        let o = StoreOptions { crc_cache_bytes, ..opts(16 * MIB, 4 << 20) };
+        let s = BlockStore::format(mem(64 * MIB), o).await.unwrap();
         for (i, &len) in sizes.iter().enumerate() {
             s.put(i as u64, &data(i as u64, len)).await.unwrap();
         }
@@ -131,7 +139,7 @@ fn any_byte_range_reads_back() {
         let len = sizes[which] as u32;
         let (x, y) = (a % (len + 1), b % (len + 1));
         let (off, n) = (x.min(y), x.max(y) - x.min(y));
-        let got = rt.block_on(s.get(which as u64, off, n)).unwrap();
+        let got = rt.block_on(s.get_bytes(which as u64, off, n)).unwrap();
         prop_assert_eq!(&got[..], &full[which][off as usize..(off + n) as usize]);
     });
     let err = rt.block_on(s.get(0, 0, 2)).unwrap_err();
@@ -361,6 +369,45 @@ async fn full_device_gives_no_space_then_recovers_after_delete_and_clean() {
     for i in 10_000..10_050 {
         check(&s, i, 30_000).await;
     }
+}
+
+/// `get_bytes` hands out the read buffer itself: it must stay the caller's (never reused by a
+/// later read) until every clone of it is dropped, and then go back to the pool.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_from_get_bytes_stay_valid_while_held() {
+    let s = Arc::new(BlockStore::format(mem(64 * MIB), opts(16 * MIB, 1 << 20)).await.unwrap());
+    put_n(&s, 0..8, 1 << 20).await;
+    let held = futures_held(&s).await;
+    let mut set = JoinSet::new();
+    for t in 0..4u64 {
+        let s = Arc::clone(&s);
+        set.spawn(async move {
+            for i in 0..200u64 {
+                let id = (t + i) % 8;
+                let off = ((i * 7919) % 256) as u32 * 4096;
+                let got = s.get_bytes(id, off, 4096).await.unwrap();
+                assert_eq!(&got[..], &data(id, 1 << 20)[off as usize..off as usize + 4096]);
+            }
+        });
+    }
+    while let Some(r) = set.join_next().await {
+        r.unwrap();
+    }
+    for (id, off, b) in &held {
+        let want = &data(*id, 1 << 20)[*off as usize..*off as usize + b.len()];
+        assert_eq!(&b[..], want, "held bytes of block {id} at {off} changed");
+    }
+}
+
+/// One held slice per block (starting one byte into a 3-page read).
+async fn futures_held(s: &BlockStore) -> Vec<(u64, u32, bytes::Bytes)> {
+    let mut v = Vec::new();
+    for id in 0..8u64 {
+        let off = (id as u32 * 3) * 4096 + 17;
+        let b = s.get_bytes(id, off, 3 * 4096).await.unwrap();
+        v.push((id, off + 1, b.slice(1..)));
+    }
+    v
 }
 
 #[tokio::test]

@@ -29,8 +29,8 @@ impl CrcCache {
         CrcCache { map: HashMap::default(), order: VecDeque::new(), bytes: 0, limit: limit_bytes }
     }
 
-    pub(super) fn get(&self, key: &CrcKey) -> Option<Arc<[u32]>> {
-        self.map.get(key).cloned()
+    pub(super) fn get(&self, key: &CrcKey) -> Option<&[u32]> {
+        self.map.get(key).map(|v| &v[..])
     }
 
     pub(super) fn insert(&mut self, key: CrcKey, crcs: Arc<[u32]>) {

@@ -8,6 +8,7 @@
 
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::cache::CrcCache;
@@ -22,6 +23,40 @@ use crate::device::BlockDevice;
 
 /// Header pages and data pages this far apart are fetched with one read instead of two.
 const MAX_GAP_PAGES: u32 = 8;
+
+/// Reads of up to this many pages keep the crcs they check on the stack.
+const INLINE_CRCS: usize = 16;
+
+/// Copies into `want` (the crcs of data pages `first..=last`) those that header page `h`
+/// holds; `crcs` are that header page's crcs, of data pages `crc_page_span(h, pages)`.
+fn copy_crcs(crcs: &[u32], h: u32, pages: u32, first: u32, last: u32, want: &mut [u32]) {
+    let (lo, hi) = crc_page_span(h, pages);
+    let (from, to) = (lo.max(first), hi.saturating_sub(1).min(last));
+    if lo < hi && from <= to {
+        want[(from - first) as usize..=(to - first) as usize]
+            .copy_from_slice(&crcs[(from - lo) as usize..=(to - lo) as usize]);
+    }
+}
+
+/// A read buffer handed out as [`Bytes`]; back to the pool when the last reference drops.
+struct Pooled {
+    buf: Option<AlignedBuf>,
+    pool: Arc<BufPool>,
+}
+
+impl AsRef<[u8]> for Pooled {
+    fn as_ref(&self) -> &[u8] {
+        self.buf.as_ref().map_or(&[], AlignedBuf::as_slice)
+    }
+}
+
+impl Drop for Pooled {
+    fn drop(&mut self) {
+        if let Some(b) = self.buf.take() {
+            self.pool.give(b);
+        }
+    }
+}
 
 /// Idle buffers the store keeps for reuse: enough for a full device queue of largest entries
 /// plus a few, at least 16 MiB. Only buffers that were in use at the same time are ever kept.
@@ -52,8 +87,9 @@ pub(crate) struct Inner {
     st: RwLock<State>,
     /// Read-mostly: every small get looks up here, so readers share the lock.
     cache: RwLock<CrcCache>,
-    /// Reused I/O buffers (entry buffers of puts, read buffers of gets).
-    pool: BufPool,
+    /// Reused I/O buffers (entry buffers of puts, read buffers of gets, which go back when
+    /// the `Bytes` handed out of them drop).
+    pool: Arc<BufPool>,
     /// Signalled whenever a write completes (for `flush` waiting on tickets).
     done: Notify,
     rotate_lock: tokio::sync::Mutex<()>,
@@ -84,7 +120,7 @@ enum Attempt {
 impl Inner {
     pub(super) fn new(dev: Arc<dyn BlockDevice>, lay: Layout, st: State, opts: &StoreOptions) -> Arc<Inner> {
         Arc::new(Inner {
-            pool: BufPool::new(pool_bytes(dev.info().queue_depth, lay.max_block)),
+            pool: Arc::new(BufPool::new(pool_bytes(dev.info().queue_depth, lay.max_block))),
             dev,
             lay,
             st: RwLock::new(st),
@@ -369,7 +405,9 @@ impl Inner {
         Ok(res?)
     }
 
-    pub(crate) async fn get(&self, id: BlockId, offset: u32, len: u32) -> Result<Vec<u8>, StoreError> {
+    /// `[offset, offset+len)` of block `id`, verified. The bytes are the device read's own
+    /// buffer (no copy); it goes back to the store's pool when the last `Bytes` of it drops.
+    pub(crate) async fn get(&self, id: BlockId, offset: u32, len: u32) -> Result<Bytes, StoreError> {
         let mut attempts = 0;
         loop {
             let (loc, generation) = {
@@ -381,7 +419,7 @@ impl Inner {
                 return Err(StoreError::Range { id, offset, len, block_len: loc.len });
             }
             if len == 0 {
-                return Ok(Vec::new());
+                return Ok(Bytes::new());
             }
             match self.read_range(id, loc, generation, offset, len).await {
                 // The cleaner may have moved the block and reused its old segment meanwhile.
@@ -395,6 +433,10 @@ impl Inner {
 
     /// Read and verify `[offset, offset+len)` of the block at `loc`: the data pages covering
     /// it, plus the header pages holding their crcs unless those are cached.
+    ///
+    /// The hot case (a small read whose crcs are cached) allocates nothing: the crcs it needs
+    /// are copied out of the cache onto the stack under one shared lock, the read buffer
+    /// comes from the pool and is handed out as the answer.
     async fn read_range(
         &self,
         id: BlockId,
@@ -402,55 +444,90 @@ impl Inner {
         generation: u64,
         offset: u32,
         len: u32,
-    ) -> Result<Vec<u8>, StoreError> {
+    ) -> Result<Bytes, StoreError> {
         let (pages, hp) = (data_pages(loc.len), hdr_pages(loc.len));
         let (first, last) = (offset / PAGE as u32, (offset + len - 1) / PAGE as u32);
         let (h_first, h_last) = ((crc_at(first) / PAGE) as u32, (crc_at(last) / PAGE) as u32);
         let entry = self.lay.seg_addr(loc.seg) + loc.off_pages as u64 * PAGE_U64;
-        let mut slices: Vec<Option<Arc<[u32]>>> = {
-            let cache = self.cache_read();
-            (h_first..=h_last).map(|h| cache.get(&(generation, loc.off_pages, h))).collect()
+        let npages = (last - first + 1) as usize;
+        let (mut inline, mut heap) = ([0u32; INLINE_CRCS], Vec::new());
+        let want: &mut [u32] = if npages <= INLINE_CRCS {
+            &mut inline[..npages]
+        } else {
+            heap.resize(npages, 0);
+            &mut heap
         };
-        let missing: Vec<u32> = (h_first..=h_last).filter(|h| slices[(h - h_first) as usize].is_none()).collect();
+        // Copy the cached crcs of [first, last]; note the span of header pages not cached.
+        let mut missing: Option<(u32, u32)> = None;
+        {
+            let cache = self.cache_read();
+            for h in h_first..=h_last {
+                match cache.get(&(generation, loc.off_pages, h)) {
+                    Some(crcs) => copy_crcs(crcs, h, pages, first, last, want),
+                    None => missing = Some((missing.map_or(h, |m| m.0), h)),
+                }
+            }
+        }
         let data_addr = entry + (hp + first) as u64 * PAGE_U64;
-        let data_len = (last - first + 1) as usize * PAGE;
-        let (data, data_off) = match (missing.first(), missing.last()) {
-            (Some(&m0), Some(&m1)) => {
+        let data_len = npages * PAGE;
+        let (data, data_off) = match missing {
+            Some((m0, m1)) => {
                 let hdr_addr = entry + m0 as u64 * PAGE_U64;
                 let hdr_len = (m1 - m0 + 1) as usize * PAGE;
                 let gap = hp - 1 - m1 + first;
                 let (hdr, data, data_off) = if gap <= MAX_GAP_PAGES {
                     let all = self.read_at(hdr_addr, hdr_len + gap as usize * PAGE + data_len).await?;
-                    (all[..hdr_len].to_vec(), all, hdr_len + gap as usize * PAGE)
+                    (None, all, hdr_len + gap as usize * PAGE)
                 } else {
                     let (h, d) = tokio::join!(self.read_at(hdr_addr, hdr_len), self.read_at(data_addr, data_len));
-                    (h?.to_vec(), d?, 0)
+                    let (h, d) = match (h, d) {
+                        (Ok(h), Ok(d)) => (h, d),
+                        (Err(e), other) | (other, Err(e)) => {
+                            if let Ok(b) = other {
+                                self.pool.give(b);
+                            }
+                            return Err(e);
+                        }
+                    };
+                    (Some(h), d, 0)
                 };
+                let hdr_bytes = hdr.as_ref().map_or(&data.as_slice()[..hdr_len], |h| &h.as_slice()[..hdr_len]);
+                let mut parsed = Vec::with_capacity((m1 - m0 + 1) as usize);
                 for h in m0..=m1 {
-                    let page = &hdr[(h - m0) as usize * PAGE..][..PAGE];
-                    let crcs = self
-                        .crcs_from_header(id, loc, generation, h, page)
-                        .ok_or(StoreError::Checksum { id, page: first })?;
-                    self.cache().insert((generation, loc.off_pages, h), crcs.clone());
-                    slices[(h - h_first) as usize] = Some(crcs);
+                    let page = &hdr_bytes[(h - m0) as usize * PAGE..][..PAGE];
+                    match self.crcs_from_header(id, loc, generation, h, page) {
+                        Some(crcs) => parsed.push((h, crcs)),
+                        None => {
+                            self.pool.give(data);
+                            if let Some(h) = hdr {
+                                self.pool.give(h);
+                            }
+                            return Err(StoreError::Checksum { id, page: first });
+                        }
+                    }
+                }
+                if let Some(h) = hdr {
+                    self.pool.give(h);
+                }
+                let mut cache = self.cache();
+                for (h, crcs) in parsed {
+                    copy_crcs(&crcs, h, pages, first, last, want);
+                    cache.insert((generation, loc.off_pages, h), crcs);
                 }
                 (data, data_off)
             }
-            _ => (self.read_at(data_addr, data_len).await?, 0),
+            None => (self.read_at(data_addr, data_len).await?, 0),
         };
-        for p in first..=last {
-            let h = (crc_at(p) / PAGE) as u32;
-            let slice = slices[(h - h_first) as usize].as_ref().expect("every needed crc page was cached or read");
-            let want = slice[(p - crc_page_span(h, pages).0) as usize];
-            let at = data_off + (p - first) as usize * PAGE;
-            if crc32c::crc32c(&data[at..at + PAGE]) != want {
-                return Err(StoreError::Checksum { id, page: p });
+        for (i, want) in want.iter().enumerate() {
+            let at = data_off + i * PAGE;
+            if crc32c::crc32c(&data.as_slice()[at..at + PAGE]) != *want {
+                self.pool.give(data);
+                return Err(StoreError::Checksum { id, page: first + i as u32 });
             }
         }
         let start = data_off + (offset - first * PAGE as u32) as usize;
-        let out = data[start..start + len as usize].to_vec();
-        self.pool.give(data);
-        Ok(out)
+        let owner = Pooled { buf: Some(data), pool: Arc::clone(&self.pool) };
+        Ok(Bytes::from_owner(owner).slice(start..start + len as usize))
     }
 
     /// The crcs in header page `h` of the entry for `id`; `None` if page 0 is not that entry's

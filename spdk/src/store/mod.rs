@@ -18,6 +18,8 @@
 
 use std::sync::Arc;
 
+use bytes::Bytes;
+
 use crate::device::{BlockDevice, DeviceError};
 
 mod cache;
@@ -25,7 +27,7 @@ mod cleaner;
 mod format;
 mod imp;
 mod recover;
-mod state;
+pub(crate) mod state;
 
 /// Names the same bytes forever; allocated by the meta group, never reused.
 pub type BlockId = u64;
@@ -116,8 +118,16 @@ impl BlockStore {
         self.inner.put(id, data).await
     }
 
-    pub async fn get(&self, id: BlockId, offset: u32, len: u32) -> Result<Vec<u8>, StoreError> {
+    /// Bytes `offset..offset + len` of block `id`, every 4 KiB page of them checked against
+    /// its crc32c. No copy: the answer is the device read's buffer (it returns to the store's
+    /// buffer pool when the last clone drops, so do not keep small slices of big reads for long).
+    pub async fn get_bytes(&self, id: BlockId, offset: u32, len: u32) -> Result<Bytes, StoreError> {
         self.inner.get(id, offset, len).await
+    }
+
+    /// [`BlockStore::get_bytes`] copied into a `Vec`.
+    pub async fn get(&self, id: BlockId, offset: u32, len: u32) -> Result<Vec<u8>, StoreError> {
+        Ok(self.inner.get(id, offset, len).await?.to_vec())
     }
 
     pub async fn delete(&self, id: BlockId) -> Result<(), StoreError> {

@@ -23,7 +23,7 @@ pub(super) struct Loc {
 /// and whose DoS resistance these keys do not need. Mixing on every write keeps both the
 /// table's control bytes (top 7 hash bits) and bucket bits (low bits) varied for dense ids.
 #[derive(Default)]
-pub(super) struct IntHasher(u64);
+pub(crate) struct IntHasher(u64);
 
 impl Hasher for IntHasher {
     fn finish(&self) -> u64 {
@@ -40,6 +40,9 @@ impl Hasher for IntHasher {
     }
     fn write_u64(&mut self, n: u64) {
         self.0 = (self.0 ^ n).wrapping_mul(0xC4CE_B9FE_1A85_EC53).rotate_left(29);
+    }
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
     }
 }
 
