@@ -166,7 +166,8 @@ pub struct Settings {
     pub snapshot_log_size: ByteSize,
     /// S3 endpoint. Default `127.0.0.1:9000`.
     pub s3_listen: String,
-    /// Region the S3 endpoint reports (GetBucketLocation, HeadBucket). Default `us-east-1`.
+    /// Region of the S3 endpoint: reported by GetBucketLocation and HeadBucket, and the only
+    /// region a request may be signed for (others: AuthorizationHeaderMalformed). Default `us-east-1`.
     pub s3_region: String,
     /// NFSv3 endpoint (MOUNT and NFS on one TCP port). Default `127.0.0.1:11111`.
     pub nfs_listen: String,
