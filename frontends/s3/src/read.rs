@@ -34,7 +34,16 @@ impl TidepoolS3 {
         let size = if attr.kind == InodeKind::File { attr.size } else { 0 };
         let span = read_span(&attr, &x, size, input.range.as_ref(), input.part_number)?;
         let (start, len, content_range) = (span.start, span.len, span.content_range);
-        let body = (len > 0).then(|| body_stream(self.fs.clone(), attr.ino, start, len));
+        let body = if len == 0 {
+            None
+        } else if len <= self.fs.options().block_size as u64 {
+            // At most one block: read it before answering, so the head and the body leave in
+            // one write (one segment, one wake-up of the client) and a failed read is an S3
+            // error rather than a cut connection. A streamed body would hold this block too.
+            Some(read_whole(&self.fs, attr.ino, start, len, &input.key).await?)
+        } else {
+            Some(body_stream(self.fs.clone(), attr.ino, start, len))
+        };
         self.metrics.bytes_out(len);
         let sys = SystemHeaders::from_xattrs(&x);
         let ck = checksum_for(&attr, &x, input.checksum_mode.as_ref(), span.whole);
@@ -231,8 +240,35 @@ fn not_modified(etag: &str) -> S3Error {
     e
 }
 
-/// The bytes `[start, start + len)` of file `ino` as a response body. A task reads ahead one
-/// block while the previous one is sent; reads are aligned to blocks.
+/// The bytes `[start, start + len)` of file `ino`, read now, as a body that is ready at once.
+async fn read_whole(fs: &Fs, ino: u64, start: u64, len: u64, key: &str) -> S3Result<StreamingBlob> {
+    let data = fs.read(ino, start, len as usize).await.map_err(|e| crate::error::fs_error(e, key))?;
+    if data.len() as u64 != len {
+        // The key now names another object (or NFS truncated it) since it was looked up.
+        return Err(s3_error!(InternalError, "object was replaced or truncated while it was read"));
+    }
+    Ok(StreamingBlob::new(Ready(Some(Bytes::from(data)))))
+}
+
+/// A body already in memory: one chunk, its length known.
+struct Ready(Option<Bytes>);
+
+impl futures_util::Stream for Ready {
+    type Item = Result<Bytes, s3s::StdError>;
+
+    fn poll_next(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        Poll::Ready(self.0.take().map(Ok))
+    }
+}
+
+impl s3s::stream::ByteStream for Ready {
+    fn remaining_length(&self) -> s3s::stream::RemainingLength {
+        s3s::stream::RemainingLength::new_exact(self.0.as_ref().map_or(0, Bytes::len))
+    }
+}
+
+/// The bytes `[start, start + len)` of file `ino` as a response body, streamed: reads are
+/// aligned to blocks and run ahead of the client by up to [`READ_AHEAD`] blocks.
 /// Blocks of a GET read ahead of the client: at most this many block-sized reads are in
 /// flight or waiting to be sent, so a GET holds at most `READ_AHEAD x block_size` of body.
 const READ_AHEAD: usize = 4;
