@@ -38,6 +38,28 @@ fn copy_crcs(crcs: &[u32], h: u32, pages: u32, first: u32, last: u32, want: &mut
     }
 }
 
+/// Copies the cached crcs of data pages `first..=last` of the entry at `loc` into `want`; the
+/// span of header pages whose crcs are not cached, if any.
+fn cached_crcs(
+    cache: &CrcCache,
+    loc: Loc,
+    generation: u64,
+    first: u32,
+    last: u32,
+    want: &mut [u32],
+) -> Option<(u32, u32)> {
+    let pages = data_pages(loc.len);
+    let (h_first, h_last) = ((crc_at(first) / PAGE) as u32, (crc_at(last) / PAGE) as u32);
+    let mut missing: Option<(u32, u32)> = None;
+    for h in h_first..=h_last {
+        match cache.get(&(generation, loc.off_pages, h)) {
+            Some(crcs) => copy_crcs(crcs, h, pages, first, last, want),
+            None => missing = Some((missing.map_or(h, |m| m.0), h)),
+        }
+    }
+    missing
+}
+
 /// A read buffer handed out as [`Bytes`]; back to the pool when the last reference drops.
 struct Pooled {
     buf: Option<AlignedBuf>,
@@ -85,8 +107,6 @@ pub(crate) struct Inner {
     pub(super) lay: Layout,
     /// Read-write so that gets (index lookups) do not exclude each other.
     st: RwLock<State>,
-    /// Read-mostly: every small get looks up here, so readers share the lock.
-    cache: RwLock<CrcCache>,
     /// Reused I/O buffers (entry buffers of puts, read buffers of gets, which go back when
     /// the `Bytes` handed out of them drop).
     pool: Arc<BufPool>,
@@ -118,13 +138,13 @@ enum Attempt {
 }
 
 impl Inner {
-    pub(super) fn new(dev: Arc<dyn BlockDevice>, lay: Layout, st: State, opts: &StoreOptions) -> Arc<Inner> {
+    pub(super) fn new(dev: Arc<dyn BlockDevice>, lay: Layout, mut st: State, opts: &StoreOptions) -> Arc<Inner> {
+        st.crcs = CrcCache::new(opts.crc_cache_bytes);
         Arc::new(Inner {
             pool: Arc::new(BufPool::new(pool_bytes(dev.info().queue_depth, lay.max_block))),
             dev,
             lay,
             st: RwLock::new(st),
-            cache: RwLock::new(CrcCache::new(opts.crc_cache_bytes)),
             done: Notify::new(),
             rotate_lock: tokio::sync::Mutex::new(()),
             clean_lock: tokio::sync::Mutex::new(()),
@@ -140,14 +160,6 @@ impl Inner {
     /// The state lock, shared: for lookups that change nothing.
     pub(super) fn st_read(&self) -> RwLockReadGuard<'_, State> {
         self.st.read().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn cache(&self) -> RwLockWriteGuard<'_, CrcCache> {
-        self.cache.write().unwrap_or_else(PoisonError::into_inner)
-    }
-
-    fn cache_read(&self) -> RwLockReadGuard<'_, CrcCache> {
-        self.cache.read().unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(super) async fn read_at(&self, addr: u64, len: usize) -> Result<AlignedBuf, StoreError> {
@@ -195,10 +207,15 @@ impl Inner {
     }
 
     fn cache_crcs(&self, generation: u64, off_pages: u32, len: u32, crcs: &[u32]) {
-        let mut cache = self.cache();
-        for h in 0..hdr_pages(len) {
-            let (lo, hi) = crc_page_span(h, data_pages(len));
-            cache.insert((generation, off_pages, h), Arc::from(&crcs[lo as usize..hi as usize]));
+        let slices: Vec<_> = (0..hdr_pages(len))
+            .map(|h| {
+                let (lo, hi) = crc_page_span(h, data_pages(len));
+                (h, Arc::from(&crcs[lo as usize..hi as usize]))
+            })
+            .collect();
+        let mut st = self.st();
+        for (h, slice) in slices {
+            st.crcs.insert((generation, off_pages, h), slice);
         }
     }
 
@@ -407,21 +424,39 @@ impl Inner {
 
     /// `[offset, offset+len)` of block `id`, verified. The bytes are the device read's own
     /// buffer (no copy); it goes back to the store's pool when the last `Bytes` of it drops.
+    ///
+    /// The hot case (a small read whose crcs are cached) allocates nothing and takes one shared
+    /// lock: the index entry and the crcs of the pages read are copied out of the state (onto
+    /// the stack) together, the read buffer comes from the pool and is handed out as the answer.
     pub(crate) async fn get(&self, id: BlockId, offset: u32, len: u32) -> Result<Bytes, StoreError> {
+        let Some(end) = offset.checked_add(len) else {
+            let block_len = self.block_len(id).ok_or(StoreError::NotFound(id))?;
+            return Err(StoreError::Range { id, offset, len, block_len });
+        };
+        let (first, last) = (offset / PAGE as u32, end.saturating_sub(1).max(offset) / PAGE as u32);
+        let npages = (last - first + 1) as usize;
+        let (mut inline, mut heap) = ([0u32; INLINE_CRCS], Vec::new());
+        let want: &mut [u32] = if npages <= INLINE_CRCS {
+            &mut inline[..npages]
+        } else {
+            heap.resize(npages, 0);
+            &mut heap
+        };
         let mut attempts = 0;
         loop {
-            let (loc, generation) = {
+            let (loc, generation, missing) = {
                 let st = self.st_read();
                 let loc = *st.index.get(&id).ok_or(StoreError::NotFound(id))?;
-                (loc, st.segs[loc.seg as usize].generation)
+                if end > loc.len {
+                    return Err(StoreError::Range { id, offset, len, block_len: loc.len });
+                }
+                if len == 0 {
+                    return Ok(Bytes::new());
+                }
+                let generation = st.segs[loc.seg as usize].generation;
+                (loc, generation, cached_crcs(&st.crcs, loc, generation, first, last, want))
             };
-            if offset.checked_add(len).is_none_or(|end| end > loc.len) {
-                return Err(StoreError::Range { id, offset, len, block_len: loc.len });
-            }
-            if len == 0 {
-                return Ok(Bytes::new());
-            }
-            match self.read_range(id, loc, generation, offset, len).await {
+            match self.read_range(id, loc, generation, offset, len, want, missing).await {
                 // The cleaner may have moved the block and reused its old segment meanwhile.
                 Err(StoreError::Checksum { .. }) if attempts < 3 && self.st_read().index.get(&id) != Some(&loc) => {
                     attempts += 1;
@@ -432,11 +467,8 @@ impl Inner {
     }
 
     /// Read and verify `[offset, offset+len)` of the block at `loc`: the data pages covering
-    /// it, plus the header pages holding their crcs unless those are cached.
-    ///
-    /// The hot case (a small read whose crcs are cached) allocates nothing: the crcs it needs
-    /// are copied out of the cache onto the stack under one shared lock, the read buffer
-    /// comes from the pool and is handed out as the answer.
+    /// it, plus the header pages `missing` (those holding crcs not in `want` yet).
+    #[allow(clippy::too_many_arguments)]
     async fn read_range(
         &self,
         id: BlockId,
@@ -444,30 +476,13 @@ impl Inner {
         generation: u64,
         offset: u32,
         len: u32,
+        want: &mut [u32],
+        missing: Option<(u32, u32)>,
     ) -> Result<Bytes, StoreError> {
         let (pages, hp) = (data_pages(loc.len), hdr_pages(loc.len));
         let (first, last) = (offset / PAGE as u32, (offset + len - 1) / PAGE as u32);
-        let (h_first, h_last) = ((crc_at(first) / PAGE) as u32, (crc_at(last) / PAGE) as u32);
         let entry = self.lay.seg_addr(loc.seg) + loc.off_pages as u64 * PAGE_U64;
         let npages = (last - first + 1) as usize;
-        let (mut inline, mut heap) = ([0u32; INLINE_CRCS], Vec::new());
-        let want: &mut [u32] = if npages <= INLINE_CRCS {
-            &mut inline[..npages]
-        } else {
-            heap.resize(npages, 0);
-            &mut heap
-        };
-        // Copy the cached crcs of [first, last]; note the span of header pages not cached.
-        let mut missing: Option<(u32, u32)> = None;
-        {
-            let cache = self.cache_read();
-            for h in h_first..=h_last {
-                match cache.get(&(generation, loc.off_pages, h)) {
-                    Some(crcs) => copy_crcs(crcs, h, pages, first, last, want),
-                    None => missing = Some((missing.map_or(h, |m| m.0), h)),
-                }
-            }
-        }
         let data_addr = entry + (hp + first) as u64 * PAGE_U64;
         let data_len = npages * PAGE;
         let (data, data_off) = match missing {
@@ -509,10 +524,10 @@ impl Inner {
                 if let Some(h) = hdr {
                     self.pool.give(h);
                 }
-                let mut cache = self.cache();
+                let mut st = self.st();
                 for (h, crcs) in parsed {
                     copy_crcs(&crcs, h, pages, first, last, want);
-                    cache.insert((generation, loc.off_pages, h), crcs);
+                    st.crcs.insert((generation, loc.off_pages, h), crcs);
                 }
                 (data, data_off)
             }

@@ -7,6 +7,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::hash::{BuildHasherDefault, Hasher};
 
 use super::BlockId;
+use super::cache::CrcCache;
 use super::format::{PAGE_U64, Rec, entry_bytes, summary_pages};
 
 /// Where a block lives: 12 bytes, so an index slot (key + value, aligned) is 24 bytes.
@@ -119,6 +120,9 @@ pub(super) struct State {
     pub cleaned_segments: u64,
     pub torn_entries_discarded: u64,
     seg_bytes: u64,
+    /// Crcs of stored blocks, by header page. Under the state lock so that a get finds its
+    /// block and the crcs of the pages it reads with one shared lock.
+    pub crcs: CrcCache,
 }
 
 impl State {
@@ -139,6 +143,7 @@ impl State {
             cleaned_segments: 0,
             torn_entries_discarded: 0,
             seg_bytes,
+            crcs: CrcCache::new(0),
         }
     }
 
