@@ -42,6 +42,7 @@
 mod auth;
 mod bucket;
 pub mod checksum;
+mod digest;
 mod error;
 pub mod list;
 pub mod meta;

@@ -20,6 +20,7 @@ use s3s::{S3Request, S3Response, S3Result, s3_error};
 use tidepool_fs::{ErrorKind, FileAttr, InodeKind, Staged};
 
 use crate::checksum::{self, Alg};
+use crate::digest::Digester;
 use crate::error::{conflict, fs_error, invalid_key, no_such_key};
 use crate::meta::{self, SystemHeaders};
 use crate::names::{KeyPath, parse_key};
@@ -224,11 +225,11 @@ impl TidepoolS3 {
     }
 
     /// Stream a request body into staged blocks of `block_size`, computing MD5, size and the
-    /// digest of `alg` (an additional checksum). One block is written while the next is received.
+    /// digest of `alg` (an additional checksum; both on their own thread past 1 MiB, see
+    /// [`Digester`]). One block is written while the next is received.
     pub(crate) async fn stage_body(&self, mut body: StreamingBlob, alg: Option<Alg>) -> S3Result<StagedBody> {
         let bs = self.fs.options().block_size;
-        let mut md5 = Md5::new();
-        let mut hasher = alg.map(Alg::hasher);
+        let mut digests = Digester::new(alg);
         let mut size = 0u64;
         let mut staged = Staged::default();
         let mut buf: Vec<u8> = Vec::with_capacity(bs);
@@ -240,14 +241,11 @@ impl TidepoolS3 {
                     Some(Ok(c)) => c,
                     Some(Err(e)) => return Err(s3_error!(IncompleteBody, "reading the request body failed: {e}")),
                 };
-                md5.update(&chunk);
-                if let Some(h) = &mut hasher {
-                    h.update(&chunk);
-                }
                 size += chunk.len() as u64;
                 if size > MAX_OBJECT_BYTES {
                     return Err(s3_error!(EntityTooLarge, "a single PUT is at most 5 GiB; use multipart upload"));
                 }
+                digests.update(&chunk, size).await.map_err(|_| digest_failed())?;
                 let mut rest: &[u8] = &chunk;
                 while !rest.is_empty() {
                     let take = rest.len().min(bs - buf.len());
@@ -272,8 +270,15 @@ impl TidepoolS3 {
             Ok(())
         }
         .await;
+        let result = match result {
+            Ok(()) => digests.finish().await.map_err(|_| digest_failed()),
+            Err(e) => Err(e),
+        };
         match result {
-            Ok(()) => Ok(StagedBody { staged, md5: hex(&md5.finalize()), size, digest: hasher.map(|h| h.finalize()) }),
+            Ok(d) => {
+                let (md5, digest) = d.finish();
+                Ok(StagedBody { staged, md5, size, digest })
+            }
             Err(e) => {
                 if let Some(prev) = inflight.take()
                     && let Ok(s) = join_stage(prev).await
@@ -722,6 +727,10 @@ pub(crate) fn check_copy_conditions(etag: &str, mtime: i64, input: &CopyConditio
         return Err(failed());
     }
     Ok(())
+}
+
+fn digest_failed() -> s3s::S3Error {
+    s3_error!(InternalError, "hashing the request body failed")
 }
 
 pub(crate) fn hex(b: &[u8]) -> String {
