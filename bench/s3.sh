@@ -141,6 +141,8 @@ fio_run() {
     --filename="/bench/$4-c$5/o" --rw="$rw" --bs="$bs" --size=$per --offset_increment=$per
     --numjobs="$nj" --group_reporting --output-format=json)
   if [ -n "$timed" ]; then args+=(--time_based --runtime="$RUNTIME"); else args+=(--runtime="$PUT_CAP"); fi
+  # The machine is shared: the load average at the start of every run goes with its figures.
+  echo "$(date -u +%T) $(cut -d' ' -f1-3 /proc/loadavg)" >"$OUT/runs/$name.load"
   local t0 c0; c0=$(cpu_ticks "$pid"); t0=$(date +%s.%N)
   "$FIO" "${args[@]}" >"$OUT/runs/$name.json" 2>"$OUT/runs/$name.err" || { cat "$OUT/runs/$name.err" >&2; return 1; }
   local t1 c1; t1=$(date +%s.%N); c1=$(cpu_ticks "$pid")
