@@ -1,7 +1,8 @@
 use std::io::{Cursor, Read, Write};
 
 use anyhow::anyhow;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
+use tokio::sync::mpsc;
 use tracing::{debug, error, trace, warn};
 
 use crate::context::RPCContext;
@@ -88,7 +89,39 @@ async fn handle_rpc(
     }
 }
 
-pub async fn write_fragment<W: tokio::io::AsyncWrite + Unpin>(socket: &mut W, buf: &[u8]) -> Result<(), anyhow::Error> {
+/// RFC 1057 Section 10
+/// When RPC messages are passed on top of a byte stream transport
+/// protocol (like TCP), it is necessary to delimit one message from
+/// another in order to detect and possibly recover from protocol errors.
+/// This is called record marking (RM).  Sun uses this RM/TCP/IP
+/// transport for passing RPC messages on TCP streams.  One RPC message
+/// fits into one RM record.
+///
+/// A record is composed of one or more record fragments.  A record
+/// fragment is a four-byte header followed by 0 to (2**31) - 1 bytes of
+/// fragment data.  The bytes encode an unsigned binary number; as with
+/// XDR integers, the byte order is from highest to lowest.  The number
+/// encodes two values -- a boolean which indicates whether the fragment
+/// is the last fragment of the record (bit value 1 implies the fragment
+/// is the last fragment) and a 31-bit unsigned binary value which is the
+/// length in bytes of the fragment's data.  The boolean value is the
+/// highest-order bit of the header; the length is the 31 low-order bits.
+/// (Note that this record specification is NOT in XDR standard form!)
+async fn read_fragment(socket: &mut DuplexStream, append_to: &mut Vec<u8>) -> Result<bool, anyhow::Error> {
+    let mut header_buf = [0_u8; 4];
+    socket.read_exact(&mut header_buf).await?;
+    let fragment_header = u32::from_be_bytes(header_buf);
+    let is_last = (fragment_header & (1 << 31)) > 0;
+    let length = (fragment_header & ((1 << 31) - 1)) as usize;
+    trace!("Reading fragment length:{}, last:{}", length, is_last);
+    let start_offset = append_to.len();
+    append_to.resize(append_to.len() + length, 0);
+    socket.read_exact(&mut append_to[start_offset..]).await?;
+    trace!("Finishing Reading fragment length:{}, last:{}", length, is_last);
+    Ok(is_last)
+}
+
+pub async fn write_fragment(socket: &mut tokio::net::TcpStream, buf: &[u8]) -> Result<(), anyhow::Error> {
     // TODO: split into many fragments
     assert!(buf.len() < (1 << 31));
     // set the last flag
@@ -108,40 +141,62 @@ pub async fn write_fragment<W: tokio::io::AsyncWrite + Unpin>(socket: &mut W, bu
     Ok(())
 }
 
-/// tidepool fork: the (last flag, length) of the record fragment at the start of `buf`, if
-/// its header and all of its data are there. Record marking (RFC 5531 section 11): a record
-/// is one or more fragments, each a 4-byte big-endian header (the top bit set on the last
-/// fragment, the low 31 bits the data's length) and its data.
-pub fn fragment_at(buf: &[u8]) -> Option<(bool, usize)> {
-    let header = u32::from_be_bytes(buf.get(..4)?.try_into().ok()?);
-    let len = (header & ((1 << 31) - 1)) as usize;
-    (buf.len() - 4 >= len).then_some((header & (1 << 31) != 0, len))
+pub type SocketMessageType = Result<Vec<u8>, anyhow::Error>;
+
+/// The Socket Message Handler reads from a TcpStream and spawns off
+/// subtasks to handle each message. replies are queued into the
+/// reply_send_channel.
+#[derive(Debug)]
+pub struct SocketMessageHandler {
+    cur_fragment: Vec<u8>,
+    socket_receive_channel: DuplexStream,
+    reply_send_channel: mpsc::UnboundedSender<SocketMessageType>,
+    context: RPCContext,
 }
 
-/// tidepool fork: runs one call (a whole record) in its own task, which writes the reply
-/// itself; a call that fails to decode wakes `broken` (the connection closes).
-pub fn spawn_call(
-    record: Vec<u8>,
-    context: RPCContext,
-    wr: std::sync::Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>,
-    broken: std::sync::Arc<tokio::sync::Notify>,
-) {
-    tokio::spawn(async move {
-        let mut reply: Vec<u8> = Vec::new();
-        match handle_rpc(&mut Cursor::new(record), &mut Cursor::new(&mut reply), context).await {
-            Err(e) => {
-                error!("RPC Error: {:?}", e);
-                broken.notify_one();
+impl SocketMessageHandler {
+    /// Creates a new SocketMessageHandler with the receiver for queued message replies
+    pub fn new(context: &RPCContext) -> (Self, DuplexStream, mpsc::UnboundedReceiver<SocketMessageType>) {
+        let (socksend, sockrecv) = tokio::io::duplex(256000);
+        let (msgsend, msgrecv) = mpsc::unbounded_channel();
+        (
+            Self {
+                cur_fragment: Vec::new(),
+                socket_receive_channel: sockrecv,
+                reply_send_channel: msgsend,
+                context: context.clone(),
             },
-            Ok(true) => {
-                let mut w = wr.lock().await;
-                if let Err(e) = write_fragment(&mut *w, &reply).await {
-                    error!("Write error {:?}", e);
+            socksend,
+            msgrecv,
+        )
+    }
+
+    /// Reads a fragment from the socket. This should be looped.
+    pub async fn read(&mut self) -> Result<(), anyhow::Error> {
+        let is_last = read_fragment(&mut self.socket_receive_channel, &mut self.cur_fragment).await?;
+        if is_last {
+            let fragment = std::mem::take(&mut self.cur_fragment);
+            let context = self.context.clone();
+            let send = self.reply_send_channel.clone();
+            tokio::spawn(async move {
+                let mut write_buf: Vec<u8> = Vec::new();
+                let mut write_cursor = Cursor::new(&mut write_buf);
+                let maybe_reply = handle_rpc(&mut Cursor::new(fragment), &mut write_cursor, context).await;
+                match maybe_reply {
+                    Err(e) => {
+                        error!("RPC Error: {:?}", e);
+                        let _ = send.send(Err(e));
+                    },
+                    Ok(true) => {
+                        let _ = std::io::Write::flush(&mut write_cursor);
+                        let _ = send.send(Ok(write_buf));
+                    },
+                    Ok(false) => {
+                        // do not reply
+                    },
                 }
-            },
-            Ok(false) => {
-                // do not reply
-            },
+            });
         }
-    });
+        Ok(())
+    }
 }
