@@ -1,6 +1,6 @@
 //! The read cache: verified 4 KiB pages of blocks, in RAM, below every front end.
 //!
-//! `Fs::read` asks it first (`rw.rs`, `read_block`); a range whose pages are all here is
+//! `Fs::read` asks it first (`rw.rs`, `read_block_into`); a range whose pages are all here is
 //! copied out of it (one copy, into the answer) without touching the device, a peer or the
 //! bucket. On a miss the page-aligned range covering the request (clipped to the block) is
 //! read from the source, and its pages go in. Only bytes that were verified go in: the block
@@ -52,8 +52,10 @@
 //! and a miss copies its page once, into its slot. Slots of dropped pages are reused; the
 //! slabs stay allocated (at most the capacity), as a page cache keeps its memory. Filling the
 //! cache costs a page fault (and the kernel's zeroing) per 4 KiB the first time a slot is
-//! used. Transparent huge pages (MADV_HUGEPAGE on the slabs) were tried and made it worse:
-//! zeroing 2 MiB at a time took 7.5 % of the server's CPU under random reads, against 0.8 %.
+//! used. Transparent huge pages (MADV_HUGEPAGE on the slabs) were tried and looked worse: in
+//! a profile under random reads of a cold 2 GiB file, zeroing 2 MiB pages took 7.5 % of the
+//! server's CPU, against 0.8 % for 4 KiB pages in a profile of the same run before (the two
+//! at similar loads, not back to back).
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasherDefault, Hasher};
@@ -65,8 +67,8 @@ use tidepool_cluster::meta::BlockId;
 /// The page size of the cache (and of the block store's crcs).
 pub const PAGE: usize = 4096;
 
-/// Bytes each cached page is charged beyond its data: its map entry, queue slot and the
-/// allocation's header, rounded up.
+/// Bytes each cached page is charged beyond its slot: its map entry, queue and free-list
+/// slots and its block's count, rounded up.
 pub const ENTRY_OVERHEAD: usize = 128;
 
 /// Shards at most; fewer for a small cache, so that a shard holds at least 64 pages.
