@@ -98,7 +98,10 @@ stop_servers() {
   done
   TP_PID=""; SF_PID=""; IP_PID=""
 }
-trap stop_servers EXIT
+# The servers' data (a 16 GiB device image, the local bucket, s3s-fs's files: ~27 GB after a
+# full run) goes at exit; KEEP_DATA=1 keeps it for a look.
+on_exit() { stop_servers; if [ "${KEEP_DATA:-0}" != 1 ]; then rm -rf "$DATA"; fi; }
+trap on_exit EXIT
 
 wait_s3() { # endpoint pid
   for _ in $(seq 1 300); do
