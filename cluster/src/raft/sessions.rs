@@ -83,7 +83,7 @@ impl Sessions {
             w.floor += 1;
         }
         w.last_index = index;
-        if index % 4096 == 0 {
+        if index.is_multiple_of(4096) {
             self.clients.retain(|_, w| w.last_index.saturating_add(IDLE_ENTRIES) > index);
         }
         true
