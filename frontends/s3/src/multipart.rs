@@ -335,15 +335,7 @@ impl TidepoolS3 {
                 return Err(e);
             }
         };
-        let StagedBody { staged, md5, size, digest } = match body {
-            Some(body) => self.stage_body(body, alg).await?,
-            None => StagedBody {
-                staged: Staged::default(),
-                md5: hex(&Md5::digest(b"")),
-                size: 0,
-                digest: alg.map(|a| a.digest(b"")),
-            },
-        };
+        let StagedBody { staged, md5, size, digest } = self.stage_optional_body(body, alg).await?;
         let verified = match &ck {
             Some(_) => self.check_digests(
                 input.content_md5.as_deref(),

@@ -125,15 +125,7 @@ impl TidepoolS3 {
         };
         let mut xattrs = meta::to_xattrs(input.metadata.as_ref(), &sys);
         let alg = ck.as_ref().map(|c| c.alg);
-        let StagedBody { staged, md5, size, digest } = match body {
-            Some(body) => self.stage_body(body, alg).await?,
-            None => StagedBody {
-                staged: Staged::default(),
-                md5: hex(&Md5::digest(b"")),
-                size: 0,
-                digest: alg.map(|a| a.digest(b"")),
-            },
-        };
+        let StagedBody { staged, md5, size, digest } = self.stage_optional_body(body, alg).await?;
         let verified =
             self.check_digests(input.content_md5.as_deref(), &md5, ck.as_ref(), digest, req.trailing_headers.as_ref());
         let stored = match verified {
@@ -227,6 +219,23 @@ impl TidepoolS3 {
     /// Stream a request body into staged blocks of `block_size`, computing MD5, size and the
     /// digest of `alg` (an additional checksum; both on their own thread past 1 MiB, see
     /// [`Digester`]). One block is written while the next is received.
+    /// [`Self::stage_body`], or the empty body's figures when the request has none.
+    pub(crate) async fn stage_optional_body(
+        &self,
+        body: Option<StreamingBlob>,
+        alg: Option<Alg>,
+    ) -> S3Result<StagedBody> {
+        match body {
+            Some(body) => self.stage_body(body, alg).await,
+            None => Ok(StagedBody {
+                staged: Staged::default(),
+                md5: hex(&Md5::digest(b"")),
+                size: 0,
+                digest: alg.map(|a| a.digest(b"")),
+            }),
+        }
+    }
+
     pub(crate) async fn stage_body(&self, mut body: StreamingBlob, alg: Option<Alg>) -> S3Result<StagedBody> {
         let bs = self.fs.options().block_size;
         let mut digests = Digester::new(alg);
