@@ -8,10 +8,6 @@ use std::io::{Read, Write};
 
 use tidepool_fs::ROOT_INO;
 
-fn python() -> String {
-    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
-}
-
 fn raw(port: u16, request: &str) -> String {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.write_all(request.as_bytes()).unwrap();
@@ -23,24 +19,7 @@ fn raw(port: u16, request: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn boto3_drives_every_supported_operation() {
     let srv = common::start().await;
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/boto3_api.py");
-    let endpoint = srv.endpoint();
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(python())
-            .arg(script)
-            .args([&endpoint, common::ACCESS_KEY, common::SECRET_KEY])
-            .env_remove("AWS_PROFILE")
-            .output()
-    })
-    .await
-    .unwrap()
-    .unwrap_or_else(|e| panic!("cannot run {} (python3 with boto3 is needed; ./test.sh installs it): {e}", python()));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && stdout.contains("all checks passed"),
-        "boto3 checks failed (is boto3 installed? ./test.sh installs it)\n{stdout}\n{stderr}"
-    );
+    common::run_boto3_script("boto3_api.py", srv.endpoint()).await;
 
     let fs = &srv.env.fs;
     let staging = fs.resolve(b"/.tidepool/tmp").unwrap();
@@ -101,7 +80,7 @@ async fn a_put_is_one_metadata_commit() {
         );
         async move {
             let out = tokio::task::spawn_blocking(move || {
-                std::process::Command::new(python())
+                std::process::Command::new(common::python())
                     .args(["-c", &script, &endpoint, common::ACCESS_KEY, common::SECRET_KEY])
                     .env_remove("AWS_PROFILE")
                     .output()

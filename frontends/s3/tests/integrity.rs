@@ -12,22 +12,7 @@ async fn region_creation_dates_part_numbers_and_checksums() {
     // A bucket made without S3 (as NFS `mkdir` does): its creation date is recorded at the
     // first listing and stays.
     srv.env.fs.mkdir(ROOT_INO, b"nfsmade", 0o755, 0, 0).await.unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/boto3_integrity.py");
-    let endpoint = srv.endpoint();
-    let python = std::env::var("PYTHON").unwrap_or_else(|_| "python3".into());
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(&python)
-            .arg(script)
-            .args([&endpoint, common::ACCESS_KEY, common::SECRET_KEY])
-            .env_remove("AWS_PROFILE")
-            .output()
-    })
-    .await
-    .unwrap()
-    .expect("python3 with boto3 is needed (./test.sh installs it)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success() && stdout.contains("all checks passed"), "boto3 checks failed\n{stdout}\n{stderr}");
+    common::run_boto3_script("boto3_integrity.py", srv.endpoint()).await;
 
     // What the metadata map holds: the reserved keys, never shown as user metadata.
     let fs = &srv.env.fs;

@@ -74,3 +74,32 @@ pub async fn start() -> Server {
     });
     Server { env, port, metrics, stop: Some(tx), task: Some(task) }
 }
+
+/// The Python interpreter for client scripts (`$PYTHON`, else `python3`).
+#[allow(dead_code)] // not every test binary that includes this module runs scripts
+pub fn python() -> String {
+    std::env::var("PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// Runs `tests/<script>` (a boto3 script) against `endpoint` with the test key, and asserts it
+/// exited 0 and printed "all checks passed".
+#[allow(dead_code)]
+pub async fn run_boto3_script(script: &str, endpoint: String) {
+    let path = format!("{}/tests/{script}", env!("CARGO_MANIFEST_DIR"));
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(python())
+            .arg(path)
+            .args([&endpoint, ACCESS_KEY, SECRET_KEY])
+            .env_remove("AWS_PROFILE")
+            .output()
+    })
+    .await
+    .unwrap()
+    .unwrap_or_else(|e| panic!("cannot run {} (python3 with boto3 is needed; ./test.sh installs it): {e}", python()));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && stdout.contains("all checks passed"),
+        "{script}: boto3 checks failed (is boto3 installed? ./test.sh installs it)\n{stdout}\n{stderr}"
+    );
+}
