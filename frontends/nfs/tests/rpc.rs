@@ -14,29 +14,17 @@ use nfs3_client::nfs3_types::rpc::{auth_unix, opaque_auth};
 use nfs3_client::nfs3_types::xdr_codec::Opaque;
 use nfs3_client::tokio::TokioIo;
 use nfs3_client::{MountClient, Nfs3Client};
-use tidepool_cluster::{MetaGroup, MetaState, RaftOptions, SystemClock};
-use tidepool_fs::{Fs, FsOptions};
+use tidepool_fs::Fs;
 use tidepool_nfs::{ExportOptions, NfsMetrics, NfsServer, TidepoolNfs};
+use tidepool_spdk::BlockDevice;
 use tidepool_spdk::device::mem::MemDevice;
-use tidepool_spdk::{BlockDevice, BlockStore, StoreOptions};
 use tokio::net::{TcpSocket, TcpStream};
 
-const BLOCK: usize = 64 << 10;
+mod common;
 
 async fn open_fs(dir: &std::path::Path) -> Arc<Fs> {
     let dev: Arc<dyn BlockDevice> = Arc::new(MemDevice::new(256 << 20));
-    let opts = StoreOptions { segment_bytes: 4 << 20, max_block_bytes: BLOCK, crc_cache_bytes: 1 << 20 };
-    let store = BlockStore::format(dev, opts).await.unwrap();
-    let meta = MetaGroup::open(&dir.join("meta"), RaftOptions::default(), MetaState::new()).unwrap();
-    let (fs, _) = Fs::open(
-        meta,
-        Arc::new(store),
-        Arc::new(SystemClock),
-        FsOptions { block_size: BLOCK, id_batch: 4096, ..FsOptions::default() },
-    )
-    .await
-    .unwrap();
-    Arc::new(fs)
+    common::open_fs(dir, &dev, true).await
 }
 
 /// Serve `fs` on 127.0.0.1 with `exports`; returns the address.

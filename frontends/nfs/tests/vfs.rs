@@ -6,35 +6,14 @@ use std::sync::Arc;
 
 use nfsserve::nfs::{ftype3, nfsstat3, nfstime3, sattr3, set_atime, set_mode3, set_mtime, set_size3};
 use nfsserve::vfs::NFSFileSystem;
-use tidepool_cluster::{MetaGroup, MetaState, RaftOptions, SystemClock};
-use tidepool_fs::{Fs, FsOptions, ROOT_INO};
+use tidepool_fs::ROOT_INO;
 use tidepool_nfs::{AuthSys, Caller, ExportOptions, NfsMetrics, StableHow, TidepoolNfs, with_caller};
+use tidepool_spdk::BlockDevice;
 use tidepool_spdk::device::mem::MemDevice;
-use tidepool_spdk::{BlockDevice, BlockStore, StoreOptions};
 
-const BLOCK: usize = 64 << 10;
+mod common;
 
-fn store_opts() -> StoreOptions {
-    StoreOptions { segment_bytes: 4 << 20, max_block_bytes: BLOCK, crc_cache_bytes: 1 << 20 }
-}
-
-async fn open_fs(dir: &std::path::Path, dev: &Arc<dyn BlockDevice>, fresh: bool) -> Arc<Fs> {
-    let store = if fresh {
-        BlockStore::format(dev.clone(), store_opts()).await.unwrap()
-    } else {
-        BlockStore::open(dev.clone(), store_opts()).await.unwrap()
-    };
-    let meta = MetaGroup::open(&dir.join("meta"), RaftOptions::default(), MetaState::new()).unwrap();
-    let (fs, _) = Fs::open(
-        meta,
-        Arc::new(store),
-        Arc::new(SystemClock),
-        FsOptions { block_size: BLOCK, id_batch: 4096, ..FsOptions::default() },
-    )
-    .await
-    .unwrap();
-    Arc::new(fs)
-}
+use common::open_fs;
 
 fn name(s: &str) -> nfsserve::nfs::filename3 {
     s.as_bytes().into()
