@@ -325,10 +325,28 @@ impl ReadCache {
     /// cover is here (a hit), and counts a hit or a miss. On a miss `out` may hold part of
     /// the range; the caller overwrites it.
     pub fn read(&self, block: BlockId, offset: u32, out: &mut [u8]) -> bool {
-        if out.is_empty() {
+        let mut done = 0;
+        self.read_with(block, offset, out.len(), |piece| {
+            out[done..done + piece.len()].copy_from_slice(piece);
+            done += piece.len();
+        })
+    }
+
+    /// Bytes `offset..offset + len` of `block` in a new `Vec` if every page they cover is
+    /// here (a hit: one copy, and no zeroing of the answer first), else `None`; counts a hit
+    /// or a miss.
+    pub fn read_vec(&self, block: BlockId, offset: u32, len: usize) -> Option<Vec<u8>> {
+        let mut out = Vec::with_capacity(len);
+        self.read_with(block, offset, len, |piece| out.extend_from_slice(piece)).then_some(out)
+    }
+
+    /// Hands the bytes `offset..offset + len` of `block`, in order and page by page, to `put`
+    /// while its pages are here; true if all of them were (a hit). Counts a hit or a miss.
+    fn read_with(&self, block: BlockId, offset: u32, len: usize, mut put: impl FnMut(&[u8])) -> bool {
+        if len == 0 {
             return true;
         }
-        let (first, last) = pages_of(offset, out.len());
+        let (first, last) = pages_of(offset, len);
         let hit = {
             let mut guard = self.shard(block);
             let shard = &mut *guard;
@@ -342,13 +360,13 @@ impl ReadCache {
                 let start = page as usize * PAGE;
                 // The part of the wanted range in this page.
                 let from = (offset as usize).max(start) - start;
-                let n = (out.len() - done).min(PAGE - from);
+                let n = (len - done).min(PAGE - from);
                 if from + n > usize::from(e.len) {
                     // The block is shorter than asked: the source answers the error.
                     hit = false;
                     break;
                 }
-                out[done..done + n].copy_from_slice(&shard.slabs.slot(e.slot)[from..from + n]);
+                put(&shard.slabs.slot(e.slot)[from..from + n]);
                 done += n;
                 e.freq = (e.freq + 1).min(MAX_FREQ);
             }
@@ -498,6 +516,13 @@ mod tests {
         assert!(!c.read(7, 2 * PAGE as u32, &mut [0u8; PAGE + 1]));
         assert_eq!(n.hits.load(Ordering::Relaxed), 2);
         assert_eq!(n.misses.load(Ordering::Relaxed), 2);
+        // The same as new `Vec`s.
+        assert_eq!(c.read_vec(7, PAGE as u32 + 10, 2 * PAGE - 10).unwrap(), data[10..]);
+        assert_eq!(c.read_vec(7, 5000, 100).unwrap(), data[5000 - PAGE..5100 - PAGE]);
+        assert_eq!(c.read_vec(7, 2 * PAGE as u32, PAGE + 1), None);
+        assert_eq!(c.read_vec(8, 0, 1), None);
+        assert_eq!(n.hits.load(Ordering::Relaxed), 4);
+        assert_eq!(n.misses.load(Ordering::Relaxed), 4);
     }
 
     #[test]

@@ -153,7 +153,14 @@ impl Fs {
     /// the read cache before it comes here (`rw.rs`, `read_block_into`), while the write-back's
     /// whole-block reads of dirty blocks come here directly and must not fill the cache.
     pub async fn read_block_hot(&self, id: BlockId, offset: u32, len: u32) -> Result<Vec<u8>> {
-        match self.store.get(id, offset, len).await {
+        // A local read's buffer is the store's pooled one: copied out here, as `get` would.
+        self.read_block_hot_bytes(id, offset, len).await.map(Vec::from)
+    }
+
+    /// [`Fs::read_block_hot`] as `Bytes`: a local read hands out the store's verified read
+    /// buffer itself (`BlockStore::get_bytes`, no copy); a peer's answer is wrapped as it is.
+    pub(crate) async fn read_block_hot_bytes(&self, id: BlockId, offset: u32, len: u32) -> Result<Bytes> {
+        match self.store.get_bytes(id, offset, len).await {
             Err(StoreError::NotFound(_)) => {}
             res => return Ok(res?),
         }
@@ -163,7 +170,7 @@ impl Fs {
             match peers.get_block(node, id, offset, len).await {
                 Ok(data) => {
                     self.metrics.peer_read(data.len() as u64);
-                    return Ok(data);
+                    return Ok(Bytes::from(data));
                 }
                 Err(e) => tracing::debug!(block_id = id, node, error = %e, "block not read from peer; next"),
             }

@@ -10,6 +10,9 @@
 
 use std::collections::BTreeMap;
 
+use std::future::Future;
+
+use bytes::Bytes;
 use futures_util::future::try_join_all;
 use tidepool_cluster::meta::{Attr, Command, Extent, Ino, InodeKind, Nanos, NewBlock};
 use tidepool_spdk::StoreError;
@@ -230,15 +233,38 @@ impl Fs {
     /// Read up to `len` bytes at `offset`; shorter at end of file; holes read as zeros.
     pub async fn read(&self, ino: Ino, offset: u64, len: usize) -> Result<Vec<u8>> {
         self.metrics.op(Op::Read);
+        let buf = self.read_planned(ino, offset, len, |n, extents| self.read_extents(offset, n, extents)).await?;
+        self.metrics.bytes_read(buf.len() as u64);
+        Ok(buf)
+    }
+
+    /// [`Fs::read`] as pieces in file order, each a `Bytes`, that together are the answer:
+    /// up to `len` bytes at `offset`, shorter at end of file, holes as zeros. A range read
+    /// from this node's store is the store's verified read buffer itself (no copy); one the
+    /// read cache holds is copied out of it once; a hole is a zeroed piece. For callers that
+    /// pass the bytes on (an S3 GET body) rather than need them in one buffer. Every byte is
+    /// checked as for [`Fs::read`]: a page that fails its checksum is an error, never a piece.
+    pub async fn read_bytes(&self, ino: Ino, offset: u64, len: usize) -> Result<Vec<Bytes>> {
+        self.metrics.op(Op::Read);
+        let pieces = self.read_planned(ino, offset, len, |n, extents| self.read_pieces(offset, n, extents)).await?;
+        self.metrics.bytes_read(pieces.iter().map(|p| p.len() as u64).sum());
+        Ok(pieces)
+    }
+
+    /// Plans the read of `len` bytes at `offset` of `ino` and has `read` read the plan (the
+    /// clipped length and the extents), planning again when a concurrent overwrite freed a
+    /// block between plan and read.
+    async fn read_planned<'a, T, F, Fut>(&'a self, ino: Ino, offset: u64, len: usize, read: F) -> Result<T>
+    where
+        F: Fn(usize, Vec<Planned>) -> Fut,
+        Fut: Future<Output = Result<T>> + 'a,
+    {
         self.sync().await?;
         let mut attempt = 0;
         loop {
             let (plan_len, extents) = self.plan_read(ino, offset, len)?;
-            match self.read_extents(offset, plan_len, &extents).await {
-                Ok(buf) => {
-                    self.metrics.bytes_read(buf.len() as u64);
-                    return Ok(buf);
-                }
+            match read(plan_len, extents).await {
+                Ok(v) => return Ok(v),
                 // A concurrent overwrite freed a block between plan and read: plan again.
                 Err(FsError::Store(StoreError::NotFound(id))) => {
                     attempt += 1;
@@ -282,13 +308,13 @@ impl Fs {
 
     /// Reads the extents (in file order, within `offset..offset + len`) into one buffer, each
     /// block range straight into its part of it, in parallel; holes stay zero.
-    async fn read_extents(&self, offset: u64, len: usize, extents: &[Planned]) -> Result<Vec<u8>> {
+    async fn read_extents(&self, offset: u64, len: usize, extents: Vec<Planned>) -> Result<Vec<u8>> {
         let mut buf = vec![0u8; len];
         {
             let mut rest: &mut [u8] = &mut buf;
             let mut at = offset;
             let mut reads = Vec::with_capacity(extents.len());
-            for (file_off, e, block_len) in extents {
+            for (file_off, e, block_len) in &extents {
                 // Extents come sorted, disjoint and clipped to the range (`extents_in`).
                 let (_, tail) = std::mem::take(&mut rest).split_at_mut((file_off - at) as usize);
                 let (part, tail) = tail.split_at_mut(e.len as usize);
@@ -298,11 +324,67 @@ impl Fs {
             }
             try_join_all(reads).await?;
         }
+        self.touch_cold(&extents);
+        Ok(buf)
+    }
+
+    /// Reads the extents (in file order, within `offset..offset + len`) as pieces, each block
+    /// range in parallel, with a zeroed piece for each hole between and around them.
+    async fn read_pieces(&self, offset: u64, len: usize, extents: Vec<Planned>) -> Result<Vec<Bytes>> {
+        let reads =
+            extents.iter().map(|(_, e, block_len)| self.read_block_bytes(e.block, e.block_offset, e.len, *block_len));
+        let data = try_join_all(reads).await?;
+        let end = offset + len as u64;
+        let mut pieces = Vec::with_capacity(2 * data.len() + 1);
+        let mut at = offset;
+        // Extents come sorted, disjoint and clipped to the range (`extents_in`).
+        for ((file_off, e, _), d) in extents.iter().zip(data) {
+            if *file_off > at {
+                pieces.push(zeros(file_off - at));
+            }
+            pieces.push(d);
+            at = file_off + e.len;
+        }
+        if end > at {
+            pieces.push(zeros(end - at));
+        }
+        self.touch_cold(&extents);
+        Ok(pieces)
+    }
+
+    /// Tells the cold tier which blocks a read used (its eviction is least recently used).
+    fn touch_cold(&self, extents: &[Planned]) {
         if let Some(cold) = self.cold() {
             let ids: Vec<u64> = extents.iter().map(|(_, e, _)| e.block).collect();
             cold.touch(&ids);
         }
-        Ok(buf)
+    }
+
+    /// Bytes `offset..offset + len` of block `id` (`block_len` bytes long): from the read
+    /// cache when it holds every page of the range (copied out once), else from the source
+    /// (`read_block`, the store's buffer itself for a local block). A miss reads the whole
+    /// pages covering the range, puts them in the cache (as `read_block_into` does) and
+    /// answers a slice of them.
+    async fn read_block_bytes(&self, id: u64, offset: u32, len: u64, block_len: u32) -> Result<Bytes> {
+        let len = u32::try_from(len).map_err(|_| FsError::Invalid("block range over 4 GiB"))?;
+        let end = offset.checked_add(len).ok_or(FsError::Invalid("block range past 4 GiB"))?;
+        let cache = self.cache.as_ref().filter(|_| len > 0 && end <= block_len);
+        let Some(cache) = cache else {
+            let data = self.read_block(id, offset, len).await?;
+            check_len(&data, len as usize, id)?;
+            return Ok(data);
+        };
+        if let Some(v) = cache.read_vec(id, offset, len as usize) {
+            return Ok(Bytes::from(v));
+        }
+        let (start, stop) = covering_pages(offset, len as usize, block_len);
+        let data = self.read_block(id, start, stop - start).await?;
+        let skip = (offset - start) as usize;
+        let want = skip + len as usize;
+        let piece = if data.len() >= want { data.slice(skip..want) } else { Bytes::new() };
+        check_len(&piece, len as usize, id)?;
+        cache.insert(id, start / crate::cache::PAGE as u32, &data);
+        Ok(piece)
     }
 
     /// Bytes `offset..offset + out.len()` of block `id` (`block_len` bytes long) into `out`:
@@ -322,23 +404,21 @@ impl Fs {
         if cache.read(id, offset, out) {
             return Ok(());
         }
-        let (first, last) = crate::cache::pages_of(offset, out.len());
-        let start = first * crate::cache::PAGE as u32;
-        let stop = ((u64::from(last) + 1) * crate::cache::PAGE as u64).min(u64::from(block_len)) as u32;
+        let (start, stop) = covering_pages(offset, out.len(), block_len);
         let data = self.read_block(id, start, stop - start).await?;
         let skip = (offset - start) as usize;
         copy_exact(out, data.get(skip..skip + out.len()).unwrap_or_default(), id)?;
-        cache.insert(id, first, &data);
+        cache.insert(id, start / crate::cache::PAGE as u32, &data);
         Ok(())
     }
 
     /// A byte range of one block: from NVMe (this node's, then the cluster's), or through the
     /// cold tier if the block is tiered and on no NVMe (evicted, or never fetched after a
     /// rehydrate).
-    async fn read_block(&self, id: u64, offset: u32, len: u32) -> Result<Vec<u8>> {
-        match self.read_block_hot(id, offset, len).await {
+    async fn read_block(&self, id: u64, offset: u32, len: u32) -> Result<Bytes> {
+        match self.read_block_hot_bytes(id, offset, len).await {
             Err(FsError::Store(StoreError::NotFound(id))) => match (self.cold(), self.locator(id)) {
-                (Some(cold), Some(loc)) => cold.read_through(id, loc, offset, len).await,
+                (Some(cold), Some(loc)) => cold.read_through(id, loc, offset, len).await.map(Bytes::from),
                 _ => Err(StoreError::NotFound(id).into()),
             },
             res => res,
@@ -346,18 +426,33 @@ impl Fs {
     }
 }
 
+/// The page-aligned range `start..stop` covering `len > 0` bytes at `offset` of a block of
+/// `block_len` bytes (its last page may be short): what a cache miss reads and inserts.
+fn covering_pages(offset: u32, len: usize, block_len: u32) -> (u32, u32) {
+    let (first, last) = crate::cache::pages_of(offset, len);
+    let start = first * crate::cache::PAGE as u32;
+    let stop = ((u64::from(last) + 1) * crate::cache::PAGE as u64).min(u64::from(block_len)) as u32;
+    (start, stop)
+}
+
 /// Copies a block range read from a source into its place, checking the source gave as many
 /// bytes as asked.
 fn copy_exact(out: &mut [u8], data: &[u8], id: u64) -> Result<()> {
-    if data.len() != out.len() {
-        tracing::error!(
-            block_id = id,
-            want = out.len(),
-            got = data.len(),
-            "block range read returned the wrong length"
-        );
-        return Err(FsError::Invalid("block range read returned the wrong length"));
-    }
+    check_len(data, out.len(), id)?;
     out.copy_from_slice(data);
     Ok(())
+}
+
+/// Checks that a source gave as many bytes of a block range as asked.
+fn check_len(data: &[u8], want: usize, id: u64) -> Result<()> {
+    if data.len() != want {
+        tracing::error!(block_id = id, want, got = data.len(), "block range read returned the wrong length");
+        return Err(FsError::Invalid("block range read returned the wrong length"));
+    }
+    Ok(())
+}
+
+/// A hole's piece of a read: `len` zero bytes (fresh zeroed memory from the allocator).
+fn zeros(len: u64) -> Bytes {
+    Bytes::from(vec![0u8; len as usize])
 }

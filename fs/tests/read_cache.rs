@@ -185,3 +185,89 @@ async fn a_page_that_fails_its_checksum_is_never_cached() {
     assert_eq!(e.fs.read(ino, 8192, 4096).await.unwrap(), data[8192..12288]);
     assert!(e.m().read_cache_bytes > held);
 }
+
+/// `Fs::read_bytes` joined, for comparing with `Fs::read`.
+async fn read_joined(fs: &Fs, ino: u64, off: u64, len: usize) -> Vec<u8> {
+    let pieces = fs.read_bytes(ino, off, len).await.unwrap();
+    assert!(pieces.iter().all(|p| !p.is_empty()), "no empty pieces");
+    pieces.concat()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_bytes_answers_what_read_does_with_and_without_the_cache() {
+    for cache in [16u64 << 20, 0] {
+        let e = env(cache).await;
+        // Three blocks, a hole of a block and a half, then a short tail: [data][hole][tail].
+        let head = bytes(7, 3 * BLOCK - 1000);
+        let ino = e.file("f", &head).await;
+        let tail_at = (4 * BLOCK + BLOCK / 2) as u64;
+        let tail = bytes(8, 5000);
+        e.fs.write(ino, tail_at, &tail).await.unwrap();
+        let size = tail_at as usize + tail.len();
+        let mut want = vec![0u8; size];
+        want[..head.len()].copy_from_slice(&head);
+        want[tail_at as usize..].copy_from_slice(&tail);
+        let ranges = [
+            (0, size),                       // everything, to the end
+            (0, size + 12345),               // past the end: clipped
+            (BLOCK - 100, 200),              // across a block boundary
+            (BLOCK + 3, 2 * BLOCK),          // unaligned, over three blocks
+            (3 * BLOCK - 2000, BLOCK),       // data into the hole
+            (3 * BLOCK + 10, BLOCK),         // inside the hole only
+            (4 * BLOCK, BLOCK),              // hole into the tail
+            (tail_at as usize + 4000, 5000), // the short tail, clipped
+            (size - 1, 1),
+            (size, 10),      // at the end: nothing
+            (size + 10, 10), // past the end: nothing
+            (12_345, 0),
+        ];
+        for pass in 0..2 {
+            for (off, len) in ranges {
+                let end = (off + len).min(size).max(off.min(size));
+                let got = read_joined(&e.fs, ino, off as u64, len).await;
+                assert_eq!(got.len(), end - off.min(size), "cache {cache} pass {pass} range {off}+{len}");
+                assert!(got == want[off.min(size)..end], "cache {cache} pass {pass} range {off}+{len}");
+                assert_eq!(got, e.fs.read(ino, off as u64, len).await.unwrap());
+            }
+        }
+        if cache > 0 {
+            let m = e.m();
+            assert!(m.read_cache_hits > 0 && m.read_cache_misses > 0, "{m:?}");
+        }
+        // A short file: one piece, shorter than asked.
+        let small = e.file("small", b"hello").await;
+        let p = e.fs.read_bytes(small, 0, BLOCK).await.unwrap();
+        assert_eq!(p.len(), 1);
+        assert_eq!(&p[0][..], b"hello");
+        assert!(e.fs.read_bytes(small, 5, 10).await.unwrap().is_empty());
+        let empty = e.fs.create(ROOT_INO, b"empty", 0o644, 0, 0).await.unwrap();
+        assert!(e.fs.read_bytes(empty.ino, 0, 10).await.unwrap().is_empty());
+        // Not a file.
+        let dir = e.fs.mkdir(ROOT_INO, b"d", 0o755, 0, 0).await.unwrap();
+        assert!(e.fs.read_bytes(dir.ino, 0, 10).await.is_err());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_bytes_reports_a_corrupt_page_and_caches_nothing_of_it() {
+    for cache in [16u64 << 20, 0] {
+        let e = env(cache).await;
+        let data = bytes(9, 2 * BLOCK);
+        let ino = e.file("f", &data).await;
+        // The crcs of both blocks are read (and cached by the store) while the device is sound.
+        assert_eq!(read_joined(&e.fs, ino, 0, 4096).await, data[..4096]);
+        assert_eq!(read_joined(&e.fs, ino, BLOCK as u64, 4096).await, data[BLOCK..BLOCK + 4096]);
+        let held = e.m().read_cache_bytes;
+        e.dev.corrupt.store(true, Ordering::SeqCst);
+        for (off, len) in [(8192u64, 4096usize), (BLOCK as u64 - 4096, 8192), (0, 2 * BLOCK)] {
+            let err = e.fs.read_bytes(ino, off, len).await.unwrap_err();
+            assert_eq!(err.kind(), ErrorKind::Corrupt, "cache {cache} range {off}+{len}: {err}");
+        }
+        assert_eq!(e.m().read_cache_bytes, held, "nothing of the corrupt reads went in");
+        if cache > 0 {
+            assert_eq!(read_joined(&e.fs, ino, 0, 4096).await, data[..4096], "a page verified before is still served");
+        }
+        e.dev.corrupt.store(false, Ordering::SeqCst);
+        assert_eq!(read_joined(&e.fs, ino, 0, 2 * BLOCK).await, data);
+    }
+}
