@@ -242,12 +242,18 @@ fn not_modified(etag: &str) -> S3Error {
 
 /// The bytes `[start, start + len)` of file `ino`, read now, as a body that is ready at once.
 async fn read_whole(fs: &Fs, ino: u64, start: u64, len: u64, key: &str) -> S3Result<StreamingBlob> {
-    let data = fs.read(ino, start, len as usize).await.map_err(|e| crate::error::fs_error(e, key))?;
-    if data.len() as u64 != len {
+    let pieces = fs.read_bytes(ino, start, len as usize).await.map_err(|e| crate::error::fs_error(e, key))?;
+    if pieces.iter().map(|p| p.len() as u64).sum::<u64>() != len {
         // The key now names another object (or NFS truncated it) since it was looked up.
         return Err(s3_error!(InternalError, "object was replaced or truncated while it was read"));
     }
-    Ok(StreamingBlob::new(Ready(Some(Bytes::from(data)))))
+    // One chunk, so that hyper sends it with the head in one write: the piece itself when
+    // there is one (the usual case), else the pieces joined (a range over two blocks, a hole).
+    let data = match <[Bytes; 1]>::try_from(pieces) {
+        Ok([one]) => one,
+        Err(pieces) => Bytes::from(pieces.concat()),
+    };
+    Ok(StreamingBlob::new(Ready(Some(data))))
 }
 
 /// A body already in memory: one chunk, its length known.
@@ -268,7 +274,9 @@ impl s3s::stream::ByteStream for Ready {
 }
 
 /// The bytes `[start, start + len)` of file `ino` as a response body, streamed: reads are
-/// aligned to blocks and run ahead of the client by up to [`READ_AHEAD`] blocks.
+/// aligned to blocks and run ahead of the client by up to [`READ_AHEAD`] blocks. Each block
+/// is handed on as the pieces `Fs::read_bytes` answers: a block read from the device goes to
+/// the socket from the store's read buffer, with no copy in user space.
 /// Blocks of a GET read ahead of the client: at most this many block-sized reads are in
 /// flight or waiting to be sent, so a GET holds at most `READ_AHEAD x block_size` of body.
 const READ_AHEAD: usize = 4;
@@ -276,7 +284,7 @@ const READ_AHEAD: usize = 4;
 fn body_stream(fs: Arc<Fs>, ino: u64, start: u64, len: u64) -> StreamingBlob {
     let bs = fs.options().block_size as u64;
     // A permit per block, taken before its read starts and given back when the response
-    // takes the block off the channel: reads run ahead by READ_AHEAD blocks at most.
+    // has taken the block's last piece: reads run ahead by READ_AHEAD blocks at most.
     let permits = Arc::new(tokio::sync::Semaphore::new(READ_AHEAD));
     let (tx, rx) = tokio::sync::mpsc::channel::<Block>(READ_AHEAD);
     tokio::spawn(async move {
@@ -290,13 +298,13 @@ fn body_stream(fs: Arc<Fs>, ino: u64, start: u64, len: u64) -> StreamingBlob {
                 let n = (bs - next % bs).min(end - next);
                 let fs = fs.clone();
                 let off = next;
-                let read = tokio::spawn(async move { fs.read(ino, off, n as usize).await });
+                let read = tokio::spawn(async move { fs.read_bytes(ino, off, n as usize).await });
                 pending.push_back((read, n, permit));
                 next += n;
             }
             let Some((read, n, permit)) = pending.pop_front() else { return };
             let item = match read.await {
-                Ok(Ok(d)) if d.len() as u64 == n => Ok(Bytes::from(d)),
+                Ok(Ok(p)) if p.iter().map(|b| b.len() as u64).sum::<u64>() == n => Ok(p.into_iter()),
                 Ok(Ok(_)) => Err(std::io::Error::other("object was replaced or truncated while it was read")),
                 Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
                 Err(e) => Err(std::io::Error::other(e.to_string())),
@@ -309,17 +317,20 @@ fn body_stream(fs: Arc<Fs>, ino: u64, start: u64, len: u64) -> StreamingBlob {
             }
         }
     });
-    StreamingBlob::new(RxStream { rx, remaining: len as usize })
+    StreamingBlob::new(RxStream { rx, current: None, remaining: len as usize })
 }
 
-/// One block of a GET body and the read-ahead permit it holds until it is handed on.
+/// One block of a GET body (its pieces) and the read-ahead permit it holds until its last
+/// piece is handed on.
 struct Block {
-    item: Result<Bytes, std::io::Error>,
+    item: Result<std::vec::IntoIter<Bytes>, std::io::Error>,
     _permit: tokio::sync::OwnedSemaphorePermit,
 }
 
 struct RxStream {
     rx: tokio::sync::mpsc::Receiver<Block>,
+    /// The block whose pieces are being handed on.
+    current: Option<Block>,
     remaining: usize,
 }
 
@@ -327,14 +338,32 @@ impl futures_util::Stream for RxStream {
     type Item = Result<Bytes, s3s::StdError>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(Block { item: Ok(b), .. })) => {
-                self.remaining = self.remaining.saturating_sub(b.len());
-                Poll::Ready(Some(Ok(b)))
+        loop {
+            if let Some(block) = self.current.as_mut() {
+                match &mut block.item {
+                    Ok(pieces) => match pieces.next() {
+                        Some(b) => {
+                            if pieces.as_slice().is_empty() {
+                                // Its last piece is handed on: the permit goes back now.
+                                self.current = None;
+                            }
+                            self.remaining = self.remaining.saturating_sub(b.len());
+                            return Poll::Ready(Some(Ok(b)));
+                        }
+                        None => self.current = None,
+                    },
+                    Err(e) => {
+                        let e = std::mem::replace(e, std::io::Error::other("body already failed"));
+                        self.current = None;
+                        return Poll::Ready(Some(Err(Box::new(e))));
+                    }
+                }
             }
-            Poll::Ready(Some(Block { item: Err(e), .. })) => Poll::Ready(Some(Err(Box::new(e)))),
-            Poll::Ready(None) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
+            match self.rx.poll_recv(cx) {
+                Poll::Ready(Some(block)) => self.current = Some(block),
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
 }
