@@ -3,7 +3,6 @@ use std::sync::Arc;
 
 use tokio::sync::mpsc;
 
-use crate::transaction_tracker::TransactionTracker;
 use crate::vfs::NFSFileSystem;
 
 #[derive(Clone)]
@@ -14,7 +13,6 @@ pub struct RPCContext {
     pub vfs: Arc<dyn NFSFileSystem + Send + Sync>,
     pub mount_signal: Option<mpsc::Sender<bool>>,
     pub export_name: Arc<String>,
-    pub transaction_tracker: Arc<TransactionTracker>,
 }
 
 impl fmt::Debug for RPCContext {

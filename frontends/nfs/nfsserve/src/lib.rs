@@ -19,5 +19,4 @@ mod nfs_handlers;
 pub mod fs_util;
 
 pub mod tcp;
-mod transaction_tracker;
 pub mod vfs;

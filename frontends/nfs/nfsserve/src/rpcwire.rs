@@ -1,8 +1,14 @@
+use std::collections::HashSet;
+use std::future::Future;
 use std::io::{Cursor, Read, Write};
+use std::pin::Pin;
 
 use anyhow::anyhow;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio::sync::mpsc;
+use bytes::{Buf, Bytes, BytesMut};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 use tracing::{debug, error, trace, warn};
 
 use crate::context::RPCContext;
@@ -37,12 +43,8 @@ async fn handle_rpc(
             return Ok(true);
         }
 
-        if context.transaction_tracker.is_retransmission(xid, &context.client_addr) {
-            // This is a retransmission
-            // Drop the message and return
-            debug!("Retransmission detected, xid: {}, client_addr: {}, call: {:?}", xid, context.client_addr, call);
-            return Ok(false);
-        }
+        // tidepool fork: retransmissions of a running call are dropped by the connection
+        // (`serve_connection`), before this.
 
         // tidepool fork: who calls, for the filesystem's checks (crate::vfs::caller).
         let caller = crate::vfs::Caller {
@@ -81,7 +83,6 @@ async fn handle_rpc(
         })
         .await
         .map(|_| true);
-        context.transaction_tracker.mark_processed(xid, &context.client_addr);
         res
     } else {
         error!("Unexpectedly received a Reply instead of a Call");
@@ -107,96 +108,203 @@ async fn handle_rpc(
 /// length in bytes of the fragment's data.  The boolean value is the
 /// highest-order bit of the header; the length is the 31 low-order bits.
 /// (Note that this record specification is NOT in XDR standard form!)
-async fn read_fragment(socket: &mut DuplexStream, append_to: &mut Vec<u8>) -> Result<bool, anyhow::Error> {
-    let mut header_buf = [0_u8; 4];
-    socket.read_exact(&mut header_buf).await?;
-    let fragment_header = u32::from_be_bytes(header_buf);
-    let is_last = (fragment_header & (1 << 31)) > 0;
-    let length = (fragment_header & ((1 << 31) - 1)) as usize;
-    trace!("Reading fragment length:{}, last:{}", length, is_last);
-    let start_offset = append_to.len();
-    append_to.resize(append_to.len() + length, 0);
-    socket.read_exact(&mut append_to[start_offset..]).await?;
-    trace!("Finishing Reading fragment length:{}, last:{}", length, is_last);
-    Ok(is_last)
-}
+///
+/// tidepool fork: the connection below replaces upstream's `SocketMessageHandler`. Upstream
+/// ran three tasks per connection and one more per call: the socket task copied the bytes
+/// into a duplex pipe, a second task parsed records out of it (a zeroed `Vec` per record) and
+/// spawned a task per call, which sent its reply back through a channel to the socket task:
+/// three task hand-offs per call, often across threads, a write syscall per reply. Here one
+/// task owns the socket: it parses the records from its receive buffer (no copy), runs the
+/// calls as futures of its own (`FuturesUnordered`: calls of one connection still overlap;
+/// one answered from memory is done on its first poll) and writes every reply ready at that
+/// moment in one write. A call with a large payload (a WRITE or READ past
+/// `SPAWN_PAYLOAD_BYTES`) runs on a task of its own, so copies and checksums of large
+/// transfers use every core.
 
-pub async fn write_fragment(socket: &mut tokio::net::TcpStream, buf: &[u8]) -> Result<(), anyhow::Error> {
-    // TODO: split into many fragments
-    assert!(buf.len() < (1 << 31));
-    // set the last flag
-    let fragment_header = buf.len() as u32 + (1 << 31);
-    let header_buf = u32::to_be_bytes(fragment_header);
-    trace!("Writing fragment length:{}", buf.len());
-    // tidepool fork: a small reply goes out in one write (one segment), not header then body.
-    if buf.len() <= 64 << 10 {
-        let mut one = Vec::with_capacity(4 + buf.len());
-        one.extend_from_slice(&header_buf);
-        one.extend_from_slice(buf);
-        socket.write_all(&one).await?;
+/// A call whose record or READ count is larger than this runs on its own task.
+const SPAWN_PAYLOAD_BYTES: usize = 64 << 10;
+/// Receive buffer room asked for before each socket read.
+const RECV_BYTES: usize = 64 << 10;
+/// Largest record accepted (a 1 MiB WRITE and its header fit many times over).
+const MAX_RECORD_BYTES: usize = 64 << 20;
+
+/// The outcome of one call: its xid, and its reply (record mark room included) or none.
+type CallOutcome = (u32, Result<Option<Vec<u8>>, anyhow::Error>);
+
+/// Run one call: the reply is built after 4 bytes left for its record mark.
+async fn run_call(record: Bytes, context: RPCContext) -> Result<Option<Vec<u8>>, anyhow::Error> {
+    let mut reply = Vec::with_capacity(256);
+    reply.extend_from_slice(&[0u8; 4]);
+    if handle_rpc(&mut Cursor::new(record), &mut reply, context).await? {
+        let len = reply.len() - 4;
+        assert!(len < (1 << 31));
+        reply[..4].copy_from_slice(&(len as u32 | (1 << 31)).to_be_bytes());
+        Ok(Some(reply))
     } else {
-        socket.write_all(&header_buf).await?;
-        socket.write_all(buf).await?;
+        Ok(None)
     }
-    Ok(())
 }
 
-pub type SocketMessageType = Result<Vec<u8>, anyhow::Error>;
-
-/// The Socket Message Handler reads from a TcpStream and spawns off
-/// subtasks to handle each message. replies are queued into the
-/// reply_send_channel.
-#[derive(Debug)]
-pub struct SocketMessageHandler {
-    cur_fragment: Vec<u8>,
-    socket_receive_channel: DuplexStream,
-    reply_send_channel: mpsc::UnboundedSender<SocketMessageType>,
-    context: RPCContext,
+/// Whether a call record carries (WRITE) or asks for (READ) more than `SPAWN_PAYLOAD_BYTES`.
+fn large_call(record: &[u8]) -> bool {
+    if record.len() > SPAWN_PAYLOAD_BYTES {
+        return true;
+    }
+    let word = |at: usize| record.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    let pad = |n: usize| (n + 3) & !3;
+    // xid, CALL, rpcvers, prog, vers, proc, then the credential and the verifier.
+    if word(12) != Some(nfs::PROGRAM as usize) || word(20) != Some(6 /* NFSPROC3_READ */) {
+        return false;
+    }
+    let Some(cred) = word(28) else { return false };
+    let verf_at = 32 + pad(cred);
+    let Some(verf) = word(verf_at + 4) else { return false };
+    let fh_at = verf_at + 8 + pad(verf);
+    let Some(fh) = word(fh_at) else { return false };
+    // READ3args: the handle, offset (8 bytes), count.
+    word(fh_at + 4 + pad(fh) + 8).is_some_and(|count| count > SPAWN_PAYLOAD_BYTES)
 }
 
-impl SocketMessageHandler {
-    /// Creates a new SocketMessageHandler with the receiver for queued message replies
-    pub fn new(context: &RPCContext) -> (Self, DuplexStream, mpsc::UnboundedReceiver<SocketMessageType>) {
-        let (socksend, sockrecv) = tokio::io::duplex(256000);
-        let (msgsend, msgrecv) = mpsc::unbounded_channel();
-        (
-            Self {
-                cur_fragment: Vec::new(),
-                socket_receive_channel: sockrecv,
-                reply_send_channel: msgsend,
-                context: context.clone(),
-            },
-            socksend,
-            msgrecv,
-        )
-    }
-
-    /// Reads a fragment from the socket. This should be looped.
-    pub async fn read(&mut self) -> Result<(), anyhow::Error> {
-        let is_last = read_fragment(&mut self.socket_receive_channel, &mut self.cur_fragment).await?;
-        if is_last {
-            let fragment = std::mem::take(&mut self.cur_fragment);
-            let context = self.context.clone();
-            let send = self.reply_send_channel.clone();
-            tokio::spawn(async move {
-                let mut write_buf: Vec<u8> = Vec::new();
-                let mut write_cursor = Cursor::new(&mut write_buf);
-                let maybe_reply = handle_rpc(&mut Cursor::new(fragment), &mut write_cursor, context).await;
-                match maybe_reply {
-                    Err(e) => {
-                        error!("RPC Error: {:?}", e);
-                        let _ = send.send(Err(e));
-                    },
-                    Ok(true) => {
-                        let _ = std::io::Write::flush(&mut write_cursor);
-                        let _ = send.send(Ok(write_buf));
-                    },
-                    Ok(false) => {
-                        // do not reply
-                    },
-                }
-            });
+/// Takes the next whole record out of `buf` (fragments of an unfinished record gather in
+/// `partial`). `Ok(None)`: more bytes are needed; `need` says how many at least.
+fn next_record(buf: &mut BytesMut, partial: &mut Vec<u8>, need: &mut usize) -> Result<Option<Bytes>, anyhow::Error> {
+    loop {
+        if buf.len() < 4 {
+            *need = 4 - buf.len();
+            return Ok(None);
         }
-        Ok(())
+        let header = u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]);
+        let is_last = header & (1 << 31) != 0;
+        let length = (header & ((1 << 31) - 1)) as usize;
+        if partial.len() + length > MAX_RECORD_BYTES {
+            return Err(anyhow!("RPC record of over {} bytes", MAX_RECORD_BYTES));
+        }
+        if buf.len() < 4 + length {
+            *need = 4 + length - buf.len();
+            return Ok(None);
+        }
+        trace!("Reading fragment length:{}, last:{}", length, is_last);
+        buf.advance(4);
+        let fragment = buf.split_to(length);
+        if !is_last {
+            partial.extend_from_slice(&fragment);
+            continue;
+        }
+        *need = 0;
+        if partial.is_empty() {
+            return Ok(Some(fragment.freeze()));
+        }
+        partial.extend_from_slice(&fragment);
+        return Ok(Some(Bytes::from(std::mem::take(partial))));
+    }
+}
+
+/// Serves one connection until the peer closes it (see the fork's note above). Calls still
+/// running when it closes run to the end (their replies dropped), as upstream's spawned
+/// tasks did: a call is never cut off half done.
+pub async fn serve_connection(mut socket: TcpStream, context: RPCContext) -> Result<(), anyhow::Error> {
+    let (mut rd, wr) = socket.split();
+    let mut inbuf = BytesMut::with_capacity(RECV_BYTES);
+    let mut partial = Vec::new();
+    let mut need = 0usize;
+    // Replies ready, with their record marks, not yet written.
+    let mut out: Vec<u8> = Vec::new();
+    let mut calls: FuturesUnordered<Pin<Box<dyn Future<Output = CallOutcome> + Send>>> = FuturesUnordered::new();
+    // tidepool fork: the retransmission check (a call whose xid is still running is dropped: the
+    // first will answer) per connection. Upstream's tracker was keyed by (xid, "ip:port"), so
+    // it never matched across connections either; per connection it needs no shared lock.
+    let mut running: HashSet<u32> = HashSet::new();
+    let mut closed = false;
+    let mut failure: Option<anyhow::Error> = None;
+    loop {
+        if !closed {
+            loop {
+                let record = match next_record(&mut inbuf, &mut partial, &mut need) {
+                    Ok(Some(r)) => r,
+                    Ok(None) => break,
+                    Err(e) => {
+                        closed = true;
+                        failure = Some(e);
+                        break;
+                    },
+                };
+                let xid = match record.get(..4) {
+                    Some(b) => u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+                    None => 0,
+                };
+                if record.len() >= 4 && !running.insert(xid) {
+                    debug!("Retransmission detected, xid: {}, client_addr: {}", xid, context.client_addr);
+                    continue;
+                }
+                let ctx = context.clone();
+                if large_call(&record) {
+                    let task = tokio::spawn(run_call(record, ctx));
+                    calls.push(Box::pin(async move {
+                        (xid, task.await.unwrap_or_else(|e| Err(anyhow!("RPC call task failed: {e}"))))
+                    }));
+                } else {
+                    calls.push(Box::pin(async move { (xid, run_call(record, ctx).await) }));
+                }
+            }
+        }
+        if closed && calls.is_empty() {
+            return failure.map_or(Ok(()), Err);
+        }
+        if !closed && !out.is_empty() {
+            match wr.try_write(&out) {
+                Ok(n) => {
+                    out.drain(..n);
+                },
+                Err(ref e) if e.kind() == std::io::ErrorKind::WouldBlock => {},
+                Err(e) => {
+                    debug!("Write error {:?}", e);
+                    closed = true;
+                },
+            }
+        }
+        let room = need.max(RECV_BYTES / 4);
+        if !closed && inbuf.capacity() - inbuf.len() < room {
+            inbuf.reserve(need.max(RECV_BYTES));
+        }
+        tokio::select! {
+            biased;
+            Some(done) = calls.next(), if !calls.is_empty() => {
+                let mut done = Some(done);
+                while let Some((xid, reply)) = done.take() {
+                    running.remove(&xid);
+                    match reply {
+                        Ok(Some(reply)) if !closed => {
+                            if out.is_empty() {
+                                out = reply;
+                            } else {
+                                out.extend_from_slice(&reply);
+                            }
+                        },
+                        Ok(_) => {},
+                        Err(e) => {
+                            error!("RPC Error: {:?}", e);
+                            closed = true;
+                            failure.get_or_insert(e);
+                        },
+                    }
+                    // Every other reply ready now goes out in the same write.
+                    done = calls.next().now_or_never().flatten();
+                }
+            },
+            r = rd.read_buf(&mut inbuf), if !closed => match r {
+                Ok(0) => closed = true,
+                Ok(_) => {},
+                Err(e) => {
+                    debug!("Message handling closed : {:?}", e);
+                    closed = true;
+                },
+            },
+            r = wr.writable(), if !closed && !out.is_empty() => {
+                if let Err(e) = r {
+                    debug!("Write error {:?}", e);
+                    closed = true;
+                }
+            },
+        }
     }
 }
