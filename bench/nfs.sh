@@ -115,7 +115,15 @@ log "starting tidepool up (nfs 127.0.0.1:$TP_PORT, device ${DEVICE_GIB}GiB under
 start_tp
 if ! pgrep -x rpcbind >/dev/null; then
   log "starting rpcbind (Ganesha registers with it)"
-  rpcbind -f -w >"$OUT/rpcbind.log" 2>&1 &
+  # It outlives this script: it must not inherit our descriptors, or it would hold the lock
+  # of a caller running us under `flock` (bench runs take turns on one) for ever.
+  (
+    for fd in /proc/$BASHPID/fd/*; do
+      fd=${fd##*/}
+      [ "$fd" -gt 2 ] && eval "exec $fd>&-"
+    done
+    exec rpcbind -f -w
+  ) >"$OUT/rpcbind.log" 2>&1 &
   PIDS+=($!)
   sleep 1
 fi
