@@ -133,7 +133,7 @@ impl TidepoolNfs {
 
     /// The caller's credentials (squashed). Outside an RPC there is no caller: refused.
     fn cred(&self) -> Result<Cred, nfsstat3> {
-        nfsserve::vfs::caller().map(|c| self.exports.cred(&c)).ok_or(nfsstat3::NFS3ERR_ACCES)
+        nfsserve::vfs::with_caller_ref(|c| self.exports.cred(c)).ok_or(nfsstat3::NFS3ERR_ACCES)
     }
 
     /// For calls that change something: ROFS on a read-only export.
@@ -429,14 +429,28 @@ impl NFSFileSystem for TidepoolNfs {
     }
 
     async fn read(&self, id: fileid3, offset: u64, count: u32) -> Result<(Vec<u8>, bool), nfsstat3> {
+        self.read_with_attr(id, offset, count).await.0
+    }
+
+    /// READ with the reply's attributes from the one lookup the read makes anyway (after the
+    /// file's pending UNSTABLE writes, if any, are drained).
+    async fn read_with_attr(
+        &self,
+        id: fileid3,
+        offset: u64,
+        count: u32,
+    ) -> (Result<(Vec<u8>, bool), nfsstat3>, post_op_attr) {
+        let mut attr = post_op_attr::Void;
         let r = async {
-            let cred = self.cred()?;
             let fs = self.fs()?;
             let mut a = fs.getattr(id).map_err(map_err)?;
+            attr = post_op_attr::attributes(self.fattr_now(&a));
+            let cred = self.cred()?;
             Self::check_data(&a, &cred, R)?;
             // The attributes after the pending writes: the size for eof, the stamp for read-ahead.
             if self.writes.drain(id).await {
                 a = fs.getattr(id).map_err(map_err)?;
+                attr = post_op_attr::attributes(self.fattr_now(&a));
             }
             if a.kind != InodeKind::File {
                 return Err(if a.kind == InodeKind::Dir { nfsstat3::NFS3ERR_ISDIR } else { nfsstat3::NFS3ERR_INVAL });
@@ -446,7 +460,7 @@ impl NFSFileSystem for TidepoolNfs {
             Ok((data, eof))
         }
         .await;
-        self.count("read", r)
+        (self.count("read", r), attr)
     }
 
     /// A stable write (the RPC layer calls [`NFSFileSystem::write_stable`]).

@@ -8,7 +8,9 @@ use crate::vfs::NFSFileSystem;
 #[derive(Clone)]
 pub struct RPCContext {
     pub local_port: u16,
-    pub client_addr: String,
+    /// tidepool fork: shared (a call's context is a clone) and parsed once per connection.
+    pub client_addr: Arc<str>,
+    pub peer: std::net::SocketAddr,
     pub auth: crate::rpc::auth_unix,
     pub vfs: Arc<dyn NFSFileSystem + Send + Sync>,
     pub mount_signal: Option<mpsc::Sender<bool>>,

@@ -131,11 +131,13 @@ pub async fn handle_nfs(
 
     // tidepool fork: the export check on every call but NULL.
     if !matches!(prog, NFSProgram::NFSPROC3_NULL | NFSProgram::INVALID) {
-        if let Some(caller) = crate::vfs::caller() {
-            if let Err(stat) = context.vfs.admit(&caller) {
+        let admitted = crate::vfs::with_caller_ref(|caller| {
+            context.vfs.admit(caller).inspect_err(|stat| {
                 debug!("nfs call {:?} from {} refused: {:?}", prog, caller.peer, stat);
-                return refuse(xid, prog, stat, output);
-            }
+            })
+        });
+        if let Some(Err(stat)) = admitted {
+            return refuse(xid, prog, stat, output);
         }
     }
 
@@ -445,11 +447,9 @@ pub async fn nfsproc3_read(
     }
     let id = id.unwrap();
 
-    let obj_attr = match context.vfs.getattr(id).await {
-        Ok(v) => nfs::post_op_attr::attributes(v),
-        Err(_) => nfs::post_op_attr::Void,
-    };
-    match context.vfs.read(id, args.offset, args.count).await {
+    // tidepool fork: the data and the reply's attributes from one call (one lookup).
+    let (read, obj_attr) = context.vfs.read_with_attr(id, args.offset, args.count).await;
+    match read {
         Ok((bytes, eof)) => {
             let res = READ3resok {
                 file_attributes: obj_attr,

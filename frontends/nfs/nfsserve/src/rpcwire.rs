@@ -48,10 +48,7 @@ async fn handle_rpc(
 
         // tidepool fork: who calls, for the filesystem's checks (crate::vfs::caller).
         let caller = crate::vfs::Caller {
-            peer: context
-                .client_addr
-                .parse()
-                .unwrap_or_else(|_| std::net::SocketAddr::from(([0, 0, 0, 0], 0))),
+            peer: context.peer,
             auth: match call.cred.flavor {
                 auth_flavor::AUTH_UNIX => Some(crate::vfs::AuthSys {
                     uid: context.auth.uid,
@@ -131,9 +128,11 @@ const MAX_RECORD_BYTES: usize = 64 << 20;
 /// The outcome of one call: its xid, and its reply (record mark room included) or none.
 type CallOutcome = (u32, Result<Option<Vec<u8>>, anyhow::Error>);
 
-/// Run one call: the reply is built after 4 bytes left for its record mark.
+/// Run one call: the reply is built after 4 bytes left for its record mark, in a buffer
+/// sized for a READ's data.
 async fn run_call(record: Bytes, context: RPCContext) -> Result<Option<Vec<u8>>, anyhow::Error> {
-    let mut reply = Vec::with_capacity(256);
+    let data = read_count(&record).unwrap_or(0).min(MAX_RECORD_BYTES);
+    let mut reply = Vec::with_capacity(256 + data);
     reply.extend_from_slice(&[0u8; 4]);
     if handle_rpc(&mut Cursor::new(record), &mut reply, context).await? {
         let len = reply.len() - 4;
@@ -145,24 +144,25 @@ async fn run_call(record: Bytes, context: RPCContext) -> Result<Option<Vec<u8>>,
     }
 }
 
+/// The count an NFSv3 READ call record asks for (`None`: another call, or too short).
+fn read_count(record: &[u8]) -> Option<usize> {
+    let word = |at: usize| record.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
+    let pad = |n: usize| n.checked_add(3).map(|n| n & !3);
+    // xid, CALL, rpcvers, prog, vers, proc, then the credential and the verifier.
+    if word(12)? != nfs::PROGRAM as usize || word(20)? != 6
+    /* NFSPROC3_READ */
+    {
+        return None;
+    }
+    let verf_at = 32usize.checked_add(pad(word(28)?)?)?;
+    let fh_at = verf_at.checked_add(8)?.checked_add(pad(word(verf_at + 4)?)?)?;
+    // READ3args: the handle, offset (8 bytes), count.
+    word(fh_at.checked_add(4)?.checked_add(pad(word(fh_at)?)?)?.checked_add(8)?)
+}
+
 /// Whether a call record carries (WRITE) or asks for (READ) more than `SPAWN_PAYLOAD_BYTES`.
 fn large_call(record: &[u8]) -> bool {
-    if record.len() > SPAWN_PAYLOAD_BYTES {
-        return true;
-    }
-    let word = |at: usize| record.get(at..at + 4).map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize);
-    let pad = |n: usize| (n + 3) & !3;
-    // xid, CALL, rpcvers, prog, vers, proc, then the credential and the verifier.
-    if word(12) != Some(nfs::PROGRAM as usize) || word(20) != Some(6 /* NFSPROC3_READ */) {
-        return false;
-    }
-    let Some(cred) = word(28) else { return false };
-    let verf_at = 32 + pad(cred);
-    let Some(verf) = word(verf_at + 4) else { return false };
-    let fh_at = verf_at + 8 + pad(verf);
-    let Some(fh) = word(fh_at) else { return false };
-    // READ3args: the handle, offset (8 bytes), count.
-    word(fh_at + 4 + pad(fh) + 8).is_some_and(|count| count > SPAWN_PAYLOAD_BYTES)
+    record.len() > SPAWN_PAYLOAD_BYTES || read_count(record).is_some_and(|n| n > SPAWN_PAYLOAD_BYTES)
 }
 
 /// Takes the next whole record out of `buf` (fragments of an unfinished record gather in

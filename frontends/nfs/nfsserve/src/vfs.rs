@@ -86,6 +86,11 @@ pub fn caller() -> Option<Caller> {
     CALLER.try_with(|c| c.clone()).ok()
 }
 
+/// `f` of the caller of the call being handled, without copying it (tidepool fork).
+pub fn with_caller_ref<R>(f: impl FnOnce(&Caller) -> R) -> Option<R> {
+    CALLER.try_with(f).ok()
+}
+
 /// Run `f` as a call from `caller` (the RPC layer does this for every call; tests too).
 pub async fn with_caller<F: Future>(caller: Caller, f: F) -> F::Output {
     CALLER.scope(caller, f).await
@@ -164,6 +169,17 @@ pub trait NFSFileSystem: Sync {
     /// in that case, all bytes till the end of file are returned.
     /// EOF must be flagged if the end of the file is reached by the read.
     async fn read(&self, id: fileid3, offset: u64, count: u32) -> Result<(Vec<u8>, bool), nfsstat3>;
+
+    /// READ and the file's attributes for its reply (tidepool fork): upstream's handler asked
+    /// `getattr`, then `read`; this default does the same. A filesystem whose `read` looks
+    /// the attributes up anyway answers both with one lookup.
+    async fn read_with_attr(&self, id: fileid3, offset: u64, count: u32) -> (Result<(Vec<u8>, bool), nfsstat3>, post_op_attr) {
+        let attr = match self.getattr(id).await {
+            Ok(v) => post_op_attr::attributes(v),
+            Err(_) => post_op_attr::Void,
+        };
+        (self.read(id, offset, count).await, attr)
+    }
 
     /// Writes the contents of a file returning (bytes, EOF)
     /// Note that offset/count may go past the end of the file and that
