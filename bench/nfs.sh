@@ -13,6 +13,8 @@
 #   ROUNDS=1 SIZE_MIB=512 FILES=2000 bench/nfs.sh
 #   SMALL=1 bench/nfs.sh              # a quick smoke run of the harness
 #   TIERING=1 bench/nfs.sh            # leave tidepool's cold tier at its defaults (see below)
+#   CASES=randread ROUNDS=1 bench/nfs.sh   # only some cases (seq_write seq_read small randread);
+#                                     # without seq_write the big file is still written, untimed
 #
 # Installs what it needs (apt-get: libnfs-utils, nfs-ganesha, nfs-ganesha-vfs, rpcbind),
 # builds target/release/tidepool (shared target dir) and bench/nfs-client (own target dir,
@@ -38,6 +40,8 @@ DROP_CACHES=${DROP_CACHES:-1}
 QUIET_LOAD=${QUIET_LOAD:-1.5}  # wait for the 1-minute load to fall below this (10 min at start, 1 min per run)
 OUT=${OUT:-$ROOT/target/bench-nfs}
 TP=${TP_BIN:-}
+CASES=" ${CASES:-seq_write seq_read small randread} "
+want() { [[ "$CASES" == *" $1 "* ]]; }
 if [ "${SMALL:-0}" = 1 ]; then ROUNDS=1; SIZE_MIB=64; FILES=300; READ_SECS=2; fi
 
 mkdir -p "$OUT"
@@ -181,32 +185,42 @@ wait_quiet 600
 for r in $(seq "$ROUNDS"); do
   if [ $((r % 2)) = 1 ]; then ORDER="tidepool ganesha"; else ORDER="ganesha tidepool"; fi
   pair_start() { wait_quiet 60; echo "round=$r op=load case=$1 load1=$(cut -d' ' -f1 /proc/loadavg)" >>"$RES"; }
-  pair_start seq_write
-  for s in $ORDER; do
-    log "round $r $s: nfs-cp write ${SIZE_MIB} MiB"
-    drop; t=$(now); nfs-cp "$SRC" "$(url $s big-$r.bin)" >/dev/null; w=$(secs "$t")
-    echo "round=$r server=$s op=seq_write mib_per_sec=$(python3 -c "print(f'{$SIZE_MIB/$w:.0f}')") secs=$w" | tee -a "$RES"
-  done
-  pair_start seq_read
-  for s in $ORDER; do
-    log "round $r $s: nfs-cp read"
-    drop; t=$(now); nfs-cp "$(url $s big-$r.bin)" "$SINK" >/dev/null; rd=$(secs "$t"); rm -f "$SINK"
-    echo "round=$r server=$s op=seq_read mib_per_sec=$(python3 -c "print(f'{$SIZE_MIB/$rd:.0f}')") secs=$rd" | tee -a "$RES"
-  done
-  pair_start small
-  for s in $ORDER; do
-    log "round $r $s: $FILES small files"
-    echo "round=$r server=$s $("$CLIENT" small 127.0.0.1 "${PORT[$s]}" "${MNT[$s]}" "${EXP[$s]}" "small-$r" "$FILES" "$FILE_BYTES" "$CONNS")" | tee -a "$RES"
-  done
-  pair_start randread
-  for s in $ORDER; do
-    log "round $r $s: random 4 KiB reads"
-    [ "$s" = tidepool ] && [ "$DROP_CACHES" = 1 ] && restart_tp
-    drop
-    line="round=$r server=$s $("$CLIENT" randread 127.0.0.1 "${PORT[$s]}" "${MNT[$s]}" "${EXP[$s]}" "big-$r.bin" "$READ_SECS" 4096 "$CONNS")"
-    [ "$s" = tidepool ] && line="$line $(cache_metrics)"
-    echo "$line" | tee -a "$RES"
-  done
+  if want seq_write; then
+    pair_start seq_write
+    for s in $ORDER; do
+      log "round $r $s: nfs-cp write ${SIZE_MIB} MiB"
+      drop; t=$(now); nfs-cp "$SRC" "$(url $s big-$r.bin)" >/dev/null; w=$(secs "$t")
+      echo "round=$r server=$s op=seq_write mib_per_sec=$(python3 -c "print(f'{$SIZE_MIB/$w:.0f}')") secs=$w" | tee -a "$RES"
+    done
+  else
+    for s in $ORDER; do log "round $r $s: nfs-cp write ${SIZE_MIB} MiB (untimed)"; nfs-cp "$SRC" "$(url $s big-$r.bin)" >/dev/null; done
+  fi
+  if want seq_read; then
+    pair_start seq_read
+    for s in $ORDER; do
+      log "round $r $s: nfs-cp read"
+      drop; t=$(now); nfs-cp "$(url $s big-$r.bin)" "$SINK" >/dev/null; rd=$(secs "$t"); rm -f "$SINK"
+      echo "round=$r server=$s op=seq_read mib_per_sec=$(python3 -c "print(f'{$SIZE_MIB/$rd:.0f}')") secs=$rd" | tee -a "$RES"
+    done
+  fi
+  if want small; then
+    pair_start small
+    for s in $ORDER; do
+      log "round $r $s: $FILES small files"
+      echo "round=$r server=$s $("$CLIENT" small 127.0.0.1 "${PORT[$s]}" "${MNT[$s]}" "${EXP[$s]}" "small-$r" "$FILES" "$FILE_BYTES" "$CONNS")" | tee -a "$RES"
+    done
+  fi
+  if want randread; then
+    pair_start randread
+    for s in $ORDER; do
+      log "round $r $s: random 4 KiB reads"
+      [ "$s" = tidepool ] && [ "$DROP_CACHES" = 1 ] && restart_tp
+      drop
+      line="round=$r server=$s $("$CLIENT" randread 127.0.0.1 "${PORT[$s]}" "${MNT[$s]}" "${EXP[$s]}" "big-$r.bin" "$READ_SECS" 4096 "$CONNS")"
+      [ "$s" = tidepool ] && line="$line $(cache_metrics)"
+      echo "$line" | tee -a "$RES"
+    done
+  fi
   for s in $ORDER; do "$CLIENT" rm 127.0.0.1 "${PORT[$s]}" "${MNT[$s]}" "${EXP[$s]}" "big-$r.bin"; done   # disk space
 done
 
