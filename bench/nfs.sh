@@ -251,5 +251,6 @@ for op, label in rows:
     fmt = (lambda x: f"{x:.2f}") if op == "randread_p99" else (lambda x: f"{x:.0f}")
     ratio = f"{mt / mg:.2f}" if mg else "-"
     print(f"| {label} | {fmt(mt)} | {fmt(mg)} | {ratio} |")
-print(f"\n(median of {len(v[('seq_write', 'tidepool')])} rounds; every figure in {res})")
+rounds = max((len(x) for x in v.values()), default=0)
+print(f"\n(median of {rounds} rounds; every figure in {res})")
 EOF
