@@ -374,8 +374,8 @@ impl Fs {
             check_len(&data, len as usize, id)?;
             return Ok(data);
         };
-        if let Some(v) = cache.read_vec(id, offset, len as usize) {
-            return Ok(Bytes::from(v));
+        if let Some(b) = cache.read_bytes(id, offset, len as usize) {
+            return Ok(b);
         }
         let (start, stop) = covering_pages(offset, len as usize, block_len);
         let data = self.read_block(id, start, stop - start).await?;
