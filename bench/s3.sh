@@ -8,6 +8,9 @@
 #   SKIP_LIST=1 bench/s3.sh                      # PUT/GET and iperf3 only
 #   SKIP_OBJ=1 bench/s3.sh                       # listing only
 #   SMALL=1 bench/s3.sh                          # a quick smoke run of the harness (tiny sizes)
+#   CASES="64m-c1 64m-c32" SKIP_LIST=1 ROUNDS=1 bench/s3.sh   # only the large PUT/GET cases
+#   TP_ENV="TIDEPOOL_READ_CACHE_BYTES=4GiB" bench/s3.sh      # extra settings for tidepool (say so
+#                                                # with the figures: the default run sets none)
 #
 # Installs what it needs: fio with the http engine (../shared/tools/build-fio.sh, into
 # .tools/fio), iperf3 (apt-get), s3s-fs 0.14.1 (cargo install into target/bench-s3/s3s-fs-bin
@@ -31,6 +34,8 @@ DATA=${DATA:-$OUT/data}
 FIO=${FIO:-$ROOT/.tools/fio/bin/fio}
 PEER=${PEER:-nodelay}           # nodelay: bench/s3s-fs-server (s3s-fs 0.14.1 + TCP_NODELAY); shipped: s3s-fs's own binary
 TP=${TP_BIN:-}                 # a tidepool binary to use as is (default: built here, see below)
+CASES=${CASES:-4k-c1 4k-c32 64m-c1 64m-c32}   # which PUT/GET cases run (size-clients)
+TP_ENV=${TP_ENV:-}             # extra VAR=value settings for tidepool (none by default)
 KEY=BENCHACCESSKEY0001
 SECRET=benchsecretkey0123456789abcdefghijklmn
 PY="python3 $ROOT/bench/s3_client.py"
@@ -118,7 +123,7 @@ start_servers() { # tag
   TP_PORT=$(free_port); TP_HTTP=$(free_port); SF_PORT=$(free_port)
   (cd "$DATA" && exec env TIDEPOOL_S3_ACCESS_KEY_ID=$KEY TIDEPOOL_S3_SECRET_ACCESS_KEY=$SECRET \
     TIDEPOOL_S3_LISTEN=127.0.0.1:$TP_PORT TIDEPOOL_HTTP_LISTEN=127.0.0.1:$TP_HTTP \
-    TIDEPOOL_DEVICE_SIZE=${DEVICE_SIZE:-16GiB} "$TP" --data-dir "$DATA/tidepool" up) >"$OUT/tidepool-$1.log" 2>&1 &
+    TIDEPOOL_DEVICE_SIZE=${DEVICE_SIZE:-16GiB} $TP_ENV "$TP" --data-dir "$DATA/tidepool" up) >"$OUT/tidepool-$1.log" 2>&1 &
   TP_PID=$!
   if [ "$PEER" = shipped ]; then
     "$S3SFS" --host 127.0.0.1 --port "$SF_PORT" --access-key $KEY --secret-key $SECRET "$DATA/s3s-fs" \
@@ -163,6 +168,7 @@ if [ "${SKIP_OBJ:-0}" != 1 ]; then
     if [ $((r % 2)) = 1 ]; then order="tidepool s3s-fs"; else order="s3s-fs tidepool"; fi
     for spec in "4k 1 $N4K_C1" "4k 32 $N4K_C32" "64m 1 $N64M_C1" "64m 32 $N64M_C32"; do
       set -- $spec; bs=$1; nj=$2; objs=$3
+      case " $CASES " in *" $bs-c$nj "*) ;; *) continue ;; esac
       for s in $order; do
         log "round $r $s: PUT $bs x $((nj * objs)) objects, $nj clients"
         fio_run "r$r-$s-put-$bs-c$nj" "$s" write "$bs" "$nj" "$objs"
