@@ -87,36 +87,36 @@ async fn handle_rpc(
     }
 }
 
-/// RFC 1057 Section 10
-/// When RPC messages are passed on top of a byte stream transport
-/// protocol (like TCP), it is necessary to delimit one message from
-/// another in order to detect and possibly recover from protocol errors.
-/// This is called record marking (RM).  Sun uses this RM/TCP/IP
-/// transport for passing RPC messages on TCP streams.  One RPC message
-/// fits into one RM record.
-///
-/// A record is composed of one or more record fragments.  A record
-/// fragment is a four-byte header followed by 0 to (2**31) - 1 bytes of
-/// fragment data.  The bytes encode an unsigned binary number; as with
-/// XDR integers, the byte order is from highest to lowest.  The number
-/// encodes two values -- a boolean which indicates whether the fragment
-/// is the last fragment of the record (bit value 1 implies the fragment
-/// is the last fragment) and a 31-bit unsigned binary value which is the
-/// length in bytes of the fragment's data.  The boolean value is the
-/// highest-order bit of the header; the length is the 31 low-order bits.
-/// (Note that this record specification is NOT in XDR standard form!)
-///
-/// tidepool fork: the connection below replaces upstream's `SocketMessageHandler`. Upstream
-/// ran three tasks per connection and one more per call: the socket task copied the bytes
-/// into a duplex pipe, a second task parsed records out of it (a zeroed `Vec` per record) and
-/// spawned a task per call, which sent its reply back through a channel to the socket task:
-/// three task hand-offs per call, often across threads, a write syscall per reply. Here one
-/// task owns the socket: it parses the records from its receive buffer (no copy), runs the
-/// calls as futures of its own (`FuturesUnordered`: calls of one connection still overlap;
-/// one answered from memory is done on its first poll) and writes every reply ready at that
-/// moment in one write. A call with a large payload (a WRITE or READ past
-/// `SPAWN_PAYLOAD_BYTES`) runs on a task of its own, so copies and checksums of large
-/// transfers use every core.
+// RFC 1057 Section 10
+// When RPC messages are passed on top of a byte stream transport
+// protocol (like TCP), it is necessary to delimit one message from
+// another in order to detect and possibly recover from protocol errors.
+// This is called record marking (RM).  Sun uses this RM/TCP/IP
+// transport for passing RPC messages on TCP streams.  One RPC message
+// fits into one RM record.
+//
+// A record is composed of one or more record fragments.  A record
+// fragment is a four-byte header followed by 0 to (2**31) - 1 bytes of
+// fragment data.  The bytes encode an unsigned binary number; as with
+// XDR integers, the byte order is from highest to lowest.  The number
+// encodes two values -- a boolean which indicates whether the fragment
+// is the last fragment of the record (bit value 1 implies the fragment
+// is the last fragment) and a 31-bit unsigned binary value which is the
+// length in bytes of the fragment's data.  The boolean value is the
+// highest-order bit of the header; the length is the 31 low-order bits.
+// (Note that this record specification is NOT in XDR standard form!)
+//
+// tidepool fork: the connection below replaces upstream's `SocketMessageHandler`. Upstream
+// ran three tasks per connection and one more per call: the socket task copied the bytes
+// into a duplex pipe, a second task parsed records out of it (a zeroed `Vec` per record) and
+// spawned a task per call, which sent its reply back through a channel to the socket task:
+// three task hand-offs per call, often across threads, a write syscall per reply. Here one
+// task owns the socket: it parses the records from its receive buffer (no copy), runs the
+// calls as futures of its own (`FuturesUnordered`: calls of one connection still overlap;
+// one answered from memory is done on its first poll) and writes every reply ready at that
+// moment in one write. A call with a large payload (a WRITE or READ past
+// `SPAWN_PAYLOAD_BYTES`) runs on a task of its own, so copies and checksums of large
+// transfers use every core.
 
 /// A call whose record or READ count is larger than this runs on its own task.
 const SPAWN_PAYLOAD_BYTES: usize = 64 << 10;
