@@ -11,11 +11,6 @@
 //! finds completions waiting. Reaping resubmits short transfers and EAGAIN/EINTR, promotes waiting
 //! requests into freed slots, and answers finished requests after the mutex is released.
 //!
-//! Batching: the tokio reaper answers a round of completions through [`Core::reap_deferring`],
-//! and until it calls [`Core::end_defer`] (after the tasks it woke have run on its thread),
-//! submissions from that thread are pushed without an `io_uring_enter`; `end_defer` enters
-//! once for all of them. Submissions from any other thread enter at once.
-
 //! Ordering: a flush is an fdatasync SQE submitted when `flush` is called. Every write that
 //! completed (was answered) before that call had finished in the kernel before the fsync was
 //! submitted, so the fsync covers it.
@@ -105,8 +100,6 @@ struct State {
     broken: bool,
     /// Scratch space for one round of completions.
     cqes: Vec<(u64, i32)>,
-    /// [`thread_mark`] of the thread whose submissions are batched by the reaper, or 0.
-    defer_on: usize,
 }
 
 pub(crate) struct Core {
@@ -139,7 +132,6 @@ impl Core {
                 repush: VecDeque::new(),
                 broken: false,
                 cqes: Vec::with_capacity(queue_depth),
-                defer_on: 0,
             }),
         }
     }
@@ -157,9 +149,12 @@ impl Core {
     /// Take a request: submit it now if the queue has room, else queue it. Also reaps any
     /// completions already posted (cheap, and saves the reaper a wake-up).
     ///
-    /// On the thread of a reaper that is answering a batch (see [`Core::reap_deferring`]) the
-    /// SQE is only pushed: the reaper hands the whole batch to the kernel in one
-    /// `io_uring_enter` when the tasks it woke have run.
+    /// The SQE goes to the kernel at once (unless another thread is submitting: it takes this
+    /// one too). Holding submissions back to batch those of the tasks one reaper round wakes
+    /// was tried (up to 4, or all of them): one `io_uring_enter` per batch took ~20 % of the
+    /// engine's CPU off, but cost 5-15 % of random-read IOPS at queue depth 32, because the
+    /// device is bound by latency here and the first reads of a batch waited for the last
+    /// task's turn.
     pub(crate) fn submit(&self, req: Request) {
         let mut answers = Vec::new();
         let claimed;
@@ -177,8 +172,7 @@ impl Core {
                 st.waiting.push_back(req);
             }
             self.reap_locked(&mut st, &mut answers);
-            let deferred = st.defer_on != 0 && st.defer_on == thread_mark();
-            claimed = !deferred && self.claim_submission(&mut st);
+            claimed = self.claim_submission(&mut st);
         }
         answers.into_iter().for_each(Answer::send);
         if claimed {
@@ -194,38 +188,6 @@ impl Core {
             self.reap_locked(&mut st, &mut answers);
         }
         answers.into_iter().for_each(Answer::send);
-        self.enter_submit();
-    }
-
-    /// The tokio reaper's round: handle every posted completion and, if that answered anyone,
-    /// open a batch on this thread: until [`Core::end_defer`], requests submitted from this
-    /// thread (the woken tasks, which tokio runs here) are pushed but not entered. Returns
-    /// whether a batch was opened; if not, new SQEs were handed to the kernel already.
-    ///
-    /// Why: at queue depth 32 a random-read load answers a few requests per wake-up, and each
-    /// answered task submits its next read at once. One `io_uring_enter` per batch instead of
-    /// one per request is what fio does, and takes a syscall and three mutex round trips off
-    /// each read. Tasks that run on other threads meanwhile submit at once as usual.
-    pub(crate) fn reap_deferring(&self) -> bool {
-        let mut answers = Vec::new();
-        {
-            let mut st = self.lock();
-            self.reap_locked(&mut st, &mut answers);
-            if !answers.is_empty() && !st.broken {
-                st.defer_on = thread_mark();
-            }
-        }
-        if answers.is_empty() {
-            self.enter_submit();
-            return false;
-        }
-        answers.into_iter().for_each(Answer::send);
-        true
-    }
-
-    /// Close the batch [`Core::reap_deferring`] opened and submit what it collected.
-    pub(crate) fn end_defer(&self) {
-        self.lock().defer_on = 0;
         self.enter_submit();
     }
 
@@ -452,15 +414,6 @@ impl Core {
             answers.into_iter().for_each(Answer::send);
         }
     }
-}
-
-/// A number that tells the calling thread apart from every other live thread (the address of
-/// a thread-local), cheaper than `std::thread::current().id()`; never 0.
-fn thread_mark() -> usize {
-    thread_local! {
-        static MARK: u8 = const { 0 };
-    }
-    MARK.with(|m| std::ptr::from_ref(m) as usize)
 }
 
 /// The ring is unusable: answer everyone with `Stopped`. Buffers the kernel may still hold

@@ -5,9 +5,8 @@
 //! thread. Completions are reaped by a reaper task on the caller's tokio runtime, woken through
 //! an eventfd registered with the ring and watched by tokio's reactor: a completion wakes the
 //! worker that is parked in the reactor (or is picked up by a busy one), which answers the
-//! waiting tasks on that worker, with no hop through another thread; the reads those tasks
-//! submit next go to the kernel in one batch (see `engine`). Submitters also reap completions
-//! they find posted. Outside a tokio runtime with I/O enabled, or if that runtime
+//! waiting tasks on that worker, with no hop through another thread. Submitters also reap
+//! completions they find posted. Outside a tokio runtime with I/O enabled, or if that runtime
 //! shuts down while I/O is in flight, a fallback thread reaps instead.
 //!
 //! Buffers are owned by the request until its completion arrives: the kernel may write into
@@ -149,8 +148,6 @@ struct ReaperGuard(Weak<Shared>);
 impl Drop for ReaperGuard {
     fn drop(&mut self) {
         if let Some(sh) = self.0.upgrade() {
-            // Dropped mid-batch (its runtime shut down): what its thread pushed goes in now.
-            sh.core.end_defer();
             sh.tokio_reaper.store(false, Ordering::Release);
             if sh.core.in_flight() > 0 {
                 sh.start_thread_reaper();
@@ -168,15 +165,7 @@ async fn reaper_task(weak: Weak<Shared>, afd: AsyncFd<OwnedFd>, _guard: ReaperGu
         // `readable` returned (tokio checks that).
         ready.clear_ready();
         let Some(sh) = weak.upgrade() else { return };
-        if sh.core.reap_deferring() {
-            drop(sh);
-            // Let the woken tasks run on this thread first (tokio resumes a yielded task once
-            // the worker has run out of other work, or after a bounded number of polls); their
-            // reads go to the kernel in one batch below.
-            tokio::task::yield_now().await;
-            let Some(sh) = weak.upgrade() else { return };
-            sh.core.end_defer();
-        }
+        sh.core.reap();
     }
 }
 
@@ -354,11 +343,11 @@ mod tests {
         assert!(dev.shared.thread_reaper.load(Ordering::Acquire));
     }
 
-    /// Tasks woken by the reaper submit their next I/O in a batch the reaper enters once they
-    /// have run; on one thread (every submission batched) and on two (some from the other
-    /// thread, entered at once), every chained I/O must complete with the right bytes.
+    /// Tasks woken by the reaper submit their next I/O from inside its round (while another
+    /// thread may be submitting); on one thread and on two, with more tasks than the queue
+    /// depth, every chained I/O must complete with the right bytes.
     #[test]
-    fn chained_io_from_many_tasks_completes_with_batched_submission() {
+    fn chained_io_from_many_tasks_completes() {
         let dir = tempfile::tempdir_in("/tmp").unwrap();
         let opts = OpenOptions { create_size_bytes: Some(8 << 20), queue_depth: 8, engine: None };
         let dev = Arc::new(UringDevice::open(&dir.path().join("dev.img"), &opts).expect("open"));
