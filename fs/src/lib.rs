@@ -170,17 +170,7 @@ impl Fs {
         let (store, cache) = (self.store.clone(), self.cache.clone());
         tokio::spawn(async move {
             while let Some(ids) = rx.recv().await {
-                for id in ids {
-                    if let Some(c) = &cache {
-                        c.remove_block(id);
-                    }
-                    match store.delete(id).await {
-                        Ok(()) | Err(tidepool_spdk::StoreError::NotFound(_)) => {}
-                        Err(e) => {
-                            tracing::warn!(block_id = id, error = %e, "cannot free block; reclaimed at next open")
-                        }
-                    }
-                }
+                free_blocks(&store, cache.as_deref(), &ids).await;
             }
         });
     }
@@ -298,19 +288,10 @@ impl Fs {
         Ok(applied)
     }
 
-    /// Delete released blocks from the store. A failure here leaks space only until the
-    /// next open, whose reconcile frees every unreferenced block; so it is logged, not returned.
-    /// A block already gone is what was wanted: the apply observer (`free_on_apply`) frees
-    /// the same ids, and whichever comes second finds nothing (this warned once per block of
-    /// every deleted file: 3,291 lines in one NFS benchmark's log).
+    /// Free the blocks a commit released, at once on the proposer (the apply observer of
+    /// `free_on_apply` frees them too, on every node; whichever comes second finds nothing).
     async fn free_blocks(&self, ids: &[u64]) {
-        for id in ids {
-            self.uncache(*id);
-            match self.store.delete(*id).await {
-                Ok(()) | Err(tidepool_spdk::StoreError::NotFound(_)) => {}
-                Err(e) => tracing::warn!(block_id = id, error = %e, "cannot free block; reclaimed at next open"),
-            }
-        }
+        free_blocks(&self.store, self.cache.as_deref(), ids).await;
     }
 
     pub fn stat(&self) -> FsStat {
@@ -339,4 +320,19 @@ impl Fs {
 /// Look up a path ("/a/b/c") from the root without following symlinks.
 pub fn split_path(path: &[u8]) -> impl Iterator<Item = &[u8]> {
     path.split(|&b| b == b'/').filter(|c| !c.is_empty())
+}
+
+/// Delete released blocks from the store and the read cache. A failure leaks space only until
+/// the next open, whose reconcile frees every unreferenced block; so it is logged, not
+/// returned. A block already gone is what was wanted (see [`Fs::free_blocks`]).
+async fn free_blocks(store: &BlockStore, cache: Option<&cache::ReadCache>, ids: &[u64]) {
+    for &id in ids {
+        if let Some(c) = cache {
+            c.remove_block(id);
+        }
+        match store.delete(id).await {
+            Ok(()) | Err(tidepool_spdk::StoreError::NotFound(_)) => {}
+            Err(e) => tracing::warn!(block_id = id, error = %e, "cannot free block; reclaimed at next open"),
+        }
+    }
 }
