@@ -280,12 +280,10 @@ impl Core {
             // Maybe completions must be reaped first (EBUSY: CQ full); then try again.
             self.reap_no_enter();
             std::thread::yield_now();
+            // Try again, with whatever was pushed meanwhile.
             let mut st = self.lock();
-            st.unsubmitted = true;
-            if !self.take_unsubmitted(&mut st) {
-                st.submitting = false;
-                return;
-            }
+            self.repush(&mut st);
+            st.unsubmitted = false;
         }
     }
 
