@@ -47,15 +47,47 @@ pub struct FsOptions {
     /// this long after, if still unreferenced then. `None` (a node alone): freed at open.
     pub orphan_grace: Option<std::time::Duration>,
     /// RAM for the read cache of verified 4 KiB block pages (`cache.rs`); 0 turns it off.
-    /// Default [`DEFAULT_READ_CACHE_BYTES`] (1 GiB).
+    /// Default [`DEFAULT_READ_CACHE_BYTES`] (1 GiB); the `tidepool` binary passes
+    /// [`read_cache_bytes_for`] of the node's memory unless the setting is given.
     pub read_cache_bytes: u64,
 }
 
-/// The read cache's default size: 1 GiB. Fixed rather than a fraction of RAM so that a node's
-/// memory use does not depend on the machine it lands on; small next to the RAM of the
-/// instances that carry local NVMe (16 GiB and up), large enough to hold the hot pages of a
-/// working set of a few GiB read at random (a page is cached only once it was read).
+/// The read cache's size when the memory a node may use is not known (and `FsOptions`'
+/// default, which tests use): 1 GiB.
 pub const DEFAULT_READ_CACHE_BYTES: u64 = 1 << 30;
+
+/// The share of the node's memory the read cache takes by default, in percent.
+pub const READ_CACHE_MEMORY_PERCENT: u64 = 25;
+
+/// The default read cache is never smaller than this (64 MiB: 16 blocks of 4 MiB) ...
+pub const READ_CACHE_MIN_BYTES: u64 = 64 << 20;
+
+/// ... nor larger than this (64 GiB).
+pub const READ_CACHE_MAX_BYTES: u64 = 64 << 30;
+
+/// The default size of the read cache for a node that may use `memory_bytes` of RAM (the
+/// machine's, capped by its cgroup's limit; `None` if unknown: [`DEFAULT_READ_CACHE_BYTES`]):
+/// [`READ_CACHE_MEMORY_PERCENT`] of it, within [`READ_CACHE_MIN_BYTES`]..=[`READ_CACHE_MAX_BYTES`].
+///
+/// Why a quarter: the cache is the node's page cache for block data (the device file is opened
+/// `O_DIRECT`, so the kernel's page cache holds none of it), and on the machines tidepool runs
+/// on (GPU nodes with local NVMe, 0.5-2 TiB of RAM) the rest belongs to the jobs: their data
+/// loaders, pinned host buffers for the GPUs, the kernel's own cache of their files. A quarter
+/// leaves three quarters to them and still holds a hot working set of tens of GiB. The cap:
+/// past 64 GiB the local NVMe (several GB/s per drive) serves the rest of a working set, the
+/// per-page bookkeeping grows with the size (`ENTRY_OVERHEAD` per 4 KiB, ~3 %), and an
+/// operator who wants more says so. The floor keeps a cache of a few blocks on a small box
+/// (a test container): below 256 MiB of memory the floor is more than a quarter; memory is
+/// taken only as pages are read, so an idle node does not hold it.
+pub fn read_cache_bytes_for(memory_bytes: Option<u64>) -> u64 {
+    match memory_bytes {
+        None => DEFAULT_READ_CACHE_BYTES,
+        Some(m) => {
+            let share = u128::from(m) * u128::from(READ_CACHE_MEMORY_PERCENT) / 100;
+            u64::try_from(share).unwrap_or(u64::MAX).clamp(READ_CACHE_MIN_BYTES, READ_CACHE_MAX_BYTES)
+        }
+    }
+}
 
 impl Default for FsOptions {
     fn default() -> Self {
@@ -334,5 +366,21 @@ async fn free_blocks(store: &BlockStore, cache: Option<&cache::ReadCache>, ids: 
             Ok(()) | Err(tidepool_spdk::StoreError::NotFound(_)) => {}
             Err(e) => tracing::warn!(block_id = id, error = %e, "cannot free block; reclaimed at next open"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_read_cache_is_a_quarter_of_memory_within_floor_and_cap() {
+        assert_eq!(read_cache_bytes_for(None), DEFAULT_READ_CACHE_BYTES, "memory unknown");
+        assert_eq!(read_cache_bytes_for(Some(24 << 30)), 6 << 30, "a quarter of 24 GiB");
+        assert_eq!(read_cache_bytes_for(Some(4 << 30)), 1 << 30);
+        assert_eq!(read_cache_bytes_for(Some(128 << 20)), READ_CACHE_MIN_BYTES, "a small container: the floor");
+        assert_eq!(read_cache_bytes_for(Some(0)), READ_CACHE_MIN_BYTES);
+        assert_eq!(read_cache_bytes_for(Some(2 << 40)), READ_CACHE_MAX_BYTES, "a 2 TiB GPU node: the cap");
+        assert_eq!(read_cache_bytes_for(Some(u64::MAX)), READ_CACHE_MAX_BYTES, "no overflow");
     }
 }
