@@ -259,11 +259,13 @@ impl Node {
         // be replicas of a write another node has not committed yet). `replicas` defaults to 2:
         // a node alone keeps one copy (placement takes at most one per node).
         let member = meta.status().voters.len() > 1 || prepared.join.is_some();
+        let read_cache = settings.read_cache();
+        tracing::info!(bytes = read_cache.bytes, "read cache: {read_cache}");
         let fs_opts = FsOptions {
             block_size: settings.block_size.0 as usize,
             replicas: settings.replicas.unwrap_or(2),
             orphan_grace: member.then_some(std::time::Duration::from_secs(300)),
-            read_cache_bytes: settings.read_cache_bytes.0,
+            read_cache_bytes: read_cache.bytes,
             ..FsOptions::default()
         };
         let (fs, report) = Fs::open(meta, store.clone(), Arc::new(SystemClock), fs_opts).await?;

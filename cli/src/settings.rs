@@ -112,10 +112,11 @@ pub struct Settings {
     /// Largest block a file is cut into. Default 4MiB.
     pub block_size: ByteSize,
     /// RAM for the read cache of verified 4 KiB block pages, below the S3 and NFS front ends
-    /// (`fs/src/cache.rs`). Default 1GiB: fixed, so a node's memory does not depend on the
-    /// machine it lands on, and small next to the RAM of instances with local NVMe; 0 turns
-    /// the cache off. 0, or 1MiB to 1TiB.
-    pub read_cache_bytes: ByteSize,
+    /// (`fs/src/cache.rs`). Default: a quarter of the memory the node may use (the machine's
+    /// `MemTotal`, capped by its cgroup's memory limit), at least 64MiB and at most 64GiB
+    /// (`tidepool_fs::read_cache_bytes_for` says why); 1GiB if that memory cannot be read.
+    /// Pages are taken only as they are read. 0 turns the cache off. 0, or 1MiB to 1TiB.
+    pub read_cache_bytes: Option<ByteSize>,
     /// The cold tier: `file:///path`, `s3://bucket/prefix` or `az://container/prefix`.
     /// Default `file://<data_dir>/objects`. (`object_store` is accepted as an older name.)
     #[serde(alias = "object_store")]
@@ -231,7 +232,7 @@ impl Default for Settings {
             queue_depth: 64,
             segment_size: ByteSize(256 << 20),
             block_size: ByteSize(4 << 20),
-            read_cache_bytes: ByteSize(tidepool_fs::DEFAULT_READ_CACHE_BYTES),
+            read_cache_bytes: None,
             bucket: None,
             bucket_region: None,
             bucket_endpoint: None,
@@ -353,13 +354,11 @@ impl Settings {
                 "must hold at least 4 segments (lower segment_size for small devices)",
             );
         }
-        let rc = self.read_cache_bytes.0;
-        if rc != 0 && !(1 << 20..=1 << 40).contains(&rc) {
-            return bad(
-                "read_cache_bytes",
-                self.read_cache_bytes.to_string(),
-                "must be 0 (off) or between 1MiB and 1TiB",
-            );
+        if let Some(rc) = self.read_cache_bytes
+            && rc.0 != 0
+            && !(1 << 20..=1 << 40).contains(&rc.0)
+        {
+            return bad("read_cache_bytes", rc.to_string(), "must be 0 (off) or between 1MiB and 1TiB");
         }
         if !(1..=4096).contains(&self.queue_depth) {
             return bad("queue_depth", self.queue_depth.to_string(), "must be between 1 and 4096");
@@ -464,6 +463,19 @@ impl Settings {
         Ok(())
     }
 
+    /// The read cache's size and where it comes from: the setting if given, else
+    /// `tidepool_fs::read_cache_bytes_for` the memory this process may use.
+    pub fn read_cache(&self) -> ReadCacheSize {
+        match self.read_cache_bytes {
+            Some(b) => ReadCacheSize { bytes: b.0, memory_bytes: None, from_setting: true },
+            None => {
+                let memory_bytes = memory_limit_bytes();
+                let bytes = tidepool_fs::read_cache_bytes_for(memory_bytes);
+                ReadCacheSize { bytes, memory_bytes, from_setting: false }
+            }
+        }
+    }
+
     pub fn device_path(&self) -> PathBuf {
         self.device_path.clone().unwrap_or_else(|| self.data_dir.join("nvme.img"))
     }
@@ -480,6 +492,81 @@ impl Settings {
             format!("file://{}", abs.display())
         })
     }
+}
+
+/// The read cache's size as chosen at start (`Settings::read_cache`), for the start-up log.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadCacheSize {
+    pub bytes: u64,
+    /// The memory the default was sized from (`None`: the setting was given, or it was unknown).
+    pub memory_bytes: Option<u64>,
+    pub from_setting: bool,
+}
+
+impl std::fmt::Display for ReadCacheSize {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (self.bytes, self.from_setting, self.memory_bytes) {
+            (0, _, _) => f.write_str("off (read_cache_bytes = 0)"),
+            (b, true, _) => write!(f, "{} (read_cache_bytes)", human_bytes(b)),
+            (b, false, Some(m)) => write!(
+                f,
+                "{} ({} % of {} of memory, within {}..{}; read_cache_bytes sets it)",
+                human_bytes(b),
+                tidepool_fs::READ_CACHE_MEMORY_PERCENT,
+                human_bytes(m),
+                human_bytes(tidepool_fs::READ_CACHE_MIN_BYTES),
+                human_bytes(tidepool_fs::READ_CACHE_MAX_BYTES),
+            ),
+            (b, false, None) => write!(f, "{} (memory size unknown; read_cache_bytes sets it)", human_bytes(b)),
+        }
+    }
+}
+
+/// The memory this process may use: the machine's `MemTotal`, capped by the memory limit of
+/// its cgroup or of any cgroup above it (v2 `memory.max`, v1 `memory.limit_in_bytes`).
+/// `None` where `/proc/meminfo` cannot be read (not Linux).
+pub fn memory_limit_bytes() -> Option<u64> {
+    let read = |p: &Path| std::fs::read_to_string(p).ok();
+    let meminfo = read(Path::new("/proc/meminfo"))?;
+    let cgroup = read(Path::new("/proc/self/cgroup")).unwrap_or_default();
+    memory_limit_from(&meminfo, &cgroup, Path::new("/sys/fs/cgroup"), read)
+}
+
+/// [`memory_limit_bytes`] from the text of `/proc/meminfo` and `/proc/self/cgroup`, with the
+/// cgroup files read by `read` under `root` (the cgroup mount).
+fn memory_limit_from(meminfo: &str, cgroup: &str, root: &Path, read: impl Fn(&Path) -> Option<String>) -> Option<u64> {
+    let total = meminfo.lines().find_map(|l| {
+        let kib = l.strip_prefix("MemTotal:")?.trim().strip_suffix("kB")?.trim();
+        kib.parse::<u64>().ok()?.checked_mul(1024)
+    })?;
+    // A limit file holds bytes, or "max" (v2) / a huge number (v1) for none.
+    let limit_at = |dir: PathBuf, file: &str| read(&dir.join(file)).and_then(|t| t.trim().parse::<u64>().ok());
+    let mut limit = total;
+    for line in cgroup.lines() {
+        // "0::/path" (v2), "4:memory:/path" (v1); the process's cgroup and each one above it
+        // (a container without a cgroup namespace sees its own cgroup as the mount's root).
+        let mut parts = line.splitn(3, ':');
+        let (Some(id), Some(controllers), Some(path)) = (parts.next(), parts.next(), parts.next()) else { continue };
+        let (base, file) = if id == "0" && controllers.is_empty() {
+            (root.to_path_buf(), "memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            (root.join("memory"), "memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        let mut dir = Some(Path::new(path.trim()));
+        while let Some(d) = dir {
+            let rel = d.strip_prefix("/").unwrap_or(d);
+            if rel.components().any(|c| !matches!(c, std::path::Component::Normal(_))) {
+                break;
+            }
+            if let Some(l) = limit_at(base.join(rel), file) {
+                limit = limit.min(l);
+            }
+            dir = d.parent();
+        }
+    }
+    Some(limit)
 }
 
 #[cfg(test)]
@@ -545,10 +632,17 @@ mod tests {
         assert!(e.to_string().contains("bananas"), "{e}");
         let e = Settings::load(Some(&f), env(&[("TIDEPOOL_QUEUE_DEPTH", "0")])).unwrap_err();
         assert!(e.to_string().contains("queue_depth"), "{e}");
-        assert_eq!(s.read_cache_bytes.0, 1 << 30, "default");
+        assert_eq!(s.read_cache_bytes, None, "default: sized from memory");
+        let auto = s.read_cache();
+        assert!(!auto.from_setting && auto.bytes >= tidepool_fs::READ_CACHE_MIN_BYTES, "{auto}");
+        assert_eq!(auto.bytes, tidepool_fs::read_cache_bytes_for(memory_limit_bytes()));
         let s = Settings::load(Some(&f), env(&[("TIDEPOOL_READ_CACHE_BYTES", "256MiB")])).unwrap();
-        assert_eq!(s.read_cache_bytes.0, 256 << 20);
-        assert_eq!(Settings::load(Some(&f), env(&[("TIDEPOOL_READ_CACHE_BYTES", "0")])).unwrap().read_cache_bytes.0, 0);
+        assert_eq!(s.read_cache(), ReadCacheSize { bytes: 256 << 20, memory_bytes: None, from_setting: true });
+        let off = Settings::load(Some(&f), env(&[("TIDEPOOL_READ_CACHE_BYTES", "0")])).unwrap().read_cache();
+        assert_eq!((off.bytes, off.from_setting), (0, true), "0 is off, not the default");
+        std::fs::write(&f, "read_cache_bytes = \"2GiB\"\n").unwrap();
+        assert_eq!(Settings::load(Some(&f), env(&[])).unwrap().read_cache().bytes, 2 << 30, "from the file");
+        std::fs::write(&f, "device_size = \"8GiB\"\nqueue_depth = 32\n").unwrap();
         let e = Settings::load(Some(&f), env(&[("TIDEPOOL_READ_CACHE_BYTES", "4KiB")])).unwrap_err();
         assert!(e.to_string().contains("read_cache_bytes"), "{e}");
         let s = Settings::load(
@@ -600,5 +694,35 @@ mod tests {
         assert_eq!(s.bucket.as_deref(), Some("s3://b-1/p"));
         std::fs::write(&f, "device_size = [").unwrap();
         assert!(matches!(Settings::load(Some(&f), env(&[])), Err(SettingsError::Parse { .. })));
+    }
+
+    #[test]
+    fn memory_limit_is_memtotal_capped_by_cgroups() {
+        let meminfo = "MemTotal:       24634772 kB\nMemFree:        1000 kB\n";
+        let total = 24634772u64 * 1024;
+        let files = |m: &'static [(&'static str, &'static str)]| {
+            move |p: &Path| m.iter().find(|(k, _)| Path::new(k) == p).map(|(_, v)| v.to_string())
+        };
+        let root = Path::new("/cg");
+        let none = files(&[]);
+        assert_eq!(memory_limit_from(meminfo, "0::/\n", root, none), Some(total), "no limit files");
+        assert_eq!(memory_limit_from("nothing", "0::/\n", root, none), None, "no MemTotal");
+        // v2: the process's own cgroup, one above it, "max" for none.
+        let v2 = files(&[("/cg/a/b/memory.max", "max\n"), ("/cg/a/memory.max", "8589934592\n")]);
+        assert_eq!(memory_limit_from(meminfo, "0::/a/b\n", root, v2), Some(8 << 30), "a parent's limit");
+        let v2root = files(&[("/cg/memory.max", "2147483648\n")]);
+        assert_eq!(memory_limit_from(meminfo, "0::/\n", root, v2root), Some(2 << 30), "a namespaced container");
+        assert_eq!(memory_limit_from(meminfo, "0::/x/y\n", root, v2root), Some(2 << 30), "no cgroup namespace");
+        // v1: the memory controller's hierarchy; "no limit" is a huge number.
+        let v1 = files(&[
+            ("/cg/memory/memory.limit_in_bytes", "9223372036854771712\n"),
+            ("/cg/memory/job/memory.limit_in_bytes", "1073741824\n"),
+        ]);
+        let cg = "9:name=systemd:/\n4:memory:/job\n1:cpu:/\n0::/\n";
+        assert_eq!(memory_limit_from(meminfo, cg, root, v1), Some(1 << 30));
+        assert_eq!(memory_limit_from(meminfo, "4:memory:/\n", root, v1), Some(total), "v1 without a limit");
+        assert_eq!(memory_limit_from(meminfo, "4:memory:/../etc\n", root, v1), Some(total), "odd paths are skipped");
+        // The sizes this gives (fs's rule): a quarter, within the floor and the cap.
+        assert_eq!(tidepool_fs::read_cache_bytes_for(memory_limit_from(meminfo, cg, root, v1)), 256 << 20);
     }
 }
