@@ -298,6 +298,7 @@ async fn cleaning_returns_space_and_survives_reopen() {
     let dev = mem(20 * MIB);
     let o = opts(MIB, 64 << 10);
     let s = BlockStore::format(dev.clone(), o.clone()).await.unwrap();
+    s.set_background_cleaning(false); // exact `clean()` figures below
     let n = 400; // 400 * 28 KiB ~ 11 MiB of 19 segments
     put_n(&s, 0..n, 20_000).await;
     for id in (0..n).filter(|i| i % 5 != 0) {
@@ -335,6 +336,7 @@ async fn full_device_gives_no_space_then_recovers_after_delete_and_clean() {
     let dev = mem(9 * MIB); // 8 segments of 1 MiB
     let o = opts(MIB, 64 << 10);
     let s = BlockStore::format(dev.clone(), o.clone()).await.unwrap();
+    s.set_background_cleaning(false); // the explicit `clean()` below must find the dead space
     let mut id = 0;
     let err = loop {
         match s.put(id, &data(id, 30_000)).await {
@@ -700,6 +702,8 @@ async fn crash_keeps_everything_flushed() {
         }
         let a = std::mem::take(&mut *acks.lock().unwrap());
         let s = BlockStore::open(image, o).await.unwrap();
+        // The explicit `clean()` below must find the dead space (the first store cleaned ahead).
+        s.set_background_cleaning(false);
         for &id in &a.durable {
             if !a.del_started.contains(&id) {
                 assert!(s.contains(id), "seed={seed} lost flushed block_id={id}");

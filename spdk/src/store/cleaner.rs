@@ -8,6 +8,10 @@
 //! 2. `flush`: the copies and carried tombstones are durable.
 //! 3. write the victim's header as free (keeping its generation) and flush: the commit point.
 //!    Before it the victim is an in-use segment with duplicates; after it, free space.
+//!
+//! Who cleans (one at a time, under `clean_lock`): `BlockStore::clean` (every victim that
+//! qualifies), a put that found no free segment (only until a put can open one again), and
+//! the background task of `ahead` (one victim per lock hold, up to the high watermark).
 
 use super::format::{EntryHead, EntryKind, PAGE_U64, Rec, SegHeader, entry_bytes};
 use super::imp::{Inner, Layout, Req};
@@ -15,30 +19,118 @@ use super::recover::verify_entry;
 use super::state::{Loc, SegState, State};
 use super::{BlockId, CleanStats, StoreError};
 
+/// Who is cleaning: what the victims may be, when to stop, and which counter is credited.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Mode {
+    /// `BlockStore::clean`: every victim that qualifies.
+    All,
+    /// A put found no free segment: only until a put can open a segment again.
+    ForPut,
+    /// The background task: until the high watermark (see `ahead::Watermarks`).
+    Ahead,
+}
+
+/// `BlockStore::clean`: every victim that qualifies, the put path waiting meanwhile.
 pub(super) async fn clean(inner: &Inner) -> Result<CleanStats, StoreError> {
     let _g = inner.clean_lock.lock().await;
     let mut stats = CleanStats::default();
     // Every round frees one segment or stops; the bound only guards against a bug looping.
     for _ in 0..inner.lay.nsegs {
-        let Some(victim) = pick_victim(&inner.st(), &inner.lay) else { break };
-        if !clean_one(inner, victim, &mut stats).await? {
+        let Some(victim) = pick_victim(&inner.st(), &inner.lay, Need::Normal) else { break };
+        if !clean_one(inner, victim, &mut stats, Mode::All).await? {
             break;
         }
     }
+    log(&stats, Mode::All);
+    Ok(stats)
+}
+
+/// A put found no free segment: free just enough for it (normally one segment) and return,
+/// instead of cleaning every victim while the put waits. Does nothing if someone else freed
+/// a segment meanwhile (cleaning ahead, or another put).
+pub(super) async fn clean_for_put(inner: &Inner) -> Result<CleanStats, StoreError> {
+    let _g = inner.clean_lock.lock().await;
+    let mut stats = CleanStats::default();
+    for _ in 0..inner.lay.nsegs {
+        let victim = {
+            let st = inner.st();
+            // A put can open a segment once two are free (the last one is the cleaner's).
+            if st.free_segments() >= 2 {
+                break;
+            }
+            pick_victim(&st, &inner.lay, Need::Normal)
+        };
+        let Some(victim) = victim else { break };
+        if !clean_one(inner, victim, &mut stats, Mode::ForPut).await? {
+            break;
+        }
+    }
+    log(&stats, Mode::ForPut);
+    Ok(stats)
+}
+
+/// One pass of the background task: victims one at a time, each under the `clean_lock`
+/// (a put cleaning on demand can step in between), until the free segments reach the high
+/// watermark, no victim qualifies, or the store stops cleaning ahead.
+pub(super) async fn clean_ahead(inner: &Inner) -> Result<CleanStats, StoreError> {
+    let mut stats = CleanStats::default();
+    let res = async {
+        for _ in 0..inner.lay.nsegs {
+            let _g = inner.clean_lock.lock().await;
+            if inner.ahead.stopping() {
+                break;
+            }
+            let victim = {
+                let st = inner.st();
+                let free = st.free_segments();
+                if free >= inner.marks.high {
+                    break;
+                }
+                let need = if free < inner.marks.low { Need::Normal } else { Need::Cheap };
+                pick_victim(&st, &inner.lay, need)
+            };
+            let Some(victim) = victim else { break };
+            if !clean_one(inner, victim, &mut stats, Mode::Ahead).await? {
+                break;
+            }
+        }
+        Ok(())
+    }
+    .await;
+    log(&stats, Mode::Ahead);
+    res.map(|()| stats)
+}
+
+fn log(stats: &CleanStats, mode: Mode) {
     if stats.segments_freed > 0 {
+        let trigger = match mode {
+            Mode::All => "clean",
+            Mode::ForPut => "put",
+            Mode::Ahead => "background",
+        };
         tracing::info!(
+            trigger,
             segments_freed = stats.segments_freed,
             blocks_moved = stats.blocks_moved,
             bytes_moved = stats.bytes_moved,
             "cleaned segments"
         );
     }
-    Ok(stats)
 }
 
-/// The sealed segment with the fewest live bytes, if it is at least 25% dead (10% when at
-/// most one free segment is left) and its live blocks fit in the space still free.
-fn pick_victim(st: &State, lay: &Layout) -> Option<u32> {
+/// How dead a victim must be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Need {
+    /// At least 25% dead (10% when at most one free segment is left).
+    Normal,
+    /// At least 50% dead: at most one byte moved per byte freed (cleaning ahead while
+    /// space is not short yet).
+    Cheap,
+}
+
+/// The sealed segment with the fewest live bytes, if it is dead enough for `need` and its
+/// live blocks fit in the space still free.
+fn pick_victim(st: &State, lay: &Layout, need: Need) -> Option<u32> {
     let usable = lay.seg_bytes - 2 * PAGE_U64;
     let scarce = st.free_segments() <= 1;
     let room = st.free_bytes();
@@ -49,7 +141,10 @@ fn pick_victim(st: &State, lay: &Layout) -> Option<u32> {
         .filter(|(_, m)| m.state == SegState::Sealed)
         .filter(|(_, m)| {
             let dead = usable.saturating_sub(m.live_bytes);
-            dead * 4 >= usable || (scarce && dead * 10 >= usable)
+            match need {
+                Need::Normal => dead * 4 >= usable || (scarce && dead * 10 >= usable),
+                Need::Cheap => dead * 2 >= usable,
+            }
         })
         .filter(|(_, m)| m.live_bytes == 0 || m.live_bytes + slack <= room)
         .min_by_key(|(_, m)| m.live_bytes)
@@ -57,7 +152,11 @@ fn pick_victim(st: &State, lay: &Layout) -> Option<u32> {
 }
 
 /// Clean one segment; false if it could not be freed (something still lives in it).
-async fn clean_one(inner: &Inner, victim: u32, stats: &mut CleanStats) -> Result<bool, StoreError> {
+///
+/// Cleaning ahead checks for a stop before each block it moves and before the commit write:
+/// a stopped pass leaves duplicates (step 1-2), never a half-written commit.
+async fn clean_one(inner: &Inner, victim: u32, stats: &mut CleanStats, mode: Mode) -> Result<bool, StoreError> {
+    let stop = || mode == Mode::Ahead && inner.ahead.stopping();
     let generation = inner.st().segs[victim as usize].generation;
     let recs = inner.load_records(victim, generation).await?.recs;
     let min_other_gen = {
@@ -72,6 +171,9 @@ async fn clean_one(inner: &Inner, victim: u32, stats: &mut CleanStats) -> Result
                 let old = Loc { seg: victim, off_pages, len };
                 if inner.st().index.get(&id) != Some(&old) {
                     continue;
+                }
+                if stop() {
+                    return Ok(false);
                 }
                 move_block(inner, id, old, generation).await?;
                 stats.blocks_moved += 1;
@@ -95,6 +197,9 @@ async fn clean_one(inner: &Inner, victim: u32, stats: &mut CleanStats) -> Result
         );
         return Ok(false);
     }
+    if stop() {
+        return Ok(false);
+    }
     let hdr = SegHeader { in_use: false, generation }.encode(inner.lay.uuid);
     inner.write_at(inner.lay.seg_addr(victim), hdr).await?;
     inner.dev.flush().await?;
@@ -103,6 +208,11 @@ async fn clean_one(inner: &Inner, victim: u32, stats: &mut CleanStats) -> Result
         let meta = &mut st.segs[victim as usize];
         (meta.state, meta.live_bytes) = (SegState::Free, 0);
         st.cleaned_segments += 1;
+        match mode {
+            Mode::All => {}
+            Mode::ForPut => st.cleaned_segments_for_puts += 1,
+            Mode::Ahead => st.cleaned_segments_ahead += 1,
+        }
     }
     stats.segments_freed += 1;
     Ok(true)

@@ -6,11 +6,12 @@
 //! waits until all tickets taken before it have completed, so no acknowledged entry sits
 //! behind a hole that a recovery scan would stop at.
 
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 use bytes::Bytes;
 use tokio::sync::Notify;
 
+use super::ahead::{Ahead, Watermarks};
 use super::cache::CrcCache;
 use super::format::{
     DATA_START, EntryHead, EntryKind, PAGE, PAGE_U64, Rec, SegHeader, TOMBS_PER_ENTRY, build_tomb_entry, crc_at,
@@ -19,7 +20,7 @@ use super::format::{
 use super::state::{Loc, Reservation, SealJob, SegState, State};
 use super::{BlockId, CleanStats, StoreError, StoreOptions, StoreStats};
 use crate::buf::{AlignedBuf, BufPool};
-use crate::device::BlockDevice;
+use crate::device::{BlockDevice, DeviceError};
 
 /// Header pages and data pages this far apart are fetched with one read instead of two.
 const MAX_GAP_PAGES: u32 = 8;
@@ -114,6 +115,11 @@ pub(crate) struct Inner {
     done: Notify,
     rotate_lock: tokio::sync::Mutex<()>,
     pub(super) clean_lock: tokio::sync::Mutex<()>,
+    /// Cleaning ahead: its control block (shared with the task) and watermarks.
+    pub(super) ahead: Arc<Ahead>,
+    pub(super) marks: Watermarks,
+    /// This store, for starting the background task (which holds it weakly).
+    me: Weak<Inner>,
 }
 
 /// What an entry write is for.
@@ -140,7 +146,7 @@ enum Attempt {
 impl Inner {
     pub(super) fn new(dev: Arc<dyn BlockDevice>, lay: Layout, mut st: State, opts: &StoreOptions) -> Arc<Inner> {
         st.crcs = CrcCache::new(opts.crc_cache_bytes);
-        Arc::new(Inner {
+        Arc::new_cyclic(|me| Inner {
             pool: Arc::new(BufPool::new(pool_bytes(dev.info().queue_depth, lay.max_block))),
             dev,
             lay,
@@ -148,6 +154,9 @@ impl Inner {
             done: Notify::new(),
             rotate_lock: tokio::sync::Mutex::new(()),
             clean_lock: tokio::sync::Mutex::new(()),
+            ahead: Ahead::new(),
+            marks: Watermarks::new(lay.nsegs),
+            me: me.clone(),
         })
     }
 
@@ -174,9 +183,17 @@ impl Inner {
     }
 
     pub(super) async fn write_at(&self, addr: u64, buf: AlignedBuf) -> Result<(), StoreError> {
-        let (buf, r) = self.dev.write(addr, buf).await;
+        let (buf, r) = self.dev_write(addr, buf).await;
         self.pool.give(buf);
         Ok(r?)
+    }
+
+    /// Every device write of the store goes through here: none starts once the store is closed.
+    async fn dev_write(&self, addr: u64, buf: AlignedBuf) -> (AlignedBuf, Result<(), DeviceError>) {
+        if self.ahead.closed() {
+            return (buf, Err(DeviceError::Stopped));
+        }
+        self.dev.write(addr, buf).await
     }
 
     pub(crate) async fn put(&self, id: BlockId, data: &[u8]) -> Result<(), StoreError> {
@@ -263,16 +280,50 @@ impl Inner {
         }
     }
 
-    /// Reserve space for a put; if no segment is free, clean once and retry, then NoSpace.
+    /// Reserve space for a put; if no segment is free, clean just enough for it and retry
+    /// (another put may take what was freed first: then clean again), NoSpace once cleaning
+    /// frees nothing.
     async fn reserve_put(&self, req: &Req) -> Result<Reservation, StoreError> {
-        let r = match self.reserve(req).await {
-            Err(StoreError::NoSpace { .. }) => {
-                self.clean().await?;
-                self.reserve(req).await
+        let mut tries = 0;
+        let r = loop {
+            match self.reserve(req).await {
+                Err(StoreError::NoSpace { .. }) if tries < self.lay.nsegs => {
+                    tries += 1;
+                    let freed = super::cleaner::clean_for_put(self).await?.segments_freed;
+                    if freed == 0 && self.st_read().free_segments() < 2 {
+                        break self.reserve(req).await;
+                    }
+                }
+                r => break r,
             }
-            r => r,
         };
         Ok(r?.expect("data reservations yield space or an error").0)
+    }
+
+    /// Start cleaning ahead if free segments are below the high watermark (the task itself
+    /// decides what qualifies); a running task is asked to look once more instead.
+    pub(super) fn clean_ahead_if_low(&self) {
+        if self.st_read().free_segments() < self.marks.high {
+            self.ahead.start(&self.me);
+        }
+    }
+
+    /// Turn cleaning ahead on or off (a running pass stops at its next check when off).
+    pub(crate) fn set_background_cleaning(&self, on: bool) {
+        self.ahead.set_enabled(on);
+    }
+
+    /// Stop cleaning ahead for good, wait for a running pass, flush, then refuse writes.
+    pub(crate) async fn close(&self) -> Result<(), StoreError> {
+        self.ahead.stop_and_wait().await;
+        let r = self.flush().await;
+        self.ahead.close_writes();
+        r
+    }
+
+    /// The store handle is dropped: stop cleaning ahead (waiting for it where possible).
+    pub(crate) fn stop_background(&self) {
+        self.ahead.stop_blocking();
     }
 
     /// Open the next free segment as the active one, unless another task already replaced
@@ -309,6 +360,10 @@ impl Inner {
         let job = self.st().activate(seg, generation, is_reserve);
         if let Some(job) = job {
             self.seal(job).await;
+        }
+        if !prepared {
+            // A prepared segment was already counted used when it was opened (and checked then).
+            self.clean_ahead_if_low();
         }
         Ok(())
     }
@@ -356,6 +411,7 @@ impl Inner {
             Ok(()) => self.st().prepared = Some((seg, generation)),
             Err(e) => tracing::warn!(segment = seg, error = %e, "opening the next segment ahead failed"),
         }
+        self.clean_ahead_if_low();
     }
 
     /// Write the summary of a segment whose writes have all finished. Entries are flushed
@@ -385,7 +441,7 @@ impl Inner {
         tombs: Vec<(BlockId, u64)>,
     ) -> Result<(), StoreError> {
         EntryHead::set_gen(&mut buf, r.generation);
-        let (buf, res) = self.dev.write(self.lay.seg_addr(r.seg) + r.off, buf).await;
+        let (buf, res) = self.dev_write(self.lay.seg_addr(r.seg) + r.off, buf).await;
         self.pool.give(buf);
         let ok = res.is_ok();
         let off_pages = (r.off / PAGE_U64) as u32;
@@ -560,11 +616,15 @@ impl Inner {
     }
 
     pub(crate) async fn delete(&self, id: BlockId) -> Result<(), StoreError> {
-        let page_full = {
+        let (page_full, sealed) = {
             let mut st = self.st();
-            st.remove_block(id).ok_or(StoreError::NotFound(id))?;
-            st.pending_tombs.len() >= TOMBS_PER_ENTRY
+            let loc = st.remove_block(id).ok_or(StoreError::NotFound(id))?;
+            (st.pending_tombs.len() >= TOMBS_PER_ENTRY, st.segs[loc.seg as usize].state == SegState::Sealed)
         };
+        if sealed {
+            // Dead space in a sealed segment: maybe a victim for cleaning ahead now.
+            self.clean_ahead_if_low();
+        }
         if page_full {
             self.write_tombs().await?;
         }
@@ -624,6 +684,8 @@ impl Inner {
             segments_free: free,
             index_bytes: st.index_bytes(),
             cleaned_segments: st.cleaned_segments,
+            cleaned_segments_for_puts: st.cleaned_segments_for_puts,
+            cleaned_segments_ahead: st.cleaned_segments_ahead,
             torn_entries_discarded: st.torn_entries_discarded,
         }
     }

@@ -118,6 +118,10 @@ pub(super) struct State {
     /// Payload bytes of live blocks.
     pub live_bytes: u64,
     pub cleaned_segments: u64,
+    /// Of `cleaned_segments`: freed by a put that found no free segment.
+    pub cleaned_segments_for_puts: u64,
+    /// Of `cleaned_segments`: freed by cleaning ahead (the background task).
+    pub cleaned_segments_ahead: u64,
     pub torn_entries_discarded: u64,
     seg_bytes: u64,
     /// Crcs of stored blocks, by header page. Under the state lock so that a get finds its
@@ -141,6 +145,8 @@ impl State {
             pending_tombs: Vec::new(),
             live_bytes: 0,
             cleaned_segments: 0,
+            cleaned_segments_for_puts: 0,
+            cleaned_segments_ahead: 0,
             torn_entries_discarded: 0,
             seg_bytes,
             crcs: CrcCache::new(0),
