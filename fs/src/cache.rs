@@ -1,9 +1,12 @@
 //! The read cache: verified 4 KiB pages of blocks, in RAM, below every front end.
 //!
 //! `Fs::read` and `Fs::read_bytes` ask it first (`rw.rs`, `read_block_into`, `read_block_bytes`);
-//! a range whose pages are all here is copied out of it (one copy, into the answer; a large
-//! answer into a reused buffer) without touching the device, a peer or the bucket. On a miss the page-aligned range covering the request (clipped to the block) is
-//! read from the source, and its pages go in. Only bytes that were verified go in: the block
+//! a range whose pages are all here is answered from it without touching the device, a peer or
+//! the bucket: `read_bytes` hands out a slice of a kept read buffer (no copy) when the range
+//! lies in one, else one copy (a large answer into a reused buffer). On a miss the page-aligned
+//! range covering the request (clipped to the block) is read from the source, and its pages go
+//! in: a large read (at least [`SHARE_MIN`]) by keeping the source's buffer itself, a small one
+//! by copying its pages into slots. Only bytes that were verified go in: the block
 //! store checks the crc32c of every page it returns, a peer's store checks its own, the cold
 //! tier checks the block's crc before it answers (invariant 11). A read that fails its
 //! checksum returns an error and caches nothing.
@@ -47,9 +50,14 @@
 //! whole 4 KiB slot plus [`ENTRY_OVERHEAD`] (map entry, queue slot), so the whole never
 //! exceeds `capacity`. Pages of one block live in one shard (dropping a block is one lock).
 //!
-//! **Memory**: pages live in 4 KiB slots of large slabs (up to 32 MiB each, allocated as the
-//! shard fills), not in a heap allocation each: no malloc/free per page, no fragmentation,
-//! and a miss copies its page once, into its slot. Slots of dropped pages are reused; the
+//! **Memory**: a large read's pages stay in the buffer the source read them into (for a local
+//! block, the store's pooled read buffer; it goes back to the store's pool when its last page
+//! leaves). Filling the cache from 64 MiB GETs this way costs no copy and no second fresh
+//! 4 MiB per block (a perf profile of 32 clients filling a cold cache had the kernel clearing
+//! freshly touched pages at 47 % of the server's CPU, the copy into slots and the answer
+//! buffers the bulk of it), and a hit is a slice. Other pages live in 4 KiB slots of large
+//! slabs (up to 32 MiB each, allocated as the shard fills), not in a heap allocation each: no
+//! malloc/free per page, no fragmentation, and a miss copies its page once, into its slot. Slots of dropped pages are reused; the
 //! slabs stay allocated (at most the capacity), as a page cache keeps its memory. Filling the
 //! cache costs a page fault (and the kernel's zeroing) per 4 KiB the first time a slot is
 //! used. Transparent huge pages (MADV_HUGEPAGE on the slabs) were tried and looked worse: in
@@ -122,9 +130,19 @@ impl Hasher for KeyHasher {
 
 type Map<K, V> = HashMap<K, V, BuildHasherDefault<KeyHasher>>;
 
+/// Where a page's bytes are.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Loc {
+    /// A slot of the shard's slabs (`Slabs::slot`): the page was copied in.
+    Slot(u32),
+    /// Bytes `at..` of a shared buffer of the shard (`Shared`): the source's own read buffer,
+    /// kept instead of copied (a large insert).
+    Shared { buf: u32, at: u32 },
+}
+
 struct Entry {
-    /// Where its bytes are (`Slabs::slot`) and how many (a block's last page may be short).
-    slot: u32,
+    /// Where its bytes are, and how many (a block's last page may be short).
+    loc: Loc,
     len: u16,
     /// Reads since it entered its queue or was last passed over (capped at `MAX_FREQ`).
     freq: u8,
@@ -137,6 +155,7 @@ struct Entry {
 #[derive(Default)]
 struct Shard {
     slabs: Slabs,
+    shared: Shared,
     map: Map<Key, Entry>,
     /// Pages held and highest page index + 1, per block: a drop looks up exactly those.
     blocks: Map<BlockId, (u32, u32)>,
@@ -199,6 +218,65 @@ impl Slabs {
     }
 }
 
+/// A shard's shared buffers: the read buffers of large inserts, kept whole (a `Bytes` of the
+/// source's buffer, the store's pooled read buffer itself) rather than copied into slots, each
+/// with the number of pages that point into it; it is dropped (back to the store's pool) with
+/// its last page.
+#[derive(Default)]
+struct Shared {
+    bufs: Vec<Option<(Bytes, u32)>>,
+    free: Vec<u32>,
+}
+
+impl Shared {
+    /// Keeps `data` with no page pointing into it yet; its index.
+    fn add(&mut self, data: Bytes) -> u32 {
+        match self.free.pop() {
+            Some(i) => {
+                self.bufs[i as usize] = Some((data, 0));
+                i
+            }
+            None => {
+                self.bufs.push(Some((data, 0)));
+                (self.bufs.len() - 1) as u32
+            }
+        }
+    }
+
+    fn get(&self, buf: u32) -> &Bytes {
+        // Every `Loc::Shared` names a kept buffer: pages are counted in and out under the
+        // shard's lock, and a buffer goes only when its count is back to zero.
+        &self.bufs[buf as usize].as_ref().expect("a page points into a kept buffer").0
+    }
+
+    fn hold(&mut self, buf: u32) {
+        if let Some((_, n)) = &mut self.bufs[buf as usize] {
+            *n += 1;
+        }
+    }
+
+    /// `pages` holders (pages, or the insert that added it) let go of `buf`; the buffer goes
+    /// with the last.
+    fn release(&mut self, buf: u32, pages: u32) {
+        let slot = &mut self.bufs[buf as usize];
+        if let Some((_, n)) = slot {
+            *n -= pages.min(*n);
+            if *n == 0 {
+                *slot = None;
+                self.free.push(buf);
+            }
+        }
+    }
+}
+
+/// The bytes of a page at `loc` (`len` of them).
+fn page_at<'a>(slabs: &'a Slabs, shared: &'a Shared, loc: Loc, len: u16) -> &'a [u8] {
+    match loc {
+        Loc::Slot(slot) => &slabs.slot(slot)[..usize::from(len)],
+        Loc::Shared { buf, at } => &shared.get(buf)[at as usize..at as usize + usize::from(len)],
+    }
+}
+
 impl Shard {
     fn bytes(&self) -> usize {
         self.small_bytes + self.main_bytes
@@ -212,7 +290,10 @@ impl Shard {
     /// Removes `key`'s entry and its block's page count; returns the bytes it was charged.
     fn remove(&mut self, key: Key) -> Option<usize> {
         let e = self.map.remove(&key)?;
-        self.slabs.give(e.slot);
+        match e.loc {
+            Loc::Slot(slot) => self.slabs.give(slot),
+            Loc::Shared { buf, .. } => self.shared.release(buf, 1),
+        }
         let c = charge(&e);
         if e.main {
             self.main_bytes -= c;
@@ -237,7 +318,17 @@ impl Shard {
                 let (key, seq) = self.small.pop_front()?;
                 let Some(e) = self.map.get_mut(&key).filter(|e| e.seq == seq && !e.main) else { continue };
                 if e.freq > 0 {
-                    // Read again while on probation: into main.
+                    // Read again while on probation: into main, in a slot of its own if it
+                    // was in a shared buffer, so that main never keeps a large read buffer
+                    // alive for a few of its pages (the rest of it leaves the small FIFO).
+                    if let Loc::Shared { buf, at } = e.loc {
+                        // Within the bound, a slot is free: slots <= shard_cap / CHARGE.
+                        let slot = self.slabs.take()?;
+                        let src = &self.shared.get(buf)[at as usize..at as usize + usize::from(e.len)];
+                        self.slabs.slot_mut(slot)[..src.len()].copy_from_slice(src);
+                        self.shared.release(buf, 1);
+                        e.loc = Loc::Slot(slot);
+                    }
                     let seq = {
                         self.seq += 1;
                         self.seq
@@ -276,6 +367,16 @@ impl Shard {
             self.main.retain(live);
         }
     }
+}
+
+/// Inserts this long or longer keep their buffer rather than copy it ([`ReadCache::insert`]).
+pub const SHARE_MIN: usize = 1 << 20;
+
+/// What [`ReadCache::shared_run`] found.
+enum Run {
+    Whole(Bytes),
+    Miss,
+    Mixed,
 }
 
 /// Answers of [`ReadCache::read_bytes`] this long or longer use reused buffers.
@@ -369,12 +470,16 @@ impl ReadCache {
         })
     }
 
-    fn shard(&self, block: BlockId) -> MutexGuard<'_, Shard> {
+    fn shard_of(&self, block: BlockId) -> usize {
         // splitmix64's finaliser: consecutive ids spread over the shards.
         let mut z = block.wrapping_add(0x9E37_79B9_7F4A_7C15);
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
         z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        let i = ((z ^ (z >> 31)) % self.shards.len() as u64) as usize;
+        ((z ^ (z >> 31)) % self.shards.len() as u64) as usize
+    }
+
+    fn shard(&self, block: BlockId) -> MutexGuard<'_, Shard> {
+        let i = self.shard_of(block);
         // A panic while holding a shard leaves plain maps and counters, consistent enough to
         // keep serving: every update below is finished before the next can panic.
         self.shards[i].lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -391,12 +496,30 @@ impl ReadCache {
         })
     }
 
-    /// Bytes `offset..offset + len` of `block` if every page they cover is here (a hit: one
-    /// copy, and no zeroing of the answer first), else `None`; counts a hit or a miss. An
-    /// answer of [`REUSE_MIN`] bytes or more is copied into a buffer of [`Recycler`] (and goes
-    /// back to it when the last `Bytes` of it drops), so that a stream of large hits does not
-    /// map, fault in and give back fresh memory for every block.
+    /// Bytes `offset..offset + len` of `block` if every page they cover is here (a hit), else
+    /// `None`; counts a hit or a miss. When the pages are consecutive bytes of one shared buffer
+    /// (a large read put in whole, see [`ReadCache::insert`]) the answer is a slice of it: no
+    /// copy at all. Otherwise it is one copy, and no zeroing of the answer first; an answer of
+    /// [`REUSE_MIN`] bytes or more is copied into a buffer of [`Recycler`] (and goes back to it
+    /// when the last `Bytes` of it drops), so that a stream of large hits does not map, fault
+    /// in and give back fresh memory for every block.
     pub fn read_bytes(&self, block: BlockId, offset: u32, len: usize) -> Option<Bytes> {
+        if len > 0 {
+            let (first, last) = pages_of(offset, len);
+            let run = self.shared_run(block, first, last, offset, len);
+            if !matches!(run, Run::Mixed) {
+                let hit = matches!(run, Run::Whole(_));
+                let c = if hit { &self.counters.hits } else { &self.counters.misses };
+                c.fetch_add(1, Ordering::Relaxed);
+            }
+            match run {
+                Run::Whole(b) => return Some(b),
+                Run::Miss => return None,
+                // Pages in slots, or in several buffers: copied below (their read counts go
+                // up a second time; the CLOCK passes them over once more, no harm).
+                Run::Mixed => {}
+            }
+        }
         let mut out = if len >= REUSE_MIN { self.recycler.take(len) } else { Vec::with_capacity(len) };
         if !self.read_with(block, offset, len, |piece| out.extend_from_slice(piece)) {
             self.recycler.give(out);
@@ -407,6 +530,47 @@ impl ReadCache {
         } else {
             Bytes::from(out)
         })
+    }
+
+    /// Whether pages `first..=last` of `block`, which cover `offset..offset + len`, are all
+    /// here and consecutive bytes of one shared buffer (then the range as a slice of it), or
+    /// one is missing or too short, or they are here in other places. Counts the read on each
+    /// page found.
+    fn shared_run(&self, block: BlockId, first: u32, last: u32, offset: u32, len: usize) -> Run {
+        let mut guard = self.shard(block);
+        let shard = &mut *guard;
+        let mut run: Option<(u32, u32)> = None;
+        let mut whole = true;
+        let mut done = 0;
+        for page in first..=last {
+            let Some(e) = shard.map.get_mut(&Key { block, page }) else { return Run::Miss };
+            let start = page as usize * PAGE;
+            let from = (offset as usize).max(start) - start;
+            let n = (len - done).min(PAGE - from);
+            if from + n > usize::from(e.len) {
+                // The block is shorter than asked: the source answers the error.
+                return Run::Miss;
+            }
+            done += n;
+            e.freq = (e.freq + 1).min(MAX_FREQ);
+            whole &= match (e.loc, run) {
+                (Loc::Shared { buf, at }, None) => {
+                    run = Some((buf, at));
+                    true
+                }
+                (Loc::Shared { buf, at }, Some((b0, at0))) => {
+                    buf == b0 && at as usize == at0 as usize + start - first as usize * PAGE
+                }
+                (Loc::Slot(_), _) => false,
+            };
+        }
+        match run {
+            Some((buf, at0)) if whole => {
+                let from = at0 as usize + offset as usize - first as usize * PAGE;
+                Run::Whole(shard.shared.get(buf).slice(from..from + len))
+            }
+            _ => Run::Mixed,
+        }
     }
 
     #[cfg(test)]
@@ -441,7 +605,7 @@ impl ReadCache {
                     hit = false;
                     break;
                 }
-                put(&shard.slabs.slot(e.slot)[from..from + n]);
+                put(&page_at(&shard.slabs, &shard.shared, e.loc, e.len)[from..from + n]);
                 done += n;
                 e.freq = (e.freq + 1).min(MAX_FREQ);
             }
@@ -452,12 +616,35 @@ impl ReadCache {
         hit
     }
 
+    #[cfg(test)]
+    /// [`ReadCache::insert`] of a copy of `data`.
+    pub fn insert_slice(&self, block: BlockId, first_page: u32, data: &[u8]) {
+        self.insert(block, first_page, &Bytes::copy_from_slice(data));
+    }
+
     /// Puts the pages of `data`, which holds bytes `first_page * PAGE..` of `block`: whole
     /// pages, the last one short only where the block ends. Pages already here are kept.
-    pub fn insert(&self, block: BlockId, first_page: u32, data: &[u8]) {
+    ///
+    /// `data` of [`SHARE_MIN`] bytes or more is kept as it is (a shared buffer: the pages point
+    /// into it, nothing is copied, and a later hit on a range of it is a slice of it); its
+    /// memory goes when its last page leaves. Its pages enter the small FIFO together and
+    /// leave it in that order, and a page promoted to main is copied into a slot of its own,
+    /// so a buffer is not kept alive long for a few pages. Smaller `data` (and a page going
+    /// straight to main, a ghost) is copied into slots. What the bound counts is the pages; a
+    /// buffer's memory beyond them (the store's read of a block whose crcs were not cached
+    /// holds up to 10 more pages: header pages and the gap to the data) is outside it, at most
+    /// 4 % of a [`SHARE_MIN`] buffer, 1 % of a 4 MiB one.
+    pub fn insert(&self, block: BlockId, first_page: u32, data: &Bytes) {
         let mut guard = self.shard(block);
         let shard = &mut *guard;
         let (mut added, mut evicted, mut freed) = (0u64, 0u64, 0usize);
+        // Held by this insert until its end, so that evicting its own first pages (a shard
+        // smaller than `data`) cannot drop the buffer under it.
+        let shared = (data.len() >= SHARE_MIN).then(|| {
+            let b = shard.shared.add(data.clone());
+            shard.shared.hold(b);
+            b
+        });
         for (i, chunk) in data.chunks(PAGE).enumerate() {
             let key = Key { block, page: first_page + i as u32 };
             if shard.map.contains_key(&key) {
@@ -476,12 +663,21 @@ impl ReadCache {
                     None => break,
                 }
             }
-            // Within the bound, a slot is free: slots <= shard_cap / CHARGE.
-            let Some(slot) = shard.slabs.take() else { break };
-            shard.slabs.slot_mut(slot)[..chunk.len()].copy_from_slice(chunk);
             let to_main = shard.ghost_map.remove(&key).is_some();
+            let loc = match shared {
+                Some(buf) if !to_main => {
+                    shard.shared.hold(buf);
+                    Loc::Shared { buf, at: (i * PAGE) as u32 }
+                }
+                _ => {
+                    // Within the bound, a slot is free: slots <= shard_cap / CHARGE.
+                    let Some(slot) = shard.slabs.take() else { break };
+                    shard.slabs.slot_mut(slot)[..chunk.len()].copy_from_slice(chunk);
+                    Loc::Slot(slot)
+                }
+            };
             let seq = shard.next_seq();
-            let e = Entry { slot, len: chunk.len() as u16, freq: 0, main: to_main, seq };
+            let e = Entry { loc, len: chunk.len() as u16, freq: 0, main: to_main, seq };
             if to_main {
                 shard.main_bytes += c;
                 shard.main.push_back((key, seq));
@@ -494,6 +690,9 @@ impl ReadCache {
             b.0 += 1;
             b.1 = b.1.max(key.page + 1);
             added += c as u64;
+        }
+        if let Some(b) = shared {
+            shard.shared.release(b, 1);
         }
         while shard.ghost_map.len() > self.ghost_cap {
             let Some((k, s)) = shard.ghost.pop_front() else { break };
@@ -581,7 +780,7 @@ mod tests {
         assert!(!c.read(7, 5000, &mut out));
         // Pages 1 and 2 of block 7 (the covering range of 5000..5100 is page 1 only).
         let data: Vec<u8> = [page(7, 1, PAGE), page(7, 2, PAGE)].concat();
-        c.insert(7, 1, &data);
+        c.insert_slice(7, 1, &data);
         assert!(c.read(7, 5000, &mut out));
         assert_eq!(out, data[5000 - PAGE..5100 - PAGE]);
         // A range over both pages, and one going past them (page 3 missing).
@@ -605,7 +804,7 @@ mod tests {
         let (c, _) = cache(16 << 20);
         let pages = 2 * REUSE_MIN / PAGE;
         let data: Vec<u8> = (0..pages as u32).flat_map(|p| page(9, p, PAGE)).collect();
-        c.insert(9, 0, &data);
+        c.insert_slice(9, 0, &data);
         for (off, len) in [(0, data.len()), (5, REUSE_MIN), (PAGE + 1, REUSE_MIN + 3), (0, data.len()), (7, 100)] {
             let a = c.read_bytes(9, off as u32, len).unwrap();
             let b = c.read_bytes(9, off as u32, len).unwrap();
@@ -621,7 +820,7 @@ mod tests {
     fn short_last_page_and_reads_past_it() {
         let (c, _) = cache(1 << 20);
         let tail = page(3, 0, 100);
-        c.insert(3, 0, &tail);
+        c.insert_slice(3, 0, &tail);
         let mut out = vec![0u8; 50];
         assert!(c.read(3, 50, &mut out));
         assert_eq!(out, tail[50..]);
@@ -641,7 +840,7 @@ mod tests {
             let pages = 1 + (i % 4) as u32;
             let data: Vec<u8> =
                 (0..pages).flat_map(|k| page(block, p + k, PAGE)).take(len + (pages as usize - 1) * PAGE).collect();
-            c.insert(block, p, &data);
+            c.insert_slice(block, p, &data);
             if i % 7 == 0 {
                 let mut out = [0u8; 10];
                 if c.read(block, p * PAGE as u32, &mut out) {
@@ -666,7 +865,7 @@ mod tests {
         let (c, n) = cache(4 << 20);
         for b in [1u64, 2] {
             for p in [0u32, 5, 9] {
-                c.insert(b, p, &page(b, p, PAGE));
+                c.insert_slice(b, p, &page(b, p, PAGE));
             }
         }
         c.remove_block(1);
@@ -687,10 +886,10 @@ mod tests {
         let (c, _) = cache(100 * per);
         assert_eq!(c.shards.len(), 1);
         for p in 0..20u32 {
-            c.insert(1, p, &page(1, p, PAGE));
+            c.insert_slice(1, p, &page(1, p, PAGE));
         }
         for p in 0..80u32 {
-            c.insert(2, p, &page(2, p, PAGE)); // fills the cache
+            c.insert_slice(2, p, &page(2, p, PAGE)); // fills the cache
         }
         for _ in 0..3 {
             for p in 0..20u32 {
@@ -698,7 +897,7 @@ mod tests {
             }
         }
         for p in 0..1000u32 {
-            c.insert(3, p, &page(3, p, PAGE));
+            c.insert_slice(3, p, &page(3, p, PAGE));
         }
         let kept = (0..20u32).filter(|p| c.contains(1, *p)).count();
         assert_eq!(kept, 20, "the hot pages survive a scan five times the cache");
@@ -708,11 +907,116 @@ mod tests {
     fn queues_do_not_grow_with_drops_alone() {
         let (c, _) = cache(64 << 20);
         for b in 0..2_000u64 {
-            c.insert(b, 0, &page(b, 0, PAGE));
+            c.insert_slice(b, 0, &page(b, 0, PAGE));
             c.remove_block(b);
         }
         let s = c.shards.iter().map(|s| s.lock().unwrap().small.len()).sum::<usize>();
         assert!(s <= 16 * 1024 + 16, "stale queue slots are compacted: {s}");
         assert_eq!(c.pages(), 0);
+    }
+
+    /// A buffer that counts its drops, to see when the cache lets go of a shared one.
+    struct Tracked(Vec<u8>, Arc<AtomicU64>);
+
+    impl AsRef<[u8]> for Tracked {
+        fn as_ref(&self) -> &[u8] {
+            &self.0
+        }
+    }
+
+    impl Drop for Tracked {
+        fn drop(&mut self) {
+            self.1.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn tracked(block: u64, pages: u32) -> (Bytes, Vec<u8>, Arc<AtomicU64>) {
+        let data: Vec<u8> = (0..pages).flat_map(|p| page(block, p, PAGE)).collect();
+        let drops = Arc::new(AtomicU64::new(0));
+        (Bytes::from_owner(Tracked(data.clone(), drops.clone())), data, drops)
+    }
+
+    #[test]
+    fn large_inserts_are_kept_and_hits_on_them_are_slices() {
+        let (c, n) = cache(64 << 20);
+        let pages = (SHARE_MIN / PAGE) as u32 + 3;
+        let (buf, data, drops) = tracked(5, pages);
+        c.insert(5, 0, &buf);
+        assert_eq!(n.held_bytes.load(Ordering::Relaxed), u64::from(pages) * (PAGE + ENTRY_OVERHEAD) as u64);
+        let base = buf.as_ptr() as usize;
+        drop(buf);
+        for (off, len) in [(0, data.len()), (100, PAGE), (PAGE * 2 + 5, SHARE_MIN), (data.len() - 1, 1)] {
+            let b = c.read_bytes(5, off as u32, len).unwrap();
+            assert_eq!(b, data[off..off + len], "range {off}+{len}");
+            assert_eq!(b.as_ptr() as usize, base + off, "a slice of the kept buffer, not a copy");
+            let mut out = vec![0u8; len];
+            assert!(c.read(5, off as u32, &mut out));
+            assert_eq!(out, data[off..off + len]);
+        }
+        assert_eq!(c.read_bytes(5, 0, data.len() + 1), None, "past the block's end");
+        // A small insert of another block is copied; a range over copied pages is a copy.
+        c.insert(6, 0, &Bytes::from(page(6, 0, PAGE)));
+        assert_eq!(c.read_vec(6, 10, 20).unwrap(), page(6, 0, PAGE)[10..30]);
+        // The buffer goes with its block's last page.
+        assert_eq!(drops.load(Ordering::Relaxed), 0);
+        c.remove_block(5);
+        assert_eq!(drops.load(Ordering::Relaxed), 1, "dropped with the block");
+        assert_eq!(c.read_bytes(5, 0, 10), None);
+        let s = c.shards.iter().map(|s| s.lock().unwrap().shared.bufs.iter().flatten().count()).sum::<usize>();
+        assert_eq!(s, 0, "no buffer is kept");
+    }
+
+    #[test]
+    fn pages_read_again_leave_their_shared_buffer_for_slots() {
+        // Shards of 600 pages: a 300-page buffer, a third of it read again, then a scan of
+        // blocks of the same shard pushes the rest of it out; the pages read again stay,
+        // copied into slots, and the buffer goes.
+        let per = (PAGE + ENTRY_OVERHEAD) as u64;
+        let (c, _) = cache(16 * 600 * per);
+        assert_eq!(c.shards.len(), 16);
+        let (buf, data, drops) = tracked(1, 300);
+        c.insert(1, 0, &buf);
+        drop(buf);
+        let hot = 0..100u32;
+        for p in hot.clone() {
+            assert!(c.read(1, p * PAGE as u32, &mut [0u8; 8]));
+        }
+        let same: Vec<u64> = (2..).filter(|b| c.shard_of(*b) == c.shard_of(1)).take(10).collect();
+        for b in same {
+            let (other, _, _) = tracked(b, 300);
+            c.insert(b, 0, &other);
+        }
+        assert_eq!(drops.load(Ordering::Relaxed), 1, "the buffer went with its pages not read again");
+        for p in hot {
+            let at = p as usize * PAGE;
+            assert_eq!(c.read_vec(1, at as u32, PAGE).unwrap(), data[at..at + PAGE], "page {p} kept, copied");
+        }
+        assert!(!c.contains(1, 200));
+        assert_eq!(c.read_vec(1, 0, 100 * PAGE).unwrap(), data[..100 * PAGE], "a range over copied pages");
+        let s = c.shards[c.shard_of(1)].lock().unwrap();
+        assert!(s.shared.bufs.iter().flatten().count() <= 2, "only the newest buffers are kept");
+    }
+
+    #[test]
+    fn a_shared_insert_larger_than_its_shard_stays_in_bounds() {
+        let per = (PAGE + ENTRY_OVERHEAD) as u64;
+        let limit = 100 * per;
+        let (c, _) = cache(limit);
+        for round in 0..3u64 {
+            let (buf, data, drops) = tracked(round, 2 * (SHARE_MIN / PAGE) as u32);
+            c.insert(round, 0, &buf);
+            drop(buf);
+            assert!(c.held_bytes() <= limit, "held {} > {limit}", c.held_bytes());
+            let kept: Vec<u32> = (0..data.len() as u32 / PAGE as u32).filter(|p| c.contains(round, *p)).collect();
+            assert!(!kept.is_empty());
+            for p in kept {
+                let at = p as usize * PAGE;
+                assert_eq!(c.read_vec(round, at as u32, PAGE).unwrap(), data[at..at + PAGE]);
+            }
+            if round > 0 {
+                c.remove_block(round - 1);
+            }
+            assert!(drops.load(Ordering::Relaxed) == 0 || round > 0);
+        }
     }
 }
