@@ -904,3 +904,31 @@ async fn reopen_after_cleaning_ahead_recovers_every_block() {
     }
     s.put(next, b"writable after reopen").await.unwrap();
 }
+
+/// With most of the device free, cleaning ahead still frees segments left (nearly) empty by
+/// deletes, which cost nothing to clean, but leaves half-dead ones alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn emptied_segments_are_freed_with_space_to_spare() {
+    let dev = mem(21 * MIB); // 20 segments of 1 MiB, high watermark 15
+    let s = BlockStore::format(dev, opts(MIB, 64 << 10)).await.unwrap();
+    let ids = fill_until_free(&s, 16).await;
+    // Every other block: segments half dead, above the high watermark: nothing to do.
+    for &id in ids.iter().filter(|&&id| id % 2 == 1) {
+        s.delete(id).await.unwrap();
+    }
+    s.flush().await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(s.stats().cleaned_segments, 0, "{:?}", s.stats());
+    // The rest of the first 80 blocks (two segments of ~41): those segments are empty now.
+    for &id in ids.iter().filter(|&&id| id % 2 == 0 && id < 80) {
+        s.delete(id).await.unwrap();
+    }
+    s.flush().await.unwrap();
+    wait_for("cleaning ahead to free the emptied segments", || s.stats().cleaned_segments_ahead >= 1).await;
+    let st = s.stats();
+    assert!(st.segments_free >= 16, "{st:?}");
+    for &id in ids.iter().filter(|&&id| id % 2 == 0 && id >= 80) {
+        check(&s, id, 20_000).await;
+    }
+    s.close().await.unwrap();
+}

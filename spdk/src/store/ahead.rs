@@ -1,11 +1,12 @@
 //! Cleaning ahead: one background task that frees segments before a put has to wait for it.
 //!
 //! When the free segments fall below the high watermark (checked after a rotation or a
-//! prepared segment used a free one, and after a delete made a sealed segment deader), one
-//! task is started on the caller's tokio runtime. It cleans one victim at a time, each under
-//! the `clean_lock` (so a put that found no free segment can step in between two victims),
-//! following the crash-safe steps of `cleaner`, until the high watermark is reached or no
-//! victim qualifies. At most one such task runs per store.
+//! prepared segment used a free one, and after a delete in a sealed segment), or a delete
+//! leaves a sealed segment nearly empty, one task is started on the caller's tokio runtime.
+//! It cleans one victim at a time, each under the `clean_lock` (so a put that found no free
+//! segment can step in between two victims), following the crash-safe steps of `cleaner`,
+//! while a victim qualifies for the free space left (see [`Watermarks`]). At most one such
+//! task runs per store.
 //!
 //! The task holds the store weakly (a strong reference only for one victim at a time) and
 //! stops at its next check once the store is closed, dropped or cleaning ahead is turned off.
@@ -28,19 +29,19 @@ use super::imp::Inner;
 /// How long dropping a store waits for a running background pass to stop.
 const DROP_WAIT: Duration = Duration::from_secs(5);
 
-/// Free-segment watermarks of cleaning ahead.
+/// Free-segment watermarks of cleaning ahead: what a victim must be, by the free segments left.
 ///
-/// - `high` = 3/4 of the segments (at least 4, at most all of them): below it, the task
-///   cleans victims that are at least half dead, so it moves at most one byte per byte it
-///   frees. Dead space left by deletes is given back while the device is idle instead of
-///   during the next large write (the NFS benchmark's third 2 GiB file on a 6 GiB device:
-///   23 segments of 256 MiB, 7 free after two files were written and deleted).
-/// - `low` = 1/4 of the segments (at least 3): below it, also victims only a quarter dead
-///   (the rule of `clean()`), as space is getting short.
+/// - any number free: segments at least 90% dead. They cost almost nothing to clean (at most
+///   one byte moved per nine freed), and freeing them while the device is idle means a later
+///   large write never waits for them, nor shares the device with their cleaning.
+/// - below `high` = 3/4 of the segments (at least 4, at most all): also segments at least half
+///   dead (at most one byte moved per byte freed).
+/// - below `low` = 1/4 of the segments (at least 3): also segments a quarter dead (the rule of
+///   `clean()`), as space is getting short.
 ///
-/// Segments are large (256 MiB by default) and devices can be small (tests: 3-8 segments),
-/// hence fractions of the segment count with small absolute minimums; on a 3-segment store
-/// both watermarks cover every segment and cleaning ahead runs whenever a victim qualifies.
+/// Segments are large (256 MiB by default: the NFS benchmark's 6 GiB device has 23) and
+/// devices can be small (tests: 3-20 segments), hence fractions of the segment count with
+/// small absolute minimums; on a 3-segment store both watermarks cover every segment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) struct Watermarks {
     pub low: usize,

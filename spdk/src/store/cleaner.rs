@@ -11,8 +11,10 @@
 //!
 //! Who cleans (one at a time, under `clean_lock`): `BlockStore::clean` (every victim that
 //! qualifies), a put that found no free segment (only until a put can open one again), and
-//! the background task of `ahead` (one victim per lock hold, up to the high watermark).
+//! the background task of `ahead` (one victim per lock hold, while one qualifies for the free
+//! space left).
 
+use super::ahead::Watermarks;
 use super::format::{EntryHead, EntryKind, PAGE_U64, Rec, SegHeader, entry_bytes};
 use super::imp::{Inner, Layout, Req};
 use super::recover::verify_entry;
@@ -70,8 +72,8 @@ pub(super) async fn clean_for_put(inner: &Inner) -> Result<CleanStats, StoreErro
 }
 
 /// One pass of the background task: victims one at a time, each under the `clean_lock`
-/// (a put cleaning on demand can step in between), until the free segments reach the high
-/// watermark, no victim qualifies, or the store stops cleaning ahead.
+/// (a put cleaning on demand can step in between), while one qualifies for the free segments
+/// left (see `ahead::Watermarks`), or until the store stops cleaning ahead.
 pub(super) async fn clean_ahead(inner: &Inner) -> Result<CleanStats, StoreError> {
     let mut stats = CleanStats::default();
     let res = async {
@@ -82,11 +84,7 @@ pub(super) async fn clean_ahead(inner: &Inner) -> Result<CleanStats, StoreError>
             }
             let victim = {
                 let st = inner.st();
-                let free = st.free_segments();
-                if free >= inner.marks.high {
-                    break;
-                }
-                let need = if free < inner.marks.low { Need::Normal } else { Need::Cheap };
+                let need = ahead_need(st.free_segments(), inner.marks);
                 pick_victim(&st, &inner.lay, need)
             };
             let Some(victim) = victim else { break };
@@ -99,6 +97,24 @@ pub(super) async fn clean_ahead(inner: &Inner) -> Result<CleanStats, StoreError>
     .await;
     log(&stats, Mode::Ahead);
     res.map(|()| stats)
+}
+
+/// What cleaning ahead accepts with `free` segments free.
+fn ahead_need(free: usize, marks: Watermarks) -> Need {
+    if free < marks.low {
+        Need::Normal
+    } else if free < marks.high {
+        Need::Half
+    } else {
+        Need::NearlyEmpty
+    }
+}
+
+/// A segment whose live entries take `live_bytes` is worth cleaning ahead whatever the free
+/// space (at least 90% dead: at most one byte moved per nine freed).
+pub(super) fn nearly_empty(lay: &Layout, live_bytes: u64) -> bool {
+    let usable = lay.seg_bytes - 2 * PAGE_U64;
+    live_bytes * 10 <= usable
 }
 
 fn log(stats: &CleanStats, mode: Mode) {
@@ -125,7 +141,9 @@ enum Need {
     Normal,
     /// At least 50% dead: at most one byte moved per byte freed (cleaning ahead while
     /// space is not short yet).
-    Cheap,
+    Half,
+    /// At least 90% dead (cleaning ahead with plenty of space free).
+    NearlyEmpty,
 }
 
 /// The sealed segment with the fewest live bytes, if it is dead enough for `need` and its
@@ -143,7 +161,8 @@ fn pick_victim(st: &State, lay: &Layout, need: Need) -> Option<u32> {
             let dead = usable.saturating_sub(m.live_bytes);
             match need {
                 Need::Normal => dead * 4 >= usable || (scarce && dead * 10 >= usable),
-                Need::Cheap => dead * 2 >= usable,
+                Need::Half => dead * 2 >= usable,
+                Need::NearlyEmpty => nearly_empty(lay, m.live_bytes),
             }
         })
         .filter(|(_, m)| m.live_bytes == 0 || m.live_bytes + slack <= room)

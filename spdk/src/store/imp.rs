@@ -13,6 +13,7 @@ use tokio::sync::Notify;
 
 use super::ahead::{Ahead, Watermarks};
 use super::cache::CrcCache;
+use super::cleaner::nearly_empty;
 use super::format::{
     DATA_START, EntryHead, EntryKind, PAGE, PAGE_U64, Rec, SegHeader, TOMBS_PER_ENTRY, build_tomb_entry, crc_at,
     crc_page_span, data_pages, entry_bytes, fill_data_entry, get_u32, hdr_pages,
@@ -616,13 +617,17 @@ impl Inner {
     }
 
     pub(crate) async fn delete(&self, id: BlockId) -> Result<(), StoreError> {
-        let (page_full, sealed) = {
+        let (page_full, sealed, emptied) = {
             let mut st = self.st();
             let loc = st.remove_block(id).ok_or(StoreError::NotFound(id))?;
-            (st.pending_tombs.len() >= TOMBS_PER_ENTRY, st.segs[loc.seg as usize].state == SegState::Sealed)
+            let meta = st.segs[loc.seg as usize];
+            let sealed = meta.state == SegState::Sealed;
+            (st.pending_tombs.len() >= TOMBS_PER_ENTRY, sealed, sealed && nearly_empty(&self.lay, meta.live_bytes))
         };
-        if sealed {
-            // Dead space in a sealed segment: maybe a victim for cleaning ahead now.
+        // Dead space in a sealed segment: maybe a victim for cleaning ahead now.
+        if emptied {
+            self.ahead.start(&self.me);
+        } else if sealed {
             self.clean_ahead_if_low();
         }
         if page_full {
