@@ -2,11 +2,11 @@
 //!
 //! `Fs::read` and `Fs::read_bytes` ask it first (`rw.rs`, `read_block_into`, `read_block_bytes`);
 //! a range whose pages are all here is answered from it without touching the device, a peer or
-//! the bucket: `read_bytes` hands out a slice of a kept read buffer (no copy) when the range
+//! the bucket: `read_bytes` hands out a slice of a cached buffer (no copy) when the range
 //! lies in one, else one copy (a large answer into a reused buffer). On a miss the page-aligned
 //! range covering the request (clipped to the block) is read from the source, and its pages go
-//! in: a large read (at least [`SHARE_MIN`]) by keeping the source's buffer itself, a small one
-//! by copying its pages into slots. Only bytes that were verified go in: the block
+//! in: a large read (at least [`SHARE_MIN`]) copied whole into a buffer of the cache's own, a
+//! small one page by page into slots. Only bytes that were verified go in: the block
 //! store checks the crc32c of every page it returns, a peer's store checks its own, the cold
 //! tier checks the block's crc before it answers (invariant 11). A read that fails its
 //! checksum returns an error and caches nothing.
@@ -50,12 +50,14 @@
 //! whole 4 KiB slot plus [`ENTRY_OVERHEAD`] (map entry, queue slot), so the whole never
 //! exceeds `capacity`. Pages of one block live in one shard (dropping a block is one lock).
 //!
-//! **Memory**: a large read's pages stay in the buffer the source read them into (for a local
-//! block, the store's pooled read buffer; it goes back to the store's pool when its last page
-//! leaves). Filling the cache from 64 MiB GETs this way costs no copy and no second fresh
-//! 4 MiB per block (a perf profile of 32 clients filling a cold cache had the kernel clearing
-//! freshly touched pages at 47 % of the server's CPU, the copy into slots and the answer
-//! buffers the bulk of it), and a hit is a slice. Other pages live in 4 KiB slots of large
+//! **Memory**: a large read's pages live in one buffer of the cache's own, copied once from
+//! the source's (the store's pooled read buffer goes back to its pool at once, and huge-page
+//! buffers there are slow to touch the first time on this VM); a hit on a range of it is a
+//! slice (no copy), and the buffer is reused for a later insert once its last page left
+//! ([`Spares`]). Under 32 GET clients filling a cold cache the server's CPU went to clearing
+//! freshly touched pages (47 % in a perf profile with pages copied into slots and the answers
+//! copied out into new 4 MiB buffers; 81 % when the store's huge-page read buffers were kept
+//! instead of copied). Other pages live in 4 KiB slots of large
 //! slabs (up to 32 MiB each, allocated as the shard fills), not in a heap allocation each: no
 //! malloc/free per page, no fragmentation, and a miss copies its page once, into its slot. Slots of dropped pages are reused; the
 //! slabs stay allocated (at most the capacity), as a page cache keeps its memory. Filling the
@@ -70,7 +72,7 @@ use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tidepool_cluster::meta::BlockId;
 
 /// The page size of the cache (and of the block store's crcs).
@@ -218,14 +220,15 @@ impl Slabs {
     }
 }
 
-/// A shard's shared buffers: the read buffers of large inserts, kept whole (a `Bytes` of the
-/// source's buffer, the store's pooled read buffer itself) rather than copied into slots, each
-/// with the number of pages that point into it; it is dropped (back to the store's pool) with
-/// its last page.
+/// A shard's shared buffers: large inserts, kept whole in a buffer of the cache's own (one
+/// copy, see [`ReadCache::insert`]) rather than page by page in slots, each with the number of
+/// pages that point into it; it goes to [`Spares`] with its last page.
 #[derive(Default)]
 struct Shared {
     bufs: Vec<Option<(Bytes, u32)>>,
     free: Vec<u32>,
+    /// Buffers let go of under the lock, for the caller to hand to [`Spares`] after it.
+    gone: Vec<Bytes>,
 }
 
 impl Shared {
@@ -262,7 +265,9 @@ impl Shared {
         if let Some((_, n)) = slot {
             *n -= pages.min(*n);
             if *n == 0 {
-                *slot = None;
+                if let Some((b, _)) = slot.take() {
+                    self.gone.push(b);
+                }
                 self.free.push(buf);
             }
         }
@@ -435,9 +440,50 @@ impl Drop for Recycled {
     }
 }
 
+/// Idle buffers of large inserts kept at most (with 4 MiB blocks, 32 MiB). Outside the bound.
+const SPARES_MAX: usize = 8;
+
+/// Buffers for large inserts: one whose last page left (evicted, or its block freed) and that
+/// no answer still holds comes back here, and the next large insert copies into it. A full
+/// cache then fills new blocks into memory it already touched: a fresh buffer costs a page
+/// fault and a kernel clear per 4 KiB the first time (on this VM first touch runs at ~1.8 GB/s
+/// on 4 KiB pages, 0.4 GB/s with huge pages, against ~20 GB/s for a copy into warm memory).
+#[derive(Default)]
+struct Spares {
+    idle: Mutex<Vec<BytesMut>>,
+}
+
+impl Spares {
+    /// `data` copied into a spare buffer big enough, else into a new one.
+    fn copy_of(&self, data: &[u8]) -> Bytes {
+        let spare = {
+            let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            idle.iter().position(|b| b.capacity() >= data.len()).map(|i| idle.swap_remove(i))
+        };
+        let mut b = spare.unwrap_or_else(|| BytesMut::with_capacity(data.len()));
+        b.clear();
+        b.extend_from_slice(data);
+        b.freeze()
+    }
+
+    /// Keeps `buf` for reuse if nothing else holds it and there is room.
+    fn give(&self, buf: Bytes) {
+        let Ok(b) = buf.try_into_mut() else { return };
+        let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if idle.len() < SPARES_MAX {
+            idle.push(b);
+        }
+    }
+
+    fn give_all(&self, bufs: Vec<Bytes>) {
+        bufs.into_iter().for_each(|b| self.give(b));
+    }
+}
+
 /// The cache. Cheap to share (`Arc`); every method takes `&self`.
 pub struct ReadCache {
     recycler: Arc<Recycler>,
+    spares: Spares,
     shards: Box<[Mutex<Shard>]>,
     /// Bytes one shard may hold.
     shard_cap: usize,
@@ -467,6 +513,7 @@ impl ReadCache {
             ghost_cap: (shard_cap / per_page).max(1),
             counters,
             recycler: Arc::default(),
+            spares: Spares::default(),
         })
     }
 
@@ -625,23 +672,23 @@ impl ReadCache {
     /// Puts the pages of `data`, which holds bytes `first_page * PAGE..` of `block`: whole
     /// pages, the last one short only where the block ends. Pages already here are kept.
     ///
-    /// `data` of [`SHARE_MIN`] bytes or more is kept as it is (a shared buffer: the pages point
-    /// into it, nothing is copied, and a later hit on a range of it is a slice of it); its
-    /// memory goes when its last page leaves. Its pages enter the small FIFO together and
-    /// leave it in that order, and a page promoted to main is copied into a slot of its own,
-    /// so a buffer is not kept alive long for a few pages. Smaller `data` (and a page going
-    /// straight to main, a ghost) is copied into slots. What the bound counts is the pages; a
-    /// buffer's memory beyond them (the store's read of a block whose crcs were not cached
-    /// holds up to 10 more pages: header pages and the gap to the data) is outside it, at most
-    /// 4 % of a [`SHARE_MIN`] buffer, 1 % of a 4 MiB one.
+    /// `data` of [`SHARE_MIN`] bytes or more is copied whole into one buffer of the cache's
+    /// own (a spare one when there is one, see [`Spares`]), and its pages point into it: a
+    /// later hit on a range of it is a slice of that buffer, no copy. The source's buffer is
+    /// not kept itself: for a local block it is the store's pooled read buffer (huge pages,
+    /// whose first touch is slow here), and the pool reuses it at once. The buffer's pages
+    /// enter the small FIFO together and leave it in that order, and a page promoted to main
+    /// is copied into a slot of its own, so a buffer is not kept alive long for a few pages.
+    /// Smaller `data` (and a page going straight to main, a ghost) is copied into slots.
     pub fn insert(&self, block: BlockId, first_page: u32, data: &Bytes) {
+        let own = (data.len() >= SHARE_MIN).then(|| self.spares.copy_of(data));
         let mut guard = self.shard(block);
         let shard = &mut *guard;
         let (mut added, mut evicted, mut freed) = (0u64, 0u64, 0usize);
         // Held by this insert until its end, so that evicting its own first pages (a shard
         // smaller than `data`) cannot drop the buffer under it.
-        let shared = (data.len() >= SHARE_MIN).then(|| {
-            let b = shard.shared.add(data.clone());
+        let shared = own.map(|own| {
+            let b = shard.shared.add(own);
             shard.shared.hold(b);
             b
         });
@@ -708,7 +755,9 @@ impl ReadCache {
         let c = &self.counters;
         c.held_bytes.fetch_add(added, Ordering::Relaxed);
         c.held_bytes.fetch_sub(freed as u64, Ordering::Relaxed);
+        let gone = std::mem::take(&mut shard.shared.gone);
         drop(guard);
+        self.spares.give_all(gone);
         c.inserted_pages.fetch_add(data.len().div_ceil(PAGE) as u64, Ordering::Relaxed);
         c.evictions.fetch_add(evicted, Ordering::Relaxed);
     }
@@ -726,6 +775,9 @@ impl ReadCache {
         }
         shard.compact();
         self.counters.held_bytes.fetch_sub(freed as u64, Ordering::Relaxed);
+        let gone = std::mem::take(&mut shard.shared.gone);
+        drop(shard);
+        self.spares.give_all(gone);
     }
 
     #[cfg(test)]
@@ -915,55 +967,57 @@ mod tests {
         assert_eq!(c.pages(), 0);
     }
 
-    /// A buffer that counts its drops, to see when the cache lets go of a shared one.
-    struct Tracked(Vec<u8>, Arc<AtomicU64>);
-
-    impl AsRef<[u8]> for Tracked {
-        fn as_ref(&self) -> &[u8] {
-            &self.0
-        }
-    }
-
-    impl Drop for Tracked {
-        fn drop(&mut self) {
-            self.1.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-
-    fn tracked(block: u64, pages: u32) -> (Bytes, Vec<u8>, Arc<AtomicU64>) {
+    fn big(block: u64, pages: u32) -> (Bytes, Vec<u8>) {
         let data: Vec<u8> = (0..pages).flat_map(|p| page(block, p, PAGE)).collect();
-        let drops = Arc::new(AtomicU64::new(0));
-        (Bytes::from_owner(Tracked(data.clone(), drops.clone())), data, drops)
+        (Bytes::from(data.clone()), data)
+    }
+
+    /// Where the pages of `block` are: (in slots, in shared buffers).
+    fn locs(c: &ReadCache, block: u64) -> (usize, usize) {
+        let s = c.shards[c.shard_of(block)].lock().unwrap();
+        let mine = s.map.iter().filter(|(k, _)| k.block == block);
+        mine.fold((0, 0), |(a, b), (_, e)| if matches!(e.loc, Loc::Slot(_)) { (a + 1, b) } else { (a, b + 1) })
     }
 
     #[test]
-    fn large_inserts_are_kept_and_hits_on_them_are_slices() {
+    fn large_inserts_are_kept_whole_and_hits_on_them_are_slices() {
         let (c, n) = cache(64 << 20);
         let pages = (SHARE_MIN / PAGE) as u32 + 3;
-        let (buf, data, drops) = tracked(5, pages);
+        let (buf, data) = big(5, pages);
         c.insert(5, 0, &buf);
         assert_eq!(n.held_bytes.load(Ordering::Relaxed), u64::from(pages) * (PAGE + ENTRY_OVERHEAD) as u64);
-        let base = buf.as_ptr() as usize;
+        assert_eq!(locs(&c, 5), (0, pages as usize), "one buffer, no slots");
+        assert_ne!(c.read_bytes(5, 0, 1).unwrap().as_ptr(), buf.as_ptr(), "a copy of the source's buffer");
         drop(buf);
+        let base = c.read_bytes(5, 0, data.len()).unwrap().as_ptr() as usize;
         for (off, len) in [(0, data.len()), (100, PAGE), (PAGE * 2 + 5, SHARE_MIN), (data.len() - 1, 1)] {
             let b = c.read_bytes(5, off as u32, len).unwrap();
             assert_eq!(b, data[off..off + len], "range {off}+{len}");
-            assert_eq!(b.as_ptr() as usize, base + off, "a slice of the kept buffer, not a copy");
+            assert_eq!(b.as_ptr() as usize, base + off, "a slice of the cache's buffer, not a copy");
             let mut out = vec![0u8; len];
             assert!(c.read(5, off as u32, &mut out));
             assert_eq!(out, data[off..off + len]);
         }
         assert_eq!(c.read_bytes(5, 0, data.len() + 1), None, "past the block's end");
-        // A small insert of another block is copied; a range over copied pages is a copy.
+        // A small insert of another block is copied into a slot.
         c.insert(6, 0, &Bytes::from(page(6, 0, PAGE)));
+        assert_eq!(locs(&c, 6), (1, 0));
         assert_eq!(c.read_vec(6, 10, 20).unwrap(), page(6, 0, PAGE)[10..30]);
-        // The buffer goes with its block's last page.
-        assert_eq!(drops.load(Ordering::Relaxed), 0);
+        // The buffer goes with its block's last page, to the spares unless an answer holds it.
+        let held = c.read_bytes(5, 0, 10).unwrap();
         c.remove_block(5);
-        assert_eq!(drops.load(Ordering::Relaxed), 1, "dropped with the block");
         assert_eq!(c.read_bytes(5, 0, 10), None);
+        assert_eq!(held, data[..10], "an answer outlives the block's pages");
+        assert_eq!(c.spares.idle.lock().unwrap().len(), 0, "held by an answer: not reused");
+        let (buf, data) = big(7, pages);
+        c.insert(7, 0, &buf);
+        c.remove_block(7);
+        assert_eq!(c.spares.idle.lock().unwrap().len(), 1, "free: kept for reuse");
+        c.insert(8, 0, &Bytes::from(data.clone()));
+        assert_eq!(c.spares.idle.lock().unwrap().len(), 0, "reused");
+        assert_eq!(c.read_vec(8, 0, data.len()).unwrap(), data);
         let s = c.shards.iter().map(|s| s.lock().unwrap().shared.bufs.iter().flatten().count()).sum::<usize>();
-        assert_eq!(s, 0, "no buffer is kept");
+        assert_eq!(s, 1, "block 8's buffer only");
     }
 
     #[test]
@@ -974,24 +1028,21 @@ mod tests {
         let per = (PAGE + ENTRY_OVERHEAD) as u64;
         let (c, _) = cache(16 * 600 * per);
         assert_eq!(c.shards.len(), 16);
-        let (buf, data, drops) = tracked(1, 300);
+        let (buf, data) = big(1, 300);
         c.insert(1, 0, &buf);
-        drop(buf);
         let hot = 0..100u32;
         for p in hot.clone() {
             assert!(c.read(1, p * PAGE as u32, &mut [0u8; 8]));
         }
         let same: Vec<u64> = (2..).filter(|b| c.shard_of(*b) == c.shard_of(1)).take(10).collect();
         for b in same {
-            let (other, _, _) = tracked(b, 300);
-            c.insert(b, 0, &other);
+            c.insert(b, 0, &big(b, 300).0);
         }
-        assert_eq!(drops.load(Ordering::Relaxed), 1, "the buffer went with its pages not read again");
+        assert_eq!(locs(&c, 1), (100, 0), "the pages read again, in slots; no buffer kept for them");
         for p in hot {
             let at = p as usize * PAGE;
             assert_eq!(c.read_vec(1, at as u32, PAGE).unwrap(), data[at..at + PAGE], "page {p} kept, copied");
         }
-        assert!(!c.contains(1, 200));
         assert_eq!(c.read_vec(1, 0, 100 * PAGE).unwrap(), data[..100 * PAGE], "a range over copied pages");
         let s = c.shards[c.shard_of(1)].lock().unwrap();
         assert!(s.shared.bufs.iter().flatten().count() <= 2, "only the newest buffers are kept");
@@ -1003,7 +1054,7 @@ mod tests {
         let limit = 100 * per;
         let (c, _) = cache(limit);
         for round in 0..3u64 {
-            let (buf, data, drops) = tracked(round, 2 * (SHARE_MIN / PAGE) as u32);
+            let (buf, data) = big(round, 2 * (SHARE_MIN / PAGE) as u32);
             c.insert(round, 0, &buf);
             drop(buf);
             assert!(c.held_bytes() <= limit, "held {} > {limit}", c.held_bytes());
@@ -1016,7 +1067,6 @@ mod tests {
             if round > 0 {
                 c.remove_block(round - 1);
             }
-            assert!(drops.load(Ordering::Relaxed) == 0 || round > 0);
         }
     }
 }
