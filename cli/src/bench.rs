@@ -55,6 +55,12 @@ pub struct DeviceArgs {
     /// Overwrite the file if it already exists.
     #[arg(long)]
     force: bool,
+    /// A hugetlbfs mount with free huge pages: fio also runs its sequential tests with its
+    /// buffers there (`--mem=mmaphuge`), a second reference beside the plain fio command. The
+    /// store's large buffers are on (transparent) huge pages, and on a virtual disk the page
+    /// size of a 4 MiB I/O's buffer sets how many requests it becomes.
+    #[arg(long)]
+    fio_huge: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,7 +169,14 @@ async fn device(args: DeviceArgs) -> Result<()> {
     check_file(&args.file, args.force)?;
     let fio_cmds: Vec<Vec<String>> =
         TESTS.iter().map(|&t| fio_args(t, &args.file, size, args.qd, args.runtime_secs)).collect();
+    let huge_cmds: Vec<Vec<String>> = match &args.fio_huge {
+        Some(dir) => {
+            [Test::SeqWrite, Test::SeqRead].iter().map(|&t| fio_huge_args(t, &args.file, size, args.qd, dir)).collect()
+        }
+        None => Vec::new(),
+    };
     let mut fio_runs: Vec<[Measure; 3]> = Vec::new();
+    let mut huge_runs: Vec<[Measure; 2]> = Vec::new();
     let mut store_runs: Vec<StoreRun> = Vec::new();
     let result = async {
         for round in 0..args.rounds {
@@ -171,6 +184,9 @@ async fn device(args: DeviceArgs) -> Result<()> {
             for side in if round.is_multiple_of(2) { [0, 1] } else { [1, 0] } {
                 if side == 0 {
                     fio_runs.push(fio_round(&args.file, size, &fio_cmds, round).await?);
+                    if !huge_cmds.is_empty() {
+                        huge_runs.push(fio_huge_round(&args.file, size, &huge_cmds, round).await?);
+                    }
                 } else {
                     store_runs.push(store_round(&args, size, round).await?);
                 }
@@ -183,7 +199,10 @@ async fn device(args: DeviceArgs) -> Result<()> {
         let _ = std::fs::remove_file(&args.file);
     }
     result?;
-    let report = report(&args, size, &fio_version, &fio_cmds, &fio_runs, &store_runs);
+    let mut report = report(&args, size, &fio_version, &fio_cmds, &fio_runs, &store_runs);
+    if !huge_runs.is_empty() {
+        report["fio_huge"] = huge_report(&huge_cmds, &huge_runs, &store_runs);
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -269,6 +288,13 @@ fn fio_args(test: Test, file: &Path, size: u64, qd: usize, runtime_secs: u64) ->
     a
 }
 
+/// fio's command for `test` with its buffers in a file of the hugetlbfs mount `dir`.
+fn fio_huge_args(test: Test, file: &Path, size: u64, qd: usize, dir: &Path) -> Vec<String> {
+    let mut a = fio_args(test, file, size, qd, 1);
+    a.insert(a.len() - 1, format!("--mem=mmaphuge:{}", dir.join("tidepool-bench-fio").display()));
+    a
+}
+
 fn shell_line(argv: &[String]) -> String {
     let safe = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || "-_=./,:+@%".contains(c));
     argv.iter()
@@ -284,6 +310,19 @@ async fn fio_round(file: &Path, size: u64, cmds: &[Vec<String>], round: usize) -
         let argv = cmds[i].clone();
         let m = tokio::task::spawn_blocking(move || run_fio(test, &argv)).await??;
         eprintln!("round {}: fio      {:<16} {}", round + 1, test.label(), show(test, &m));
+        out[i] = m;
+    }
+    Ok(out)
+}
+
+/// fio's sequential tests again, on a fresh file, with huge-page buffers.
+async fn fio_huge_round(file: &Path, size: u64, cmds: &[Vec<String>], round: usize) -> Result<[Measure; 2]> {
+    fresh_file(file, size)?;
+    let mut out = [Measure::default(); 2];
+    for (i, &test) in [Test::SeqWrite, Test::SeqRead].iter().enumerate() {
+        let argv = cmds[i].clone();
+        let m = tokio::task::spawn_blocking(move || run_fio(test, &argv)).await??;
+        eprintln!("round {}: fio huge {:<16} {}", round + 1, test.label(), show(test, &m));
         out[i] = m;
     }
     Ok(out)
@@ -586,6 +625,26 @@ fn report(
     })
 }
 
+/// The sequential tests against fio on huge-page buffers: medians and the store's ratio.
+fn huge_report(cmds: &[Vec<String>], huge: &[[Measure; 2]], store: &[StoreRun]) -> Value {
+    let tests: Vec<Value> = [Test::SeqWrite, Test::SeqRead]
+        .iter()
+        .enumerate()
+        .map(|(i, &t)| {
+            let f: Vec<Measure> = huge.iter().map(|r| r[i]).collect();
+            let s: Vec<Measure> = store.iter().map(|r| r.results[i]).collect();
+            let (fm, sm) = (median(&f), median(&s));
+            json!({
+                "test": t.key(), "label": t.label(), "fio_huge": fm.json(),
+                "fio_huge_rounds": f.iter().map(Measure::json).collect::<Vec<_>>(),
+                "ratio": (sm.bytes_per_sec / fm.bytes_per_sec * 1000.0).round() / 1000.0,
+            })
+        })
+        .collect();
+    json!({ "note": "fio's sequential tests with --mem=mmaphuge (huge-page buffers), a reference beside the goal's",
+            "commands": cmds.iter().map(|c| shell_line(c)).collect::<Vec<_>>(), "tests": tests })
+}
+
 fn print_table(r: &Value) {
     let st = &r["store"];
     println!(
@@ -636,6 +695,14 @@ fn print_table(r: &Value) {
         d["median"]["cpu_pct"].as_f64().unwrap_or(0.0),
         d["ratio_to_fio"].as_f64().unwrap_or(0.0) * 100.0
     );
+    for t in r["fio_huge"]["tests"].as_array().into_iter().flatten() {
+        println!(
+            "(fio on huge-page buffers: {} {:.1} MiB/s, tidepool {:.1} % of it)",
+            t["label"].as_str().unwrap_or(""),
+            t["fio_huge"]["mib_per_sec"].as_f64().unwrap_or(0.0),
+            t["ratio"].as_f64().unwrap_or(0.0) * 100.0
+        );
+    }
 }
 
 #[cfg(test)]
@@ -682,5 +749,12 @@ mod tests {
         let line = shell_line(&a);
         assert!(line.starts_with("fio --name=rand_read_4k '--filename=/x y/f.img' --ioengine=io_uring --direct=1 --iodepth=32 --bs=4k --rw=randread"), "{line}");
         assert!(line.ends_with("--runtime=15 --time_based --size=1073741824 --output-format=json"), "{line}");
+        let h = shell_line(&fio_huge_args(Test::SeqWrite, Path::new("/f.img"), 1 << 30, 32, Path::new("/mnt/huge")));
+        assert!(
+            h.contains(
+                "--bs=4m --rw=write --size=1073741824 --mem=mmaphuge:/mnt/huge/tidepool-bench-fio --output-format=json"
+            ),
+            "{h}"
+        );
     }
 }
