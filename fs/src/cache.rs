@@ -454,11 +454,13 @@ struct Spares {
 }
 
 impl Spares {
-    /// `data` copied into a spare buffer big enough, else into a new one.
+    /// `data` copied into a spare buffer of about its size, else into a new one. Not into a
+    /// much larger one: its pages would be charged for less memory than the buffer holds.
     fn copy_of(&self, data: &[u8]) -> Bytes {
+        let fits = |b: &BytesMut| (data.len()..=data.len() + data.len() / 8).contains(&b.capacity());
         let spare = {
             let mut idle = self.idle.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            idle.iter().position(|b| b.capacity() >= data.len()).map(|i| idle.swap_remove(i))
+            idle.iter().position(fits).map(|i| idle.swap_remove(i))
         };
         let mut b = spare.unwrap_or_else(|| BytesMut::with_capacity(data.len()));
         b.clear();
@@ -1009,15 +1011,17 @@ mod tests {
         assert_eq!(c.read_bytes(5, 0, 10), None);
         assert_eq!(held, data[..10], "an answer outlives the block's pages");
         assert_eq!(c.spares.idle.lock().unwrap().len(), 0, "held by an answer: not reused");
-        let (buf, data) = big(7, pages);
+        let (buf, data) = big(7, 2 * pages);
         c.insert(7, 0, &buf);
         c.remove_block(7);
         assert_eq!(c.spares.idle.lock().unwrap().len(), 1, "free: kept for reuse");
+        c.insert(9, 0, &big(9, pages).0);
+        assert_eq!(c.spares.idle.lock().unwrap().len(), 1, "not for an insert of half its size");
         c.insert(8, 0, &Bytes::from(data.clone()));
         assert_eq!(c.spares.idle.lock().unwrap().len(), 0, "reused");
         assert_eq!(c.read_vec(8, 0, data.len()).unwrap(), data);
         let s = c.shards.iter().map(|s| s.lock().unwrap().shared.bufs.iter().flatten().count()).sum::<usize>();
-        assert_eq!(s, 1, "block 8's buffer only");
+        assert_eq!(s, 2, "blocks 8 and 9's buffers only");
     }
 
     #[test]
