@@ -94,6 +94,29 @@ impl Fs {
         Ok(Staged { blocks })
     }
 
+    /// [`Fs::stage`] of a buffer the caller gives up (an S3 PUT's body, a block at a time):
+    /// once the blocks are written, each whole block of at least 1 MiB also goes into the read
+    /// cache as it is, without a copy (`cache.rs`, "Writes"), so that a read soon after is
+    /// served from RAM. Not when the buffer's capacity is well over its length (its spare
+    /// room would be held by the cache uncounted).
+    pub async fn stage_owned(&self, data: Vec<u8>) -> Result<Staged> {
+        let staged = self.stage(&data).await?;
+        if let Some(cache) = &self.cache
+            && data.capacity() - data.len() <= data.len() / 8
+        {
+            let data = Bytes::from(data);
+            let mut at = 0;
+            for b in &staged.blocks {
+                let len = b.len as usize;
+                if len >= crate::cache::SHARE_MIN {
+                    cache.insert_kept(b.id, 0, data.slice(at..at + len));
+                }
+                at += len;
+            }
+        }
+        Ok(staged)
+    }
+
     /// Lay staged blocks end to end at `offset` of file `ino` in one metadata commit:
     /// durable and visible together when this returns, or not at all.
     pub async fn commit_staged(&self, ino: Ino, offset: u64, staged: Staged) -> Result<Attr> {

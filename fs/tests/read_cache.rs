@@ -271,3 +271,35 @@ async fn read_bytes_reports_a_corrupt_page_and_caches_nothing_of_it() {
         assert_eq!(read_joined(&e.fs, ino, 0, 2 * BLOCK).await, data);
     }
 }
+
+/// An S3 PUT's blocks (`stage_owned`) enter the cache as written: a read after the commit does
+/// not touch the device, and its answer is the written bytes. A short tail block and a buffer
+/// with much spare room do not go in; discarded staged blocks leave it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staged_owned_blocks_are_read_from_ram() {
+    let e = env(64 << 20).await;
+    let data = bytes(7, 2 * BLOCK + 5000);
+    let f = e.fs.create(ROOT_INO, b"put", 0o644, 0, 0).await.unwrap();
+    let staged = e.fs.stage_owned(data.clone()).await.unwrap();
+    let held = e.m().read_cache_bytes;
+    assert_eq!(held, 2 * (BLOCK / 4096) as u64 * 4224, "the two whole blocks, not the tail");
+    e.fs.commit_staged(f.ino, 0, staged).await.unwrap();
+    let r0 = e.reads();
+    let pieces = e.fs.read_bytes(f.ino, 100, 2 * BLOCK - 200).await.unwrap();
+    assert_eq!(pieces.concat(), data[100..2 * BLOCK - 100]);
+    assert_eq!(e.fs.read(f.ino, BLOCK as u64 - 10, 20).await.unwrap(), data[BLOCK - 10..BLOCK + 10]);
+    assert_eq!(e.reads(), r0, "no device read for the written blocks");
+    assert_eq!(e.m().read_cache_misses, 0);
+    assert_eq!(e.fs.read(f.ino, 0, data.len()).await.unwrap(), data, "the tail from the device");
+    // A buffer with room for four times its bytes is not kept; discarded blocks go.
+    let mut roomy = Vec::with_capacity(4 * BLOCK);
+    roomy.extend_from_slice(&data[..BLOCK]);
+    let before = e.m().read_cache_bytes;
+    let s = e.fs.stage_owned(roomy).await.unwrap();
+    assert_eq!(e.m().read_cache_bytes, before, "a roomy buffer is not kept");
+    e.fs.discard_staged(s).await;
+    let s = e.fs.stage_owned(bytes(8, BLOCK)).await.unwrap();
+    assert!(e.m().read_cache_bytes > before);
+    e.fs.discard_staged(s).await;
+    assert_eq!(e.m().read_cache_bytes, before, "discarded staged blocks leave the cache");
+}
