@@ -2,8 +2,8 @@
 //! additional checksums checked on the way), DELETE (pruning empty parents), DeleteObjects,
 //! CopyObject. GET and HEAD are in `read.rs`.
 //!
-//! The path of a PUT: the body streams into `Fs::stage` in `block_size` pieces (MD5 and size on
-//! the way) -> parents are created -> ONE `Fs::publish` makes a new file with those blocks and
+//! The path of a PUT: the body streams into `Fs::stage_owned` in `block_size` pieces (MD5 and
+//! size on the way; each whole block is also kept in the read cache as written, no copy) -> parents are created -> ONE `Fs::publish` makes a new file with those blocks and
 //! the metadata (ETag included) take the key, replacing an object there (the commit point:
 //! before it nothing is visible, after it the whole object is). CopyObject does the same.
 //! Multipart Complete goes through [`TidepoolS3::publish`] too ([`Content::Parts`]): a
@@ -266,7 +266,8 @@ impl TidepoolS3 {
                             staged.append(join_stage(prev).await?);
                         }
                         let fs = self.fs.clone();
-                        inflight = Some(tokio::spawn(async move { fs.stage(&full).await }));
+                        // Handed over: the block also goes into the read cache as written.
+                        inflight = Some(tokio::spawn(async move { fs.stage_owned(full).await }));
                     }
                 }
             }
@@ -274,7 +275,8 @@ impl TidepoolS3 {
                 staged.append(join_stage(prev).await?);
             }
             if !buf.is_empty() {
-                staged.append(self.fs.stage(&buf).await.map_err(|e| fs_error(e, "upload"))?);
+                let tail = std::mem::take(&mut buf);
+                staged.append(self.fs.stage_owned(tail).await.map_err(|e| fs_error(e, "upload"))?);
             }
             Ok(())
         }
