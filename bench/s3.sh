@@ -235,6 +235,9 @@ fi
 
 {
   echo "machine: $(nproc) cores, $(free -g | awk '/Mem:/ {print $2}') GiB, $(uname -r); data on $(findmnt -no FSTYPE -T "$OUT") ($(df --output=source "$OUT" | tail -1)); $("$FIO" --version), $(iperf3 --version | head -1), s3s-fs 0.14.1 ($PEER), tidepool $TP_COMMIT"
+  # The read cache's size is chosen from the machine's memory unless TP_ENV sets it: say which.
+  rc=$(grep -ho "read cache: [^$(printf '\033')]*" "$OUT"/tidepool-*.log 2>/dev/null | sort -u | head -1 || true)
+  [ -n "$rc" ] && echo "tidepool $rc${TP_ENV:+; TP_ENV: $TP_ENV}"
   python3 "$ROOT/bench/s3_report.py" "$OUT/runs" "$ROUNDS" "$WALKS"
 } | tee "$OUT/result.txt"
 echo "results: $OUT/result.txt (table), $OUT/runs/ (every fio / iperf3 / walk JSON)"
