@@ -165,7 +165,7 @@ cache_metrics() {
   curl -s "http://127.0.0.1:$TP_HTTP/metrics" | awk '
     /^tidepool_read_cache_total\{what="hits"\}/ {h=$2} /^tidepool_read_cache_total\{what="misses"\}/ {m=$2}
     /^tidepool_read_cache_bytes / {b=$2} /^tidepool_read_cache_capacity_bytes / {c=$2}
-    END {printf "cache_hits=%d cache_misses=%d cache_bytes=%d cache_capacity_bytes=%d", h, m, b, c}'
+    END {printf "cache_hits=%.0f cache_misses=%.0f cache_bytes=%.0f cache_capacity_bytes=%.0f", h, m, b, c}'
 }
 
 # The source file lives in memory (tmpfs), like the read sink: the disk holds only the servers'
