@@ -24,6 +24,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
+use super::StoreError;
 use super::imp::Inner;
 
 /// How long dropping a store waits for a running background pass to stop.
@@ -202,6 +203,35 @@ impl Ahead {
             }
             Ok(_) => {}
         }
+    }
+}
+
+/// The store's side of cleaning ahead.
+impl Inner {
+    /// Start cleaning ahead if free segments are below the high watermark (the task itself
+    /// decides what qualifies); a running task is asked to look once more instead.
+    pub(super) fn clean_ahead_if_low(&self) {
+        if self.st_read().free_segments() < self.marks.high {
+            self.ahead.start(&self.me);
+        }
+    }
+
+    /// Turn cleaning ahead on or off (a running pass stops at its next check when off).
+    pub(crate) fn set_background_cleaning(&self, on: bool) {
+        self.ahead.set_enabled(on);
+    }
+
+    /// Stop cleaning ahead for good, wait for a running pass, flush, then refuse writes.
+    pub(crate) async fn close(&self) -> Result<(), StoreError> {
+        self.ahead.stop_and_wait().await;
+        let r = self.flush().await;
+        self.ahead.close_writes();
+        r
+    }
+
+    /// The store handle is dropped: stop cleaning ahead (waiting for it where possible).
+    pub(crate) fn stop_background(&self) {
+        self.ahead.stop_blocking();
     }
 }
 

@@ -28,7 +28,8 @@ pub(super) enum Mode {
     All,
     /// A put found no free segment: only until a put can open a segment again.
     ForPut,
-    /// The background task: until the high watermark (see `ahead::Watermarks`).
+    /// The background task: while a victim qualifies for the free space left (see
+    /// `ahead::Watermarks`).
     Ahead,
 }
 

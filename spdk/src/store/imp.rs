@@ -120,7 +120,7 @@ pub(crate) struct Inner {
     pub(super) ahead: Arc<Ahead>,
     pub(super) marks: Watermarks,
     /// This store, for starting the background task (which holds it weakly).
-    me: Weak<Inner>,
+    pub(super) me: Weak<Inner>,
 }
 
 /// What an entry write is for.
@@ -301,32 +301,6 @@ impl Inner {
         Ok(r?.expect("data reservations yield space or an error").0)
     }
 
-    /// Start cleaning ahead if free segments are below the high watermark (the task itself
-    /// decides what qualifies); a running task is asked to look once more instead.
-    pub(super) fn clean_ahead_if_low(&self) {
-        if self.st_read().free_segments() < self.marks.high {
-            self.ahead.start(&self.me);
-        }
-    }
-
-    /// Turn cleaning ahead on or off (a running pass stops at its next check when off).
-    pub(crate) fn set_background_cleaning(&self, on: bool) {
-        self.ahead.set_enabled(on);
-    }
-
-    /// Stop cleaning ahead for good, wait for a running pass, flush, then refuse writes.
-    pub(crate) async fn close(&self) -> Result<(), StoreError> {
-        self.ahead.stop_and_wait().await;
-        let r = self.flush().await;
-        self.ahead.close_writes();
-        r
-    }
-
-    /// The store handle is dropped: stop cleaning ahead (waiting for it where possible).
-    pub(crate) fn stop_background(&self) {
-        self.ahead.stop_blocking();
-    }
-
     /// Open the next free segment as the active one, unless another task already replaced
     /// the active segment we saw full. Normal puts leave the last free segment to the cleaner.
     /// A segment prepared ahead (see [`Inner::prepare_next`]) is taken first, with no I/O.
@@ -361,6 +335,8 @@ impl Inner {
         let job = self.st().activate(seg, generation, is_reserve);
         if let Some(job) = job {
             self.seal(job).await;
+            // Deletes may have left the segment dead while it was still open.
+            self.ahead.start(&self.me);
         }
         if !prepared {
             // A prepared segment was already counted used when it was opened (and checked then).
@@ -475,6 +451,8 @@ impl Inner {
         self.done.notify_waiters();
         if let Some(job) = job {
             self.seal(job).await;
+            // Deletes may have left the segment dead while it was still open.
+            self.ahead.start(&self.me);
         }
         Ok(res?)
     }
