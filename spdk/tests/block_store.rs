@@ -932,3 +932,76 @@ async fn emptied_segments_are_freed_with_space_to_spare() {
     }
     s.close().await.unwrap();
 }
+
+/// A device whose writes wait while its gate is closed.
+struct Gated {
+    inner: Dev,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl BlockDevice for Gated {
+    fn info(&self) -> &DeviceInfo {
+        self.inner.info()
+    }
+    fn read(&self, offset: u64, buf: AlignedBuf) -> IoFuture<'_, IoResult> {
+        self.inner.read(offset, buf)
+    }
+    fn write(&self, offset: u64, buf: AlignedBuf) -> IoFuture<'_, IoResult> {
+        let mut open = self.open.subscribe();
+        Box::pin(async move {
+            let _ = open.wait_for(|o| *o).await;
+            self.inner.write(offset, buf).await
+        })
+    }
+    fn flush(&self) -> IoFuture<'_, Result<(), DeviceError>> {
+        self.inner.flush()
+    }
+}
+
+/// A put, a delete and a flush whose callers stop waiting while their writes are on the
+/// device (an S3 client hanging up mid-PUT) still run to their end: the next flush returns,
+/// the put's block reads back, the deleted block is gone, and all of it survives a reopen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operations_abandoned_mid_write_run_to_their_end() {
+    use std::time::Duration;
+    let base = mem(64 * MIB);
+    let (open, _) = tokio::sync::watch::channel(true);
+    let gated = Arc::new(Gated { inner: Arc::clone(&base), open });
+    let dev: Dev = gated.clone();
+    let o = opts(8 * MIB, 1 << 20);
+    let s = BlockStore::format(Arc::clone(&dev), o.clone()).await.unwrap();
+    put_n(&s, 0..40, 5000).await;
+    s.flush().await.unwrap();
+
+    gated.open.send_replace(false);
+    let quick = Duration::from_millis(100);
+    assert!(tokio::time::timeout(quick, s.put(100, &data(100, 300_000))).await.is_err(), "the put waits at the gate");
+    // Enough deletes to fill a page of tombstones, so the last one writes.
+    let mut dropped_delete = false;
+    for id in 0..40 {
+        if tokio::time::timeout(quick, s.delete(id)).await.is_err() {
+            dropped_delete = true;
+            break;
+        }
+    }
+    assert!(tokio::time::timeout(quick, s.flush()).await.is_err(), "the flush waits at the gate");
+    gated.open.send_replace(true);
+
+    tokio::time::timeout(Duration::from_secs(20), s.flush())
+        .await
+        .expect("a flush after abandoned operations returns")
+        .unwrap();
+    check(&s, 100, 300_000).await;
+    let deleted: Vec<u64> = (0..40).filter(|&id| s.block_len(id).is_none()).collect();
+    assert!(!deleted.is_empty(), "some deletes ran (one abandoned: {dropped_delete})");
+    drop(s);
+    let s = BlockStore::open(base, o).await.unwrap();
+    check(&s, 100, 300_000).await;
+    for id in 0..40 {
+        if deleted.contains(&id) {
+            assert_eq!(s.block_len(id), None, "block {id} deleted before the reopen");
+        } else {
+            check(&s, id, 5000).await;
+        }
+    }
+}

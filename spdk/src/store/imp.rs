@@ -62,6 +62,14 @@ fn cached_crcs(
     missing
 }
 
+/// A put checked and built, not yet reserved or written (see [`Inner::prepare_put`]).
+pub(crate) struct PreparedPut {
+    id: BlockId,
+    len: u32,
+    buf: AlignedBuf,
+    crcs: Vec<u32>,
+}
+
 /// A read buffer handed out as [`Bytes`]; back to the pool when the last reference drops.
 struct Pooled {
     buf: Option<AlignedBuf>,
@@ -197,7 +205,9 @@ impl Inner {
         self.dev.write(addr, buf).await
     }
 
-    pub(crate) async fn put(&self, id: BlockId, data: &[u8]) -> Result<(), StoreError> {
+    /// Check a put and build its entry (a copy of `data` with its header and crcs); nothing
+    /// is reserved or written yet. [`Inner::put_prepared`] does the rest.
+    pub(crate) fn prepare_put(&self, id: BlockId, data: &[u8]) -> Result<PreparedPut, StoreError> {
         if data.is_empty() {
             return Err(StoreError::Empty(id));
         }
@@ -210,6 +220,11 @@ impl Inner {
         let len = data.len() as u32;
         let mut buf = self.pool.take(entry_bytes(len) as usize);
         let crcs = fill_data_entry(&mut buf, id, data, self.lay.uuid);
+        Ok(PreparedPut { id, len, buf, crcs })
+    }
+
+    pub(crate) async fn put_prepared(&self, p: PreparedPut) -> Result<(), StoreError> {
+        let PreparedPut { id, len, buf, crcs } = p;
         let req = Req::Put { id, len };
         let r = match self.reserve_put(&req).await {
             Ok(r) => r,

@@ -119,6 +119,27 @@ pub struct BlockStore {
     inner: Arc<imp::Inner>,
 }
 
+/// Run a store operation that writes to its end, even if the caller's future is dropped
+/// halfway (an S3 client that hangs up mid-PUT, a timeout around an NFS call): a write is
+/// counted in flight from its reservation until its completion is recorded, and `flush`
+/// waits for every write in flight, so an operation abandoned between the two would leave
+/// every later flush waiting forever. On a tokio runtime the operation runs as a task of its
+/// own and the caller awaits its handle; outside one it runs in place (nothing there drops
+/// futures halfway). A panic in the operation is the caller's panic.
+async fn to_the_end<T, F>(op: F) -> Result<T, StoreError>
+where
+    T: Send + 'static,
+    F: std::future::Future<Output = Result<T, StoreError>> + Send + 'static,
+{
+    let Ok(rt) = tokio::runtime::Handle::try_current() else { return op.await };
+    match rt.spawn(op).await {
+        Ok(r) => r,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        // The runtime is shutting down: the operation may or may not have happened, as in a crash.
+        Err(_) => Err(StoreError::Device(DeviceError::Stopped)),
+    }
+}
+
 impl BlockStore {
     pub async fn format(dev: Arc<dyn BlockDevice>, opts: StoreOptions) -> Result<Self, StoreError> {
         Ok(BlockStore { inner: imp::Inner::format(dev, opts).await? })
@@ -128,8 +149,12 @@ impl BlockStore {
         Ok(BlockStore { inner: imp::Inner::open(dev, opts).await? })
     }
 
+    /// Store `data` as block `id`. Runs to its end even if the caller stops waiting (see
+    /// [`to_the_end`]): the bytes are copied into the store's buffer before the first await.
     pub async fn put(&self, id: BlockId, data: &[u8]) -> Result<(), StoreError> {
-        self.inner.put(id, data).await
+        let entry = self.inner.prepare_put(id, data)?;
+        let inner = Arc::clone(&self.inner);
+        to_the_end(async move { inner.put_prepared(entry).await }).await
     }
 
     /// Bytes `offset..offset + len` of block `id`, every 4 KiB page of them checked against
@@ -144,17 +169,23 @@ impl BlockStore {
         Ok(self.inner.get(id, offset, len).await?.to_vec())
     }
 
+    /// Runs to its end even if the caller stops waiting (see [`to_the_end`]).
     pub async fn delete(&self, id: BlockId) -> Result<(), StoreError> {
-        self.inner.delete(id).await
+        let inner = Arc::clone(&self.inner);
+        to_the_end(async move { inner.delete(id).await }).await
     }
 
+    /// Runs to its end even if the caller stops waiting (see [`to_the_end`]).
     pub async fn flush(&self) -> Result<(), StoreError> {
-        self.inner.flush().await
+        let inner = Arc::clone(&self.inner);
+        to_the_end(async move { inner.flush().await }).await
     }
 
-    /// Clean every segment that qualifies (the caller waits for all of it).
+    /// Clean every segment that qualifies (the caller waits for all of it). Runs to its end
+    /// even if the caller stops waiting (see [`to_the_end`]).
     pub async fn clean(&self) -> Result<CleanStats, StoreError> {
-        self.inner.clean().await
+        let inner = Arc::clone(&self.inner);
+        to_the_end(async move { inner.clean().await }).await
     }
 
     /// Turn cleaning ahead (the background task) on or off; on by default. Off, space comes
