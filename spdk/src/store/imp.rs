@@ -507,13 +507,20 @@ impl Inner {
                 (loc, generation, cached_crcs(&st.crcs, loc, generation, first, last, want))
             };
             match self.read_range(id, loc, generation, offset, len, want, missing).await {
-                // The cleaner may have moved the block and reused its old segment meanwhile.
-                Err(StoreError::Checksum { .. }) if attempts < 3 && self.st_read().index.get(&id) != Some(&loc) => {
+                // The cleaner may have moved the block and reused its old segment meanwhile
+                // (perhaps moving it back to the same place later, in a new generation).
+                Err(StoreError::Checksum { .. }) if attempts < 3 && self.moved_since(id, loc, generation) => {
                     attempts += 1;
                 }
                 r => return r,
             }
         }
+    }
+
+    /// Whether block `id` is no longer at `loc` in the segment generation `generation`.
+    fn moved_since(&self, id: BlockId, loc: Loc, generation: u64) -> bool {
+        let st = self.st_read();
+        st.index.get(&id) != Some(&loc) || st.segs[loc.seg as usize].generation != generation
     }
 
     /// Read and verify `[offset, offset+len)` of the block at `loc`: the data pages covering
