@@ -50,6 +50,9 @@ if [ "${SMALL:-0}" = 1 ]; then
   N4K_C1=200; N4K_C32=10; N64M_C1=2; N64M_C32=1
 fi
 
+# Start from an empty runs/: the report reads every JSON there, and a figure left by an
+# earlier run with other CASES would be shown as this run's.
+rm -rf "$OUT/runs"
 mkdir -p "$OUT/runs"
 log() { echo "[$(date +%T)] $*" >&2; }
 

@@ -42,7 +42,9 @@ def fmt(v, unit):
 
 cases = [("put", "4k", 1), ("get", "4k", 1), ("put", "4k", 32), ("get", "4k", 32),
          ("put", "64m", 1), ("get", "64m", 1), ("put", "64m", 32), ("get", "64m", 32)]
-if load("r1-tidepool-put-4k-c1.json") is not None:
+# Only the cases this run measured (bench/s3.sh CASES=...).
+cases = [c for c in cases if load(f"r1-tidepool-{c[0]}-{c[1]}-c{c[2]}.json") is not None]
+if cases:
     print(f"\nPUT / GET (fio http engine, median of {rounds} rounds; MB = 10^6 bytes)")
     print(f"{'case':<18} {'tidepool':>16} {'s3s-fs':>16} {'ratio':>7}  {'goal':<12} per round (tidepool / s3s-fs)")
     for op, bs, c in cases:
