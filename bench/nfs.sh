@@ -23,7 +23,7 @@
 # the same disk) and are stopped (SIGTERM to their own pids) on exit. Before each read the
 # page cache is dropped (DROP_CACHES=0 to keep it): Ganesha reads through it, tidepool's
 # io_uring engine reads the device file with O_DIRECT. tidepool has its own RAM read cache
-# (`read_cache_bytes`, default 1 GiB; READ_CACHE=512MiB or READ_CACHE=0 to set it): the node
+# (`read_cache_bytes`, by default 25 % of memory; READ_CACHE=512MiB or READ_CACHE=0 to set it): the node
 # is restarted before its random reads, so that cache starts empty as the page cache does
 # (with DROP_CACHES=0 it is not restarted). Its hits and misses are recorded after the run.
 set -euo pipefail
@@ -114,7 +114,7 @@ start_tp() {
     "$TP" --data-dir "$OUT/tp-data" up >>"$OUT/tidepool.log" 2>&1 &
   TP_PID=$!
 }
-log "starting tidepool up (nfs 127.0.0.1:$TP_PORT, device ${DEVICE_GIB}GiB under $OUT/tp-data, read cache ${READ_CACHE:-1GiB (default)}, ${TIER_ENV[*]:-tiering at its defaults})"
+log "starting tidepool up (nfs 127.0.0.1:$TP_PORT, device ${DEVICE_GIB}GiB under $OUT/tp-data, read cache ${READ_CACHE:-25 % of memory (default)}, ${TIER_ENV[*]:-tiering at its defaults})"
 : >"$OUT/tidepool.log"
 start_tp
 if ! pgrep -x rpcbind >/dev/null; then
