@@ -265,8 +265,9 @@ impl Fs {
         &self.metrics
     }
 
-    /// Drops a freed block's pages from the read cache.
-    pub(crate) fn uncache(&self, id: u64) {
+    /// Drops a block's pages from the read cache (a freed block, or one released to the cold
+    /// tier on purpose: `tidepool tier release`).
+    pub fn uncache(&self, id: u64) {
         if let Some(c) = &self.cache {
             c.remove_block(id);
         }

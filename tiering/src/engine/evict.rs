@@ -212,7 +212,9 @@ impl Tier {
     }
 
     /// `tidepool tier release PATH`: drops the NVMe copies of the clean blocks below `path`
-    /// (dirty blocks stay: they are the only copy). Returns (blocks, bytes) released.
+    /// (dirty blocks stay: they are the only copy), and their pages in the RAM read cache, so
+    /// the next read comes from the bucket as after a spin-down (an S3 PUT's blocks are in
+    /// that cache as written). Returns (blocks, bytes) released.
     pub async fn release_path(&self, path: &str) -> Result<(u64, u64)> {
         let fs = self.fs()?;
         let ino = fs.resolve(path.as_bytes())?.ino;
@@ -228,13 +230,18 @@ impl Tier {
         });
         drop(fs);
         let (mut blocks, mut bytes) = (0, 0);
-        for (id, len) in clean {
+        for &(id, len) in &clean {
             match self.store.delete(id).await {
                 Ok(()) | Err(tidepool_spdk::StoreError::NotFound(_)) => {}
                 Err(e) => return Err(e.into()),
             }
             blocks += 1;
             bytes += u64::from(len);
+        }
+        if let Ok(fs) = self.fs() {
+            for &(id, _) in &clean {
+                fs.uncache(id);
+            }
         }
         self.store.flush().await?;
         Ok((blocks, bytes))
