@@ -616,7 +616,9 @@ impl Inner {
         Some((lo..hi).map(|p| get_u32(page, crc_at(p) - h as usize * PAGE)).collect())
     }
 
-    pub(crate) async fn delete(&self, id: BlockId) -> Result<(), StoreError> {
+    /// Remove block `id` from the index (its tombstone waits in `pending_tombs`); true if a
+    /// page of tombstones is full and should be written now ([`Inner::write_tombs`]).
+    pub(crate) fn delete_in_memory(&self, id: BlockId) -> Result<bool, StoreError> {
         let (page_full, sealed, emptied) = {
             let mut st = self.st();
             let loc = st.remove_block(id).ok_or(StoreError::NotFound(id))?;
@@ -630,14 +632,11 @@ impl Inner {
         } else if sealed {
             self.clean_ahead_if_low();
         }
-        if page_full {
-            self.write_tombs().await?;
-        }
-        Ok(())
+        Ok(page_full)
     }
 
     /// Write one entry of pending tombstones; false if none were pending.
-    async fn write_tombs(&self) -> Result<bool, StoreError> {
+    pub(crate) async fn write_tombs(&self) -> Result<bool, StoreError> {
         let Some((r, tombs)) = self.reserve(&Req::Tombs).await? else { return Ok(false) };
         let buf = build_tomb_entry(&tombs, self.lay.uuid);
         self.write_reserved(r, buf, Req::Tombs, tombs).await?;
