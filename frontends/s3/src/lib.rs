@@ -45,6 +45,8 @@ pub mod checksum;
 mod digest;
 mod error;
 pub mod list;
+#[doc(hidden)] // public for the md5x_bench example only
+pub mod md5x;
 pub mod meta;
 mod metrics;
 pub mod multipart;
