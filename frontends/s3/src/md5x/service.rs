@@ -21,9 +21,10 @@
 //!   runs the kernel over the shortest run (capped at [`VECTOR_RUN`] blocks so new streams
 //!   get lanes soon) for all of them. With only one lane holding data the scalar block
 //!   function runs instead (as fast for one stream, without the transposes).
-//! - A turn costs the same whatever the number of lanes with data, so while fewer than half
-//!   the lanes the open streams could fill have data, the service waits up to [`GATHER`]
-//!   for more, unless a stream is finishing or a queue is half full ([`worth_a_turn`]).
+//! - A turn costs the same whatever the number of lanes with data, so the service gathers:
+//!   it starts hashing when every lane the open streams could fill has data, or after
+//!   [`GATHER`], or at once when a stream is finishing or a queue is half full, and goes on
+//!   while half the lanes have data ([`worth_a_turn`]).
 //! - A lane whose data is used up takes the stream's newly queued chunks if no other stream
 //!   is waiting, else goes back to the end of `ready` (so 32 streams share 16 lanes fairly).
 //! - [`Md5Stream::finish`] marks the stream closed; once its queue is hashed the service pads
@@ -343,7 +344,9 @@ fn run(shared: &Shared, kernel: Kernel) {
     let mut lanes: Vec<Option<Lane>> = (0..n).map(|_| None).collect();
     let mut cv = LaneState::default();
     let mut wake: Vec<Waker> = Vec::new();
-    // Since when too few lanes have had data for a full turn (see `worth_a_turn`).
+    // Whether the last thing done was a hash turn (not a wait), and since when the service
+    // has been gathering (see `worth_a_turn`).
+    let mut in_turn = false;
     let mut short_since: Option<Instant> = None;
     loop {
         {
@@ -359,22 +362,19 @@ fn run(shared: &Shared, kernel: Kernel) {
                 let with_data = lanes.iter().flatten().filter(|l| !l.chunks.is_empty()).count();
                 let wait = if with_data == 0 {
                     None
-                } else if worth_a_turn(&g, &lanes, with_data) {
-                    short_since = None;
+                } else if worth_a_turn(&g, &lanes, with_data, in_turn) {
                     break;
                 } else {
                     let since = *short_since.get_or_insert_with(Instant::now);
                     match GATHER.checked_sub(since.elapsed()) {
                         Some(left) if !left.is_zero() => Some(left),
-                        _ => {
-                            short_since = None;
-                            break;
-                        }
+                        _ => break,
                     }
                 };
                 for w in wake.drain(..) {
                     w.wake();
                 }
+                in_turn = false;
                 g.idle = true;
                 g = match wait {
                     None => shared.work.wait(g).unwrap_or_else(|e| e.into_inner()),
@@ -383,6 +383,7 @@ fn run(shared: &Shared, kernel: Kernel) {
                 g.idle = false;
             }
         }
+        (in_turn, short_since) = (true, None);
         for w in wake.drain(..) {
             w.wake();
         }
@@ -390,16 +391,18 @@ fn run(shared: &Shared, kernel: Kernel) {
     }
 }
 
-/// Whether to hash now with `with_data` lanes holding data, or to wait (at most [`GATHER`])
-/// for more streams' data. A turn costs the same with 1 lane as with 16, and the service is
-/// much faster than bodies arrive, so hashing each chunk as it comes would mostly run 1 or 2
-/// lanes (measured: MD5 was still ~20 % of the server's CPU at 32 clients that way). So a turn
-/// runs when at least half of the lanes the open streams could fill have data, or when
-/// waiting would hold someone up: a stream is finishing (its PUT answers after the digest),
-/// or a queue is half full (its receive loop would soon wait).
-fn worth_a_turn(g: &Inner, lanes: &[Option<Lane>], with_data: usize) -> bool {
+/// Whether to hash now with `with_data` lanes holding data, or to wait (at most [`GATHER`]
+/// in all) for more streams' data. A turn costs the same with 1 lane as with 16, and the
+/// service is much faster than bodies arrive, so hashing each chunk as it comes runs mostly
+/// 1 or 2 lanes (measured: MD5 was still ~19 % of the server's CPU at 32 clients that way;
+/// starting as soon as half the lanes had data, ~10 %). So a turn starts when every lane the
+/// open streams could fill has data, and goes on (`in_turn`) while at least half of them do;
+/// and it starts at once when waiting would hold someone up: a stream is finishing (its PUT
+/// answers after the digest), or a queue is half full (its receive loop would soon wait).
+fn worth_a_turn(g: &Inner, lanes: &[Option<Lane>], with_data: usize, in_turn: bool) -> bool {
     let fillable = g.open.min(lanes.len());
-    2 * with_data >= fillable
+    let enough = if in_turn { fillable.div_ceil(2) } else { fillable };
+    with_data >= enough
         || lanes.iter().flatten().any(|l| {
             g.streams[l.id]
                 .as_ref()
