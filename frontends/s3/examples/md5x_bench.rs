@@ -34,8 +34,12 @@ fn measure(bytes: usize, f: impl FnOnce()) -> (f64, f64) {
 fn main() {
     let mib: usize = std::env::args().nth(1).and_then(|a| a.parse().ok()).unwrap_or(64);
     let size = mib << 20;
-    let data = Bytes::from((0..size).map(|i| (i * 31 + i / 977) as u8).collect::<Vec<u8>>());
-    let want: [u8; 16] = Md5::digest(&data).into();
+    // One buffer per lane, so that lanes read different memory, as bodies do in a server.
+    let bufs: Vec<Bytes> = (0..MAX_LANES)
+        .map(|b| Bytes::from((0..size).map(|i| (i * 31 + i / 977 + b) as u8).collect::<Vec<u8>>()))
+        .collect();
+    let wants: Vec<[u8; 16]> = bufs.iter().map(|d| Md5::digest(d).into()).collect();
+    let (data, want) = (&bufs[0], wants[0]);
     let kernel = Kernel::detect();
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let lanes = Arc::new(Md5Lanes::start(kernel).expect("lanes"));
@@ -57,20 +61,20 @@ fn main() {
         let threads = measure(total, || {
             std::thread::scope(|s| {
                 for _ in 0..n {
-                    s.spawn(|| assert_eq!(<[u8; 16]>::from(Md5::digest(&data)), want));
+                    s.spawn(|| assert_eq!(<[u8; 16]>::from(Md5::digest(data)), want));
                 }
             })
         });
         let one = measure(total, || {
             for _ in 0..n {
-                assert_eq!(<[u8; 16]>::from(Md5::digest(&data)), want);
+                assert_eq!(<[u8; 16]>::from(Md5::digest(data)), want);
             }
         });
         let service = measure(total, || {
             rt.block_on(async {
                 let tasks: Vec<_> = (0..n)
-                    .map(|_| {
-                        let (lanes, data) = (lanes.clone(), data.clone());
+                    .map(|j| {
+                        let (lanes, data, want) = (lanes.clone(), bufs[j % MAX_LANES].clone(), wants[j % MAX_LANES]);
                         tokio::spawn(async move {
                             let mut s = lanes.stream(Md5State::new()).expect("stream");
                             for at in (0..data.len()).step_by(CHUNK) {
@@ -91,9 +95,9 @@ fn main() {
             while left > 0 {
                 let k = left.min(kernel.lanes());
                 let mut cv = LaneState::default();
-                let ptrs = [data.as_ptr(); MAX_LANES];
+                let ptrs: [*const u8; MAX_LANES] = std::array::from_fn(|i| bufs[i].as_ptr());
                 let mask = ((1u32 << k) - 1) as u16;
-                // SAFETY: every lane reads the same `size` bytes (whole blocks); the kernel is
+                // SAFETY: every lane reads its own `size` bytes (whole blocks); the kernel is
                 // the detected one.
                 unsafe { kernel.compress(&mut cv, &ptrs, mask, size / 64) };
                 std::hint::black_box(&cv);
