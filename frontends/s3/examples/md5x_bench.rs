@@ -2,7 +2,9 @@
 //! bodies before, and all streams on one thread) against the MD5 lanes (the service fed by
 //! tokio tasks in 64 KiB chunks, and the bare kernel), at 1..32 concurrent streams.
 //!
-//!   cargo run --release -p tidepool-s3 --example md5x_bench [MiB per stream, default 64]
+//!   cargo run --release -p tidepool-s3 --example md5x_bench [MiB per stream, default 64] [avx2]
+//!
+//! (`avx2`: the 8-lane kernel instead of the widest this CPU has.)
 //!
 //! "cpu" is the process's CPU seconds per GB hashed (/proc/self/stat): what a server pays.
 
@@ -40,7 +42,11 @@ fn main() {
         .collect();
     let wants: Vec<[u8; 16]> = bufs.iter().map(|d| Md5::digest(d).into()).collect();
     let (data, want) = (&bufs[0], wants[0]);
-    let kernel = Kernel::detect();
+    let kernel = match std::env::args().nth(2).as_deref() {
+        Some("avx2") => Kernel::Avx2,
+        _ => Kernel::detect(),
+    };
+    assert!(kernel.available(), "{kernel:?} is not available on this CPU");
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
     let lanes = Arc::new(Md5Lanes::start(kernel).expect("lanes"));
     println!(
