@@ -4,8 +4,8 @@
 //! a large PUT (~45 % of the server's CPU on a 64 MiB PUT), runs beside the receive, s3s's
 //! SHA-256 of a signed payload and the block writes instead of after them:
 //! - MD5 goes to the process's MD5 lanes ([`crate::md5x`]): one thread hashing the blocks of
-//!   up to 16 bodies at once in the lanes of a vector register, ~10x the aggregate rate of
-//!   scalar MD5, so 32 concurrent PUTs no longer spend a core and a half on ETags. Where the
+//!   up to 16 bodies at once in the lanes of a vector register, ~8x the aggregate rate of
+//!   scalar MD5 per core, so 32 concurrent PUTs no longer spend most of a core on ETags. Where the
 //!   CPU has no vector kernel (no AVX2, or not x86_64), MD5 goes to the body's own thread as
 //!   below instead.
 //! - The additional checksum, when asked for, goes to a blocking-pool thread per body fed the

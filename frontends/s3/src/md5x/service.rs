@@ -3,9 +3,10 @@
 //!
 //! Why one thread: the lanes pay off only when many streams' blocks go through the same
 //! instructions, so the blocks must meet in one place; a 16-lane AVX-512 kernel hashes
-//! ~10 GB/s on one core, more than the server receives, so one thread is not a bottleneck
-//! (a scalar thread per body, as before, needed a core per ~0.7 GB/s). On a 2-core machine a
-//! second lane thread would only compete with the receive loops.
+//! ~5.5 GB/s of 16 bodies on one core (the md5x_bench example, on a Zen 4 EPYC), more than
+//! the server receives, so one thread is not a bottleneck (a scalar thread per body, as
+//! before, needed a core per ~0.63 GB/s). On a 2-core machine a second lane thread would
+//! only compete with the receive loops.
 //!
 //! How a stream moves:
 //! - [`Md5Stream::update`] queues a chunk (`Bytes`: shared with the receive loop, not copied)
@@ -46,7 +47,7 @@ use super::{Kernel, LaneState, MAX_LANES, Md5State};
 pub const QUEUED_BYTES: usize = 1 << 20;
 
 /// Blocks per kernel call at most (64 KiB per lane), so a stream waiting for a free lane
-/// waits at most ~0.1 ms (at ~10 GB/s) after one frees.
+/// waits at most ~0.2 ms (at ~5.5 GB/s) after one frees.
 const VECTOR_RUN: usize = 1024;
 
 /// How long the service waits for more streams' data before hashing with few lanes (see
