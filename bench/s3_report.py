@@ -84,6 +84,8 @@ if ip[1]:
     for c in (1, 32):
         ms = {s: med([(fio_measure(f"r{r}-{s}-get-64m-c{c}", 'get') or {}).get("mbps") for r in range(1, rounds + 1)])
               for s in SERVERS}
+        if ms['tidepool'] is None or ms['s3s-fs'] is None:
+            continue  # that case was not run (CASES=)
         print(f"  GET 64m c={c}: tidepool {100 * ms['tidepool'] / ceiling:.0f} %, s3s-fs {100 * ms['s3s-fs'] / ceiling:.0f} % "
               f"of iperf3's best ({ceiling:.0f} MB/s); goal tidepool >= 70 %: "
               f"{'met' if ms['tidepool'] >= 0.7 * ceiling else 'MISSED'}")
