@@ -347,6 +347,7 @@ mod tests {
     fn single_pages_come_back_on_the_same_thread_and_overflow_to_the_pool() {
         let pool = BufPool::new(64 * ALIGN);
         std::thread::scope(|s| {
+            // Joined before the second thread starts: each checks `idle_bytes` exactly.
             s.spawn(|| {
                 let a = pool.take(100);
                 assert_eq!((a.len(), a.capacity()), (100, ALIGN));
@@ -360,7 +361,9 @@ mod tests {
                 let held: Vec<AlignedBuf> = (0..THREAD_PAGES + 3).map(|_| pool.take(ALIGN)).collect();
                 held.into_iter().for_each(|b| pool.give(b));
                 assert_eq!(pool.idle_bytes(), 3 * ALIGN);
-            });
+            })
+            .join()
+            .unwrap();
             // Another thread finds the overflow in the pool.
             s.spawn(|| {
                 let held: Vec<AlignedBuf> = (0..3).map(|_| pool.take(ALIGN)).collect();
