@@ -6,6 +6,7 @@
 //! waits until all tickets taken before it have completed, so no acknowledged entry sits
 //! behind a hole that a recovery scan would stop at.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, Weak};
 
 use bytes::Bytes;
@@ -123,12 +124,25 @@ pub(crate) struct Inner {
     /// Signalled whenever a write completes (for `flush` waiting on tickets).
     done: Notify,
     rotate_lock: tokio::sync::Mutex<()>,
+    /// Device flushes in one file: see [`Inner::sync_device`].
+    syncs: SyncGroup,
     pub(super) clean_lock: tokio::sync::Mutex<()>,
     /// Cleaning ahead: its control block (shared with the task) and watermarks.
     pub(super) ahead: Arc<Ahead>,
     pub(super) marks: Watermarks,
     /// This store, for starting the background task (which holds it weakly).
     pub(super) me: Weak<Inner>,
+}
+
+/// The group commit of device flushes ([`Inner::sync_device`]).
+#[derive(Default)]
+struct SyncGroup {
+    /// Tickets handed out: one per `sync_device` call.
+    asked: AtomicU64,
+    /// Every ticket up to this one is covered by a completed flush.
+    done: AtomicU64,
+    /// Held while a flush runs.
+    running: tokio::sync::Mutex<()>,
 }
 
 /// What an entry write is for.
@@ -162,6 +176,7 @@ impl Inner {
             st: RwLock::new(st),
             done: Notify::new(),
             rotate_lock: tokio::sync::Mutex::new(()),
+            syncs: SyncGroup::default(),
             clean_lock: tokio::sync::Mutex::new(()),
             ahead: Ahead::new(),
             marks: Watermarks::new(lay.nsegs),
@@ -660,7 +675,26 @@ impl Inner {
             }
             notified.await;
         }
-        Ok(self.dev.flush().await?)
+        self.sync_device().await
+    }
+
+    /// A device flush that covers every write completed before this call. Concurrent callers
+    /// share flushes (group commit): one flush runs at a time, and a caller that finds one
+    /// running waits for it and then for at most one more, which every caller that came in
+    /// meanwhile shares. 32 S3 PUTs at once then cost a few flushes instead of 32 (each an
+    /// io-wq wake-up and a device cache flush; session 8 measured it in BENCHMARKS.md).
+    async fn sync_device(&self) -> Result<(), StoreError> {
+        let ticket = self.syncs.asked.fetch_add(1, Ordering::AcqRel) + 1;
+        let _one = self.syncs.running.lock().await;
+        if self.syncs.done.load(Ordering::Acquire) >= ticket {
+            return Ok(());
+        }
+        // Every ticket up to `upto` was taken after its caller's writes completed, and so
+        // before this flush starts: the flush covers them all.
+        let upto = self.syncs.asked.load(Ordering::Acquire);
+        self.dev.flush().await?;
+        self.syncs.done.fetch_max(upto, Ordering::AcqRel);
+        Ok(())
     }
 
     pub(crate) async fn clean(&self) -> Result<CleanStats, StoreError> {
@@ -808,5 +842,73 @@ mod tests {
             std::task::Poll::Ready(v) => v,
             std::task::Poll::Pending => panic!("MemDevice I/O pending"),
         }
+    }
+
+    /// A device whose flush takes a while and says what it made durable: every write that had
+    /// completed when the flush started (as a disk's cache flush does).
+    struct SlowFlush {
+        mem: MemDevice,
+        completed: std::sync::atomic::AtomicU64,
+        durable: std::sync::atomic::AtomicU64,
+        flushes: std::sync::atomic::AtomicU64,
+    }
+
+    impl BlockDevice for SlowFlush {
+        fn info(&self) -> &crate::device::DeviceInfo {
+            self.mem.info()
+        }
+        fn read(&self, offset: u64, buf: AlignedBuf) -> crate::device::IoFuture<'_, crate::device::IoResult> {
+            self.mem.read(offset, buf)
+        }
+        fn write(&self, offset: u64, buf: AlignedBuf) -> crate::device::IoFuture<'_, crate::device::IoResult> {
+            Box::pin(async move {
+                let r = self.mem.write(offset, buf).await;
+                self.completed.fetch_add(1, Ordering::SeqCst);
+                r
+            })
+        }
+        fn flush(&self) -> crate::device::IoFuture<'_, Result<(), DeviceError>> {
+            Box::pin(async move {
+                let covers = self.completed.load(Ordering::SeqCst);
+                self.flushes.fetch_add(1, Ordering::SeqCst);
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                self.durable.fetch_max(covers, Ordering::SeqCst);
+                Ok(())
+            })
+        }
+    }
+
+    /// 32 puts, each followed by a flush, at once: every flush returns only once the put before
+    /// it is durable, and the flushes share a few device flushes instead of one each.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn concurrent_flushes_share_device_flushes_and_each_covers_its_put() {
+        let dev = Arc::new(SlowFlush {
+            mem: MemDevice::new(8 << 20),
+            completed: Default::default(),
+            durable: Default::default(),
+            flushes: Default::default(),
+        });
+        let opts = StoreOptions { max_block_bytes: 64 << 10, segment_bytes: 1 << 20, crc_cache_bytes: 1 << 20 };
+        let s = Arc::new(BlockStore::format(Arc::clone(&dev) as Arc<dyn BlockDevice>, opts).await.unwrap());
+        let before = dev.flushes.load(Ordering::SeqCst);
+        let tasks: Vec<_> = (0..32u64)
+            .map(|id| {
+                let (s, dev) = (Arc::clone(&s), Arc::clone(&dev));
+                tokio::spawn(async move {
+                    s.put(id, &pattern(id, 5000)).await.unwrap();
+                    let written = dev.completed.load(Ordering::SeqCst);
+                    s.flush().await.unwrap();
+                    assert!(
+                        dev.durable.load(Ordering::SeqCst) >= written,
+                        "flush of put {id} returned before it was durable"
+                    );
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let flushes = dev.flushes.load(Ordering::SeqCst) - before;
+        assert!((1..=8).contains(&flushes), "32 concurrent flushes took {flushes} device flushes");
     }
 }
