@@ -57,7 +57,8 @@ target/release/tidepool bench device --file "$FILE" --force --size "$SIZE" --qd 
 python3 - "$OUT/result.json" <<'PY' | tee "$OUT/result.txt"
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"file={r['file']} size={r['size_bytes']/2**30:.2f} GiB qd={r['qd']} rounds={r['rounds']} (median) randread runtime={r['runtime_secs']} s")
+print(f"file={r['file']} size={r['size_bytes']/2**30:.2f} GiB qd={r['qd']} rounds={r['rounds']} (median) randread runtime={r['runtime_secs']} s, store on {r['store_threads']} thread(s)")
+print(f"random reads: {r['rand_read_note']}")
 print(f"block store: engine={r['store']['engine']} segment={r['store']['segment_bytes']>>20} MiB blocks={r['store']['blocks']}")
 for c in r["fio_commands"]:
     print("  " + c)

@@ -29,7 +29,7 @@ pub enum BenchCmd {
     Device(DeviceArgs),
 }
 
-#[derive(clap::Args)]
+#[derive(clap::Args, Clone)]
 pub struct DeviceArgs {
     /// Scratch file (created, overwritten, deleted at the end unless --keep). Use a real disk, not tmpfs.
     #[arg(long)]
@@ -46,6 +46,11 @@ pub struct DeviceArgs {
     /// Alternate fio and the block store this many times; the median of each is reported.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
+    /// Threads that drive the block store's side: 1 (the default) runs it on one thread, as
+    /// fio's side is one job on one thread; N > 1 on a tokio runtime of N workers, as
+    /// `tidepool up` runs (one per core).
+    #[arg(long, default_value_t = 1)]
+    store_threads: usize,
     /// Print the results as JSON.
     #[arg(long)]
     json: bool,
@@ -143,6 +148,10 @@ fn round1(x: f64) -> f64 {
 /// What the block store side did in one round.
 struct StoreRun {
     results: [Measure; 3],
+    /// fio's random reads, interleaved with the store's on the store's own file (see
+    /// [`rand_reads_interleaved`]), and its command.
+    fio_rand_read: Measure,
+    fio_rand_cmd: Vec<String>,
     /// Random 4 KiB reads straight on the `BlockDevice`, to tell engine cost from store cost.
     device_rand_read: Measure,
     blocks: u64,
@@ -158,10 +167,10 @@ pub async fn run(_settings: Settings, cmd: BenchCmd) -> Result<()> {
 
 async fn device(args: DeviceArgs) -> Result<()> {
     let size = args.size / BLOCK as u64 * BLOCK as u64;
-    if size < MIN_SIZE || args.qd == 0 || args.rounds == 0 || args.runtime_secs == 0 {
+    if size < MIN_SIZE || args.qd == 0 || args.rounds == 0 || args.runtime_secs == 0 || args.store_threads == 0 {
         return Err(BenchError::Invalid(format!(
-            "need size >= 64MiB, qd, rounds, runtime-secs >= 1 (size={size} qd={} rounds={} runtime_secs={})",
-            args.qd, args.rounds, args.runtime_secs
+            "need size >= 64MiB, qd, rounds, runtime-secs, store-threads >= 1 (size={size} qd={} rounds={} runtime_secs={} store_threads={})",
+            args.qd, args.rounds, args.runtime_secs, args.store_threads
         ))
         .into());
     }
@@ -188,7 +197,7 @@ async fn device(args: DeviceArgs) -> Result<()> {
                         huge_runs.push(fio_huge_round(&args.file, size, &huge_cmds, round).await?);
                     }
                 } else {
-                    store_runs.push(store_round(&args, size, round).await?);
+                    store_runs.push(on_store_threads(&args, size, round).await?);
                 }
             }
         }
@@ -199,6 +208,14 @@ async fn device(args: DeviceArgs) -> Result<()> {
         let _ = std::fs::remove_file(&args.file);
     }
     result?;
+    // fio's random reads ran inside each store round, interleaved with the store's.
+    for (f, s) in fio_runs.iter_mut().zip(&store_runs) {
+        f[2] = s.fio_rand_read;
+    }
+    let mut fio_cmds = fio_cmds;
+    if let Some(s) = store_runs.last() {
+        fio_cmds[2] = s.fio_rand_cmd.clone();
+    }
     let mut report = report(&args, size, &fio_version, &fio_cmds, &fio_runs, &store_runs);
     if !huge_runs.is_empty() {
         report["fio_huge"] = huge_report(&huge_cmds, &huge_runs, &store_runs);
@@ -288,6 +305,13 @@ fn fio_args(test: Test, file: &Path, size: u64, qd: usize, runtime_secs: u64) ->
     a
 }
 
+/// fio's random reads over the byte range `span` of `file` (the store's data).
+fn fio_rand_args(file: &Path, span: std::ops::Range<u64>, qd: usize, runtime_secs: u64) -> Vec<String> {
+    let mut a = fio_args(Test::RandRead, file, span.end - span.start, qd, runtime_secs);
+    a.insert(a.len() - 2, format!("--offset={}", span.start));
+    a
+}
+
 /// fio's command for `test` with its buffers in a file of the hugetlbfs mount `dir`.
 fn fio_huge_args(test: Test, file: &Path, size: u64, qd: usize, dir: &Path) -> Vec<String> {
     let mut a = fio_args(test, file, size, qd, 1);
@@ -303,10 +327,11 @@ fn shell_line(argv: &[String]) -> String {
         .join(" ")
 }
 
+/// fio's sequential tests on a fresh file; its random reads run in [`store_round`].
 async fn fio_round(file: &Path, size: u64, cmds: &[Vec<String>], round: usize) -> Result<[Measure; 3]> {
     fresh_file(file, size)?;
     let mut out = [Measure::default(); 3];
-    for (i, &test) in TESTS.iter().enumerate() {
+    for (i, &test) in [Test::SeqWrite, Test::SeqRead].iter().enumerate() {
         let argv = cmds[i].clone();
         let m = tokio::task::spawn_blocking(move || run_fio(test, &argv)).await??;
         eprintln!("round {}: fio      {:<16} {}", round + 1, test.label(), show(test, &m));
@@ -401,6 +426,21 @@ impl Clock {
     }
 }
 
+/// [`store_round`] on a runtime of its own with `args.store_threads` threads (one: a
+/// current-thread runtime). Everything the store starts (the engine's completion reaper, the
+/// cleaner ahead) lives and ends on it.
+async fn on_store_threads(args: &DeviceArgs, size: u64, round: usize) -> Result<StoreRun> {
+    let threads = args.store_threads;
+    let rt = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread().enable_all().build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread().worker_threads(threads).enable_all().build()
+    }
+    .map_err(|source| BenchError::Io { path: args.file.display().to_string(), source })?;
+    let args = args.clone();
+    tokio::task::spawn_blocking(move || rt.block_on(store_round(&args, size, round))).await?
+}
+
 async fn store_round(args: &DeviceArgs, size: u64, round: usize) -> Result<StoreRun> {
     fresh_file(&args.file, size)?;
     let dev =
@@ -425,11 +465,11 @@ async fn store_round(args: &DeviceArgs, size: u64, round: usize) -> Result<Store
     );
     let r = store_seq_read(&store, &ids, args.qd).await?;
     eprintln!("round {}: tidepool {:<16} {}", round + 1, Test::SeqRead.label(), show(Test::SeqRead, &r));
-    let rr = store_rand_read(&store, &ids, args.qd, Duration::from_secs(args.runtime_secs)).await?;
-    eprintln!("round {}: tidepool {:<16} {}", round + 1, Test::RandRead.label(), show(Test::RandRead, &rr));
     // The store's entries start after its 1 MiB superblock area; the range below holds its data
     // (all written but the few MiB at each segment's tail; unwritten extents read without I/O).
     let span = (1 << 20)..(1 << 20) + ids.len() as u64 * BLOCK as u64;
+    let fio_cmd = fio_rand_args(&args.file, span.clone(), args.qd, args.runtime_secs.div_ceil(2));
+    let (rr, fio_rr) = rand_reads_interleaved(&store, &ids, args, &fio_cmd, round).await?;
     let dr = device_rand_read(store.device(), span, args.qd, Duration::from_secs(args.runtime_secs)).await?;
     eprintln!(
         "round {}: device   {:<16} {}  (engine only, no store)",
@@ -437,7 +477,55 @@ async fn store_round(args: &DeviceArgs, size: u64, round: usize) -> Result<Store
         Test::RandRead.label(),
         show(Test::RandRead, &dr)
     );
-    Ok(StoreRun { results: [w, r, rr], device_rand_read: dr, blocks: ids.len() as u64, segment_bytes, engine })
+    Ok(StoreRun {
+        results: [w, r, rr],
+        fio_rand_read: fio_rr,
+        fio_rand_cmd: fio_cmd,
+        device_rand_read: dr,
+        blocks: ids.len() as u64,
+        segment_bytes,
+        engine,
+    })
+}
+
+/// Random 4 KiB reads of the store's data, fio and the store in turn on the same file in
+/// four runs of `runtime_secs / 2` (fio, store, store, fio): this disk's speed drifts by
+/// 10 % and more within a minute, and runs taken at different times compared that drift
+/// rather than the two sides. fio reads the byte range the store's blocks were written to,
+/// so neither side reads unwritten extents (which cost no I/O). Each side's figure is the
+/// mean of its two runs.
+async fn rand_reads_interleaved(
+    store: &Arc<BlockStore>,
+    ids: &[u64],
+    args: &DeviceArgs,
+    fio_cmd: &[String],
+    round: usize,
+) -> Result<(Measure, Measure)> {
+    let slice = Duration::from_secs(args.runtime_secs.div_ceil(2));
+    let (mut fio, mut ours) = (Vec::new(), Vec::new());
+    for turn in 0..4 {
+        if turn == 0 || turn == 3 {
+            let argv = fio_cmd.to_vec();
+            let m = tokio::task::spawn_blocking(move || run_fio(Test::RandRead, &argv)).await??;
+            eprintln!("round {}: fio      {:<16} {}", round + 1, Test::RandRead.label(), show(Test::RandRead, &m));
+            fio.push(m);
+        } else {
+            let m = store_rand_read(store, ids, args.qd, slice).await?;
+            eprintln!("round {}: tidepool {:<16} {}", round + 1, Test::RandRead.label(), show(Test::RandRead, &m));
+            ours.push(m);
+        }
+    }
+    Ok((mean(&ours), mean(&fio)))
+}
+
+/// The mean of runs of equal length.
+fn mean(runs: &[Measure]) -> Measure {
+    let n = runs.len().max(1) as f64;
+    Measure {
+        bytes_per_sec: runs.iter().map(|m| m.bytes_per_sec).sum::<f64>() / n,
+        iops: runs.iter().map(|m| m.iops).sum::<f64>() / n,
+        cpu_pct: runs.iter().map(|m| m.cpu_pct).sum::<f64>() / n,
+    }
 }
 
 /// The same 4 MiB of pseudo-random bytes for every block (no layer here deduplicates).
@@ -615,6 +703,8 @@ fn report(
     json!({
         "file": args.file.display().to_string(), "size_bytes": size, "qd": args.qd,
         "runtime_secs": args.runtime_secs, "rounds": args.rounds, "fio_version": fio_version,
+        "store_threads": args.store_threads,
+        "rand_read_note": "fio and the store in turn on the store's file (fio, store, store, fio; runtime_secs/2 each), over the bytes the store wrote",
         "fio_commands": cmds.iter().map(|c| shell_line(c)).collect::<Vec<_>>(),
         "store": { "engine": last.engine.to_string(), "segment_bytes": last.segment_bytes,
                    "blocks": last.blocks, "bytes_written": last.blocks * BLOCK as u64 },
@@ -648,13 +738,15 @@ fn huge_report(cmds: &[Vec<String>], huge: &[[Measure; 2]], store: &[StoreRun]) 
 fn print_table(r: &Value) {
     let st = &r["store"];
     println!(
-        "device bench: file={} size={:.2} GiB qd={} rounds={} (median) rand-read runtime={} s",
+        "device bench: file={} size={:.2} GiB qd={} rounds={} (median) rand-read runtime={} s, store on {} thread(s)",
         r["file"].as_str().unwrap_or(""),
         r["size_bytes"].as_f64().unwrap_or(0.0) / (1u64 << 30) as f64,
         r["qd"],
         r["rounds"],
-        r["runtime_secs"]
+        r["runtime_secs"],
+        r["store_threads"]
     );
+    println!("random reads: {}", r["rand_read_note"].as_str().unwrap_or(""));
     println!(
         "block store: engine={} segment={} MiB, {} blocks of 4 MiB ({:.2} GiB) written and read",
         st["engine"].as_str().unwrap_or(""),
@@ -717,6 +809,17 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("4 parsecs").is_err());
         assert!(parse_size("GiB").is_err());
+    }
+
+    #[test]
+    fn fio_random_reads_cover_the_store_data_only() {
+        let a = fio_rand_args(Path::new("/d/f"), (1 << 20)..(1 << 20) + (8 << 20), 32, 4);
+        let line = shell_line(&a);
+        assert!(
+            line.ends_with("--runtime=4 --time_based --offset=1048576 --size=8388608 --output-format=json"),
+            "{line}"
+        );
+        assert!(line.contains("--rw=randread --"), "{line}");
     }
 
     #[test]
