@@ -108,7 +108,8 @@ stop_servers() {
 }
 # The servers' data (a 16 GiB device image, the local bucket, s3s-fs's files: ~27 GB after a
 # full run) goes at exit; KEEP_DATA=1 keeps it for a look.
-on_exit() { stop_servers; if [ "${KEEP_DATA:-0}" != 1 ]; then rm -rf "$DATA"; fi; }
+IP_SERVER=""
+on_exit() { stop_servers; [ -n "$IP_SERVER" ] && kill "$IP_SERVER" 2>/dev/null; if [ "${KEEP_DATA:-0}" != 1 ]; then rm -rf "$DATA"; fi; }
 trap on_exit EXIT
 
 wait_s3() { # endpoint pid
@@ -164,8 +165,20 @@ fio_run() {
 
 count_keys() { $PY "http://127.0.0.1:$(port_of "$1")" $KEY $SECRET count bench "$2" --timeout 600; }
 
-# ---------- PUT / GET ----------
+# ---------- PUT / GET, and iperf3 ----------
+# iperf3 runs in every round, right after that round's cases (servers stopped): loopback
+# throughput here swings by 25 % within a minute, so a reference taken only at the end of
+# the run compared moments as much as servers.
+iperf3_round() { # round
+  for p in 1 32; do
+    log "iperf3 round $1, $p streams"
+    iperf3 -c 127.0.0.1 -p "$IP_PORT" -t "$RUNTIME" -P "$p" -J >"$OUT/runs/r$1-iperf3-P$p.json"
+  done
+}
 if [ "${SKIP_OBJ:-0}" != 1 ]; then
+  IP_PORT=$(free_port)
+  iperf3 -s -B 127.0.0.1 -p "$IP_PORT" >"$OUT/iperf3-server.log" 2>&1 &
+  IP_SERVER=$!
   for r in $(seq "$ROUND_FROM" "$ROUNDS"); do
     start_servers "r$r"
     if [ $((r % 2)) = 1 ]; then order="tidepool s3s-fs"; else order="s3s-fs tidepool"; fi
@@ -185,20 +198,9 @@ if [ "${SKIP_OBJ:-0}" != 1 ]; then
     done
     du -sh "$DATA/tidepool" "$DATA/s3s-fs" >&2
     stop_servers
+    iperf3_round "$r"
   done
-
-  # ---------- iperf3 ----------
-  IP_PORT=$(free_port)
-  iperf3 -s -B 127.0.0.1 -p "$IP_PORT" >"$OUT/iperf3-server.log" 2>&1 &
-  IP_PID=$!
-  sleep 1
-  for r in $(seq "$ROUND_FROM" "$ROUNDS"); do
-    for p in 1 32; do
-      log "iperf3 round $r, $p streams"
-      iperf3 -c 127.0.0.1 -p "$IP_PORT" -t "$RUNTIME" -P "$p" -J >"$OUT/runs/r$r-iperf3-P$p.json"
-    done
-  done
-  stop_servers
+  kill "$IP_SERVER" 2>/dev/null || true; IP_SERVER=""
 fi
 
 # ---------- listing at scale ----------

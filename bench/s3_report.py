@@ -78,8 +78,9 @@ for r in range(1, rounds + 1):
         if j:
             ip[p].append(j["end"]["sum_received"]["bits_per_second"] / 8 / 1e6)
 if ip[1]:
-    print("\niperf3 over loopback (median MB/s): " + ", ".join(
-        f"{p} stream{'s' if p > 1 else ''} {med(ip[p]):,.0f} MB/s".replace(",", " ") for p in (1, 32)))
+    print("\niperf3 over loopback (median MB/s; run in every round after its cases): " + ", ".join(
+        f"{p} stream{'s' if p > 1 else ''} {med(ip[p]):,.0f} MB/s".replace(",", " ") for p in (1, 32))
+        + " (per round: " + "  ".join(f"{a:.0f}/{b:.0f}" for a, b in zip(ip[1], ip[32])) + ")")
     ceiling = max(med(ip[1]), med(ip[32]))
     for c in (1, 32):
         ms = {s: med([(fio_measure(f"r{r}-{s}-get-64m-c{c}", 'get') or {}).get("mbps") for r in range(1, rounds + 1)])
