@@ -163,6 +163,24 @@ fio_run() {
   sync
 }
 
+# Before a GET run, each server's PUT backlog is drained, so the GET does not share the CPU
+# with it: s3s-fs's dirty page cache by the `sync` after every run (fio_run), tidepool's
+# write-back to its bucket by waiting until /metrics shows no dirty bytes (at most
+# SETTLE_CAP seconds; how long it took goes to runs/*.settle).
+SETTLE_CAP=${SETTLE_CAP:-300}
+settle() { # server
+  [ "$1" = tidepool ] || return 0
+  local t0 d; t0=$(date +%s.%N)
+  for _ in $(seq 1 $((SETTLE_CAP * 5))); do
+    d=$(curl -s "http://127.0.0.1:$TP_HTTP/metrics" | awk '$1 == "tidepool_dirty_bytes" {print $2}')
+    [ "${d:-1}" = 0 ] && break
+    sleep 0.2
+  done
+  echo "{\"settle_secs\": $(echo "$(date +%s.%N) - $t0" | bc -l), \"dirty_bytes\": ${d:-null}}" >"$OUT/runs/r$r-tidepool-settle-$bs-c$nj.json"
+  log "tidepool: write-back settled in $(echo "$(date +%s.%N) - $t0" | bc -l | cut -c1-5) s (dirty bytes ${d:-?})"
+  sync
+}
+
 count_keys() { $PY "http://127.0.0.1:$(port_of "$1")" $KEY $SECRET count bench "$2" --timeout 600; }
 
 # ---------- PUT / GET, and iperf3 ----------
@@ -192,6 +210,7 @@ if [ "${SKIP_OBJ:-0}" != 1 ]; then
         if [ "$got" != $((nj * objs)) ]; then
           log "ERROR: $s holds $got of $((nj * objs)) objects after the PUT run (fio would read 404s as zeros)"; exit 1
         fi
+        settle "$s"
         log "round $r $s: GET $bs, $nj clients, ${RUNTIME}s"
         fio_run "r$r-$s-get-$bs-c$nj" "$s" randread "$bs" "$nj" "$objs" time
       done
