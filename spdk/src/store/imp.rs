@@ -41,37 +41,26 @@ fn copy_crcs(crcs: &[u32], h: u32, pages: u32, first: u32, last: u32, want: &mut
     }
 }
 
-/// The span of header pages of the entry at `loc` whose crcs (of data pages `first..=last`)
-/// are not cached, if any. Nothing is copied here: for each cached one the
-/// cache line holding the wanted crcs is prefetched instead, to be copied once the data read
-/// has completed. The copy is a cache miss (the crc cache is megabytes of small slices); left
-/// here it would sit between a completion and the next submission on the reading thread.
-fn probe_crcs(cache: &CrcCache, loc: Loc, generation: u64, first: u32, last: u32) -> Option<(u32, u32)> {
+/// Copies the cached crcs of data pages `first..=last` of the entry at `loc` into `want`; the
+/// span of header pages whose crcs are not cached, if any.
+fn cached_crcs(
+    cache: &CrcCache,
+    loc: Loc,
+    generation: u64,
+    first: u32,
+    last: u32,
+    want: &mut [u32],
+) -> Option<(u32, u32)> {
     let pages = data_pages(loc.len);
     let (h_first, h_last) = ((crc_at(first) / PAGE) as u32, (crc_at(last) / PAGE) as u32);
     let mut missing: Option<(u32, u32)> = None;
     for h in h_first..=h_last {
         match cache.get(&(generation, loc.off_pages, h)) {
-            Some(crcs) => {
-                let (lo, _) = crc_page_span(h, pages);
-                prefetch(crcs.as_ptr().wrapping_add(first.saturating_sub(lo) as usize));
-            }
+            Some(crcs) => copy_crcs(crcs, h, pages, first, last, want),
             None => missing = Some((missing.map_or(h, |m| m.0), h)),
         }
     }
     missing
-}
-
-/// A hint to bring the cache line at `p` in; never faults, whatever `p` is.
-#[inline(always)]
-fn prefetch<T>(p: *const T) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: PREFETCHT0 reads nothing architecturally and cannot fault on any address.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(p.cast::<i8>())
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
 }
 
 /// A put checked and built, not yet reserved or written (see [`Inner::prepare_put`]).
@@ -530,7 +519,7 @@ impl Inner {
                     return Ok(Bytes::new());
                 }
                 let generation = st.segs[loc.seg as usize].generation;
-                (loc, generation, probe_crcs(&st.crcs, loc, generation, first, last))
+                (loc, generation, cached_crcs(&st.crcs, loc, generation, first, last, want))
             };
             match self.read_range(id, loc, generation, offset, len, want, missing).await {
                 // The cleaner may have moved the block and reused its old segment meanwhile
@@ -550,9 +539,7 @@ impl Inner {
     }
 
     /// Read and verify `[offset, offset+len)` of the block at `loc`: the data pages covering
-    /// it, plus the header pages `missing` (those whose crcs were not cached when
-    /// [`probe_crcs`] looked). The cached crcs are copied into `want` once the read is done;
-    /// one evicted meanwhile is read from its header page then (a second read, rare).
+    /// it, plus the header pages `missing` (those holding crcs not in `want` yet).
     #[allow(clippy::too_many_arguments)]
     async fn read_range(
         &self,
@@ -564,7 +551,7 @@ impl Inner {
         want: &mut [u32],
         missing: Option<(u32, u32)>,
     ) -> Result<Bytes, StoreError> {
-        let hp = hdr_pages(loc.len);
+        let (pages, hp) = (data_pages(loc.len), hdr_pages(loc.len));
         let (first, last) = (offset / PAGE as u32, (offset + len - 1) / PAGE as u32);
         let entry = self.lay.seg_addr(loc.seg) + loc.off_pages as u64 * PAGE_U64;
         let npages = (last - first + 1) as usize;
@@ -592,47 +579,32 @@ impl Inner {
                     (Some(h), d, 0)
                 };
                 let hdr_bytes = hdr.as_ref().map_or(&data.as_slice()[..hdr_len], |h| &h.as_slice()[..hdr_len]);
-                let took = self.take_headers(id, loc, generation, (m0, m1), hdr_bytes, first, last, want);
+                let mut parsed = Vec::with_capacity((m1 - m0 + 1) as usize);
+                for h in m0..=m1 {
+                    let page = &hdr_bytes[(h - m0) as usize * PAGE..][..PAGE];
+                    match self.crcs_from_header(id, loc, generation, h, page) {
+                        Some(crcs) => parsed.push((h, crcs)),
+                        None => {
+                            self.pool.give(data);
+                            if let Some(h) = hdr {
+                                self.pool.give(h);
+                            }
+                            return Err(StoreError::Checksum { id, page: first });
+                        }
+                    }
+                }
                 if let Some(h) = hdr {
                     self.pool.give(h);
                 }
-                if let Err(e) = took {
-                    self.pool.give(data);
-                    return Err(e);
+                let mut st = self.st();
+                for (h, crcs) in parsed {
+                    copy_crcs(&crcs, h, pages, first, last, want);
+                    st.crcs.insert((generation, loc.off_pages, h), crcs);
                 }
                 (data, data_off)
             }
             None => (self.read_at(data_addr, data_len).await?, 0),
         };
-        // The crcs of the header pages outside `missing`, from the cache (prefetched by
-        // `probe_crcs`); any evicted since is read from the device.
-        let evicted = {
-            let st = self.st_read();
-            let (h_first, h_last) = ((crc_at(first) / PAGE) as u32, (crc_at(last) / PAGE) as u32);
-            let mut evicted: Option<(u32, u32)> = None;
-            for h in (h_first..=h_last).filter(|h| missing.is_none_or(|(m0, m1)| !(m0..=m1).contains(h))) {
-                match st.crcs.get(&(generation, loc.off_pages, h)) {
-                    Some(crcs) => copy_crcs(crcs, h, data_pages(loc.len), first, last, want),
-                    None => evicted = Some((evicted.map_or(h, |m| m.0), h)),
-                }
-            }
-            evicted
-        };
-        if let Some((m0, m1)) = evicted {
-            let hdr = match self.read_at(entry + m0 as u64 * PAGE_U64, (m1 - m0 + 1) as usize * PAGE).await {
-                Ok(h) => h,
-                Err(e) => {
-                    self.pool.give(data);
-                    return Err(e);
-                }
-            };
-            let took = self.take_headers(id, loc, generation, (m0, m1), hdr.as_slice(), first, last, want);
-            self.pool.give(hdr);
-            if let Err(e) = took {
-                self.pool.give(data);
-                return Err(e);
-            }
-        }
         for (i, want) in want.iter().enumerate() {
             let at = data_off + i * PAGE;
             if crc32c::crc32c(&data.as_slice()[at..at + PAGE]) != *want {
@@ -643,38 +615,6 @@ impl Inner {
         let start = data_off + (offset - first * PAGE as u32) as usize;
         let owner = Pooled { buf: Some(data), pool: Arc::clone(&self.pool) };
         Ok(Bytes::from_owner(owner).slice(start..start + len as usize))
-    }
-
-    /// Parse header pages `m0..=m1` of the entry at `loc` (`hdr` holds them), cache their crcs
-    /// and copy those of data pages `first..=last` into `want`. A page that is not this
-    /// entry's header is a checksum error (corruption, or the segment was reused).
-    #[allow(clippy::too_many_arguments)]
-    fn take_headers(
-        &self,
-        id: BlockId,
-        loc: Loc,
-        generation: u64,
-        (m0, m1): (u32, u32),
-        hdr: &[u8],
-        first: u32,
-        last: u32,
-        want: &mut [u32],
-    ) -> Result<(), StoreError> {
-        let mut parsed = Vec::with_capacity((m1 - m0 + 1) as usize);
-        for h in m0..=m1 {
-            let page = &hdr[(h - m0) as usize * PAGE..][..PAGE];
-            match self.crcs_from_header(id, loc, generation, h, page) {
-                Some(crcs) => parsed.push((h, crcs)),
-                None => return Err(StoreError::Checksum { id, page: first }),
-            }
-        }
-        let pages = data_pages(loc.len);
-        let mut st = self.st();
-        for (h, crcs) in parsed {
-            copy_crcs(&crcs, h, pages, first, last, want);
-            st.crcs.insert((generation, loc.off_pages, h), crcs);
-        }
-        Ok(())
     }
 
     /// The crcs in header page `h` of the entry for `id`; `None` if page 0 is not that entry's
@@ -905,9 +845,8 @@ mod tests {
     }
 
     /// A crc cache that holds two header pages' crcs: 32 concurrent range reads over 24
-    /// blocks keep evicting what others just probed, so reads take every path (crcs cached,
-    /// read with the data, evicted between probe and copy and read again) and all return the
-    /// right bytes.
+    /// blocks, whose reads yield, keep evicting what others just cached, so reads take both
+    /// paths (crcs cached, or read with the data) and all return the right bytes.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn reads_are_right_when_the_crc_cache_evicts_under_them() {
         let dev: Arc<dyn BlockDevice> = Arc::new(YieldingReads(MemDevice::new(16 << 20)));
