@@ -56,6 +56,20 @@ rm -rf "$OUT/runs"
 mkdir -p "$OUT/runs"
 log() { echo "[$(date +%T)] $*" >&2; }
 
+# Room for the run: tidepool's device file (DEVICE_SIZE, allocated in full), its write-back
+# bucket and s3s-fs's files (~5 GiB each in the full run). Short of it, s3s-fs answers 500
+# mid-run and the figures mean nothing: refuse up front instead.
+if [ "${SMALL:-0}" != 1 ] && [ "${SKIP_OBJ:-0}" != 1 ]; then
+  mkdir -p "$DATA"
+  ds=${DEVICE_SIZE:-16GiB}; ds=${ds%iB}; ds=${ds%B}   # 16GiB -> 16G, as numfmt reads it
+  need=$(( $(numfmt --from=iec "$ds") / 1073741824 + 12 ))
+  have=$(( $(df -P -k "$DATA" | awk 'NR == 2 {print $4}') / 1048576 ))
+  if [ "$have" -lt "$need" ]; then
+    log "ERROR: $have GiB free under $DATA; this run needs ~$need GiB (DEVICE_SIZE=${DEVICE_SIZE:-16GiB} + 12). Free some, or set a smaller DEVICE_SIZE."
+    exit 1
+  fi
+fi
+
 # ---------- install ----------
 if ! command -v iperf3 >/dev/null; then
   log "installing iperf3"
