@@ -685,7 +685,13 @@ impl Inner {
     /// io-wq wake-up and a device cache flush; session 8 measured it in BENCHMARKS.md).
     async fn sync_device(&self) -> Result<(), StoreError> {
         let ticket = self.syncs.asked.fetch_add(1, Ordering::AcqRel) + 1;
-        let _one = self.syncs.running.lock().await;
+        // Uncontended, take the lock without an await: `lock().await` spends the task's
+        // coop budget and can yield even then, which a flush on a device that completes at
+        // once (the memory device) never did.
+        let _one = match self.syncs.running.try_lock() {
+            Ok(g) => g,
+            Err(_) => self.syncs.running.lock().await,
+        };
         if self.syncs.done.load(Ordering::Acquire) >= ticket {
             return Ok(());
         }
