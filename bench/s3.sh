@@ -180,7 +180,8 @@ fio_run() {
 # Before a GET run, each server's PUT backlog is drained, so the GET does not share the CPU
 # with it: s3s-fs's dirty page cache by the `sync` after every run (fio_run), tidepool's
 # write-back to its bucket by waiting until /metrics shows no dirty bytes (at most
-# SETTLE_CAP seconds; how long it took goes to runs/*.settle).
+# SETTLE_CAP seconds; how long it took goes to runs/r*-tidepool-settle-*.json), then `sync` for
+# the bucket files the write-back itself wrote.
 SETTLE_CAP=${SETTLE_CAP:-300}
 settle() { # server
   [ "$1" = tidepool ] || return 0
