@@ -5,7 +5,7 @@ use std::alloc::{Layout, alloc_zeroed, dealloc};
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
 use std::ptr::NonNull;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::store::state::IntHasher;
 
@@ -18,8 +18,16 @@ pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
     cap: usize,
-    /// Mapped by [`huge_map`] (and unmapped on drop) rather than taken from the heap.
-    huge: bool,
+    origin: Origin,
+}
+
+/// Where a buffer's memory comes from, and so where it goes on drop.
+enum Origin {
+    Heap,
+    /// Mapped by [`huge_map`] (and unmapped on drop).
+    Huge,
+    /// A page of a [`PageArena`]; it goes back to the arena on drop.
+    Arena(Arc<PageArena>),
 }
 
 /// Buffers of at least this capacity are mapped on 2 MiB boundaries with transparent huge
@@ -43,13 +51,13 @@ impl AlignedBuf {
         if cap >= HUGE_MIN
             && let Some(ptr) = huge_map(cap)
         {
-            return AlignedBuf { ptr, len, cap, huge: true };
+            return AlignedBuf { ptr, len, cap, origin: Origin::Huge };
         }
         let layout = Layout::from_size_align(cap, ALIGN).expect("aligned layout: cap is a multiple of ALIGN");
         // SAFETY: layout has non-zero size.
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        AlignedBuf { ptr, len, cap, huge: false }
+        AlignedBuf { ptr, len, cap, origin: Origin::Heap }
     }
 
     /// A buffer holding a copy of `data`, zero-padded to the next [`ALIGN`] boundary in capacity.
@@ -93,6 +101,14 @@ impl AlignedBuf {
 
     pub fn as_mut_ptr(&mut self) -> *mut u8 {
         self.ptr.as_ptr()
+    }
+
+    /// The arena this buffer is a page of, if any.
+    pub fn arena(&self) -> Option<&Arc<PageArena>> {
+        match &self.origin {
+            Origin::Arena(a) => Some(a),
+            _ => None,
+        }
     }
 }
 
@@ -141,10 +157,17 @@ fn huge_map(_cap: usize) -> Option<NonNull<u8>> {
 
 impl Drop for AlignedBuf {
     fn drop(&mut self) {
-        if self.huge {
-            // SAFETY: mapped by `huge_map` with exactly this start and length; owned by us.
-            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.cap) };
-            return;
+        match &self.origin {
+            Origin::Heap => {}
+            Origin::Huge => {
+                // SAFETY: mapped by `huge_map` with exactly this start and length; owned by us.
+                unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.cap) };
+                return;
+            }
+            Origin::Arena(a) => {
+                a.give_back(self.ptr);
+                return;
+            }
         }
         let layout = Layout::from_size_align(self.cap, ALIGN).expect("layout was valid at allocation");
         // SAFETY: allocated with this exact layout in `zeroed`.
@@ -168,6 +191,95 @@ impl std::ops::DerefMut for AlignedBuf {
 impl std::fmt::Debug for AlignedBuf {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("AlignedBuf").field("len", &self.len).field("cap", &self.cap).finish()
+    }
+}
+
+/// A fixed set of single pages in one mapping that stays put, and mapped, for as long as any
+/// of its pages or any holder of the arena lives: what io_uring's registered buffers need. The
+/// io_uring device registers its arena with the kernel once (the kernel pins its pages then),
+/// and a read into one of its pages skips pinning the page for every I/O (`READ_FIXED`).
+///
+/// Pages are handed out as [`AlignedBuf`]s that go back to the arena when dropped; a
+/// [`BufPool`] may keep and reuse them like any other page buffer meanwhile.
+pub struct PageArena {
+    base: NonNull<u8>,
+    pages: usize,
+    /// Mapped by [`huge_map`] rather than taken from the heap.
+    huge: bool,
+    /// Indexes of the pages nobody holds.
+    free: Mutex<Vec<u32>>,
+}
+
+// SAFETY: the arena's memory is only ever touched through the page buffers it hands out, each
+// owned by one holder; the free list is behind a mutex.
+unsafe impl Send for PageArena {}
+// SAFETY: as above.
+unsafe impl Sync for PageArena {}
+
+impl PageArena {
+    /// An arena of `pages` zeroed pages (at most `u32::MAX`), on huge pages when it is large
+    /// enough for one.
+    pub fn new(pages: usize) -> Arc<Self> {
+        let pages = pages.clamp(1, u32::MAX as usize);
+        let bytes = pages * ALIGN;
+        let (base, huge) = match (bytes >= HUGE_MIN).then(|| huge_map(bytes)).flatten() {
+            Some(p) => (p, true),
+            None => {
+                let layout = Layout::from_size_align(bytes, ALIGN).expect("aligned layout");
+                // SAFETY: layout has non-zero size.
+                let raw = unsafe { alloc_zeroed(layout) };
+                (NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout)), false)
+            }
+        };
+        // Handed out from the end of the list: the lowest pages first.
+        let free = (0..pages as u32).rev().collect();
+        Arc::new(PageArena { base, pages, huge, free: Mutex::new(free) })
+    }
+
+    /// A page of the arena with `len` (at most one page) valid bytes of unspecified, initialised
+    /// content; `None` when every page is held.
+    pub fn take(self: &Arc<Self>, len: usize) -> Option<AlignedBuf> {
+        assert!(len <= ALIGN, "PageArena::take({len}): more than one page");
+        let idx = self.free.lock().unwrap_or_else(PoisonError::into_inner).pop()?;
+        // SAFETY: idx < pages, so the page lies inside the arena's memory.
+        let ptr = unsafe { NonNull::new_unchecked(self.base.as_ptr().add(idx as usize * ALIGN)) };
+        Some(AlignedBuf { ptr, len, cap: ALIGN, origin: Origin::Arena(Arc::clone(self)) })
+    }
+
+    fn give_back(&self, page: NonNull<u8>) {
+        let idx = (page.as_ptr() as usize - self.base.as_ptr() as usize) / ALIGN;
+        self.free.lock().unwrap_or_else(PoisonError::into_inner).push(idx as u32);
+    }
+
+    /// The arena's memory: its start and length in bytes (what the device registers).
+    pub fn region(&self) -> (*mut u8, usize) {
+        (self.base.as_ptr(), self.pages * ALIGN)
+    }
+
+    /// Pages nobody holds.
+    pub fn free_pages(&self) -> usize {
+        self.free.lock().unwrap_or_else(PoisonError::into_inner).len()
+    }
+}
+
+impl Drop for PageArena {
+    fn drop(&mut self) {
+        // Every page buffer holds the arena: none is left when this runs.
+        let bytes = self.pages * ALIGN;
+        if self.huge {
+            // SAFETY: mapped by `huge_map` with exactly this start and length; owned by us.
+            unsafe { libc::munmap(self.base.as_ptr().cast(), bytes) };
+        } else {
+            let layout = Layout::from_size_align(bytes, ALIGN).expect("layout was valid at allocation");
+            // SAFETY: allocated with this exact layout in `new`.
+            unsafe { dealloc(self.base.as_ptr(), layout) }
+        }
+    }
+}
+
+impl std::fmt::Debug for PageArena {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PageArena").field("pages", &self.pages).field("free", &self.free_pages()).finish()
     }
 }
 
@@ -314,6 +426,48 @@ mod tests {
             b[0] = 9;
             assert_eq!((b[0], b[n - 1]), (9, 7));
         }
+    }
+
+    /// An arena hands out distinct pages of its region until every one is held, takes them back
+    /// on drop, and its memory lives as long as any page does.
+    #[test]
+    fn arena_pages_are_distinct_come_back_on_drop_and_keep_the_arena_alive() {
+        for pages in [4, HUGE_MIN / ALIGN] {
+            let arena = PageArena::new(pages);
+            let (base, len) = arena.region();
+            let mut held: Vec<AlignedBuf> = (0..pages).map(|_| arena.take(ALIGN).expect("a free page")).collect();
+            assert!(arena.take(100).is_none(), "every page is held");
+            let mut starts: Vec<usize> = held.iter().map(|b| b.as_ptr() as usize).collect();
+            starts.sort_unstable();
+            starts.dedup();
+            assert_eq!(starts.len(), pages, "pages are distinct");
+            for (i, b) in held.iter_mut().enumerate() {
+                let p = b.as_ptr() as usize;
+                assert!(p % ALIGN == 0 && p >= base as usize && p + ALIGN <= base as usize + len);
+                assert!(Arc::ptr_eq(b.arena().expect("an arena page"), &arena));
+                b.fill(i as u8);
+            }
+            for (i, b) in held.iter().enumerate() {
+                assert!(b.iter().all(|&x| x == i as u8), "page {i} was written by another holder");
+            }
+            let back = held.pop().unwrap();
+            let at = back.as_ptr();
+            drop(back);
+            assert_eq!(arena.free_pages(), 1);
+            let again = arena.take(7).expect("the page came back");
+            assert_eq!((again.as_ptr(), again.len(), again.capacity()), (at, 7, ALIGN));
+            held.push(again);
+            // The last handle goes; the pages still work, and the memory goes with the last one.
+            let weak = Arc::downgrade(&arena);
+            drop(arena);
+            for b in held.iter_mut() {
+                b.fill(0xa5);
+            }
+            assert!(held.iter().all(|b| b.iter().all(|&x| x == 0xa5)));
+            drop(held);
+            assert!(weak.upgrade().is_none(), "the arena is freed with its last page");
+        }
+        assert!(AlignedBuf::zeroed(ALIGN).arena().is_none());
     }
 
     #[test]

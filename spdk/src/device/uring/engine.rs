@@ -19,12 +19,12 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use io_uring::{IoUring, opcode, squeue, types};
 use tokio::sync::oneshot;
 
-use crate::buf::AlignedBuf;
+use crate::buf::{ALIGN, AlignedBuf, PageArena};
 use crate::device::{DeviceError, IoResult};
 
 /// Largest transfer per SQE (aligned to any block size); a larger buffer continues like a short I/O.
@@ -100,12 +100,40 @@ struct State {
     broken: bool,
     /// Scratch space for one round of completions.
     cqes: Vec<(u64, i32)>,
+    /// SQEs submitted on a registered buffer (`READ_FIXED`/`WRITE_FIXED`), for tests.
+    fixed_sqes: u64,
+}
+
+/// Which of the ring's registered resources the engine may use (see `super::UringDevice::open`).
+pub(crate) struct Registered {
+    /// The file is registered at index 0: SQEs name it by index, and the kernel skips looking
+    /// the descriptor up (and its reference count) for every I/O.
+    pub(crate) file: bool,
+    /// This arena's memory is registered as buffer 0: I/O on its pages uses the `_FIXED`
+    /// opcodes, which skip pinning the buffer's page for every I/O.
+    pub(crate) arena: Option<Arc<PageArena>>,
+}
+
+/// Evaluate `$e` with `$fd` bound to the device file as an SQE names it: by registered index,
+/// or by descriptor.
+macro_rules! on_file {
+    ($core:expr, |$fd:ident| $e:expr) => {
+        if $core.reg.file {
+            let $fd = types::Fixed(0);
+            $e
+        } else {
+            let $fd = types::Fd($core.file.as_raw_fd());
+            $e
+        }
+    };
 }
 
 pub(crate) struct Core {
-    // Field order matters: the ring is dropped (and torn down) before the file it reads.
+    // Field order matters: the ring is dropped (and torn down) before the file it reads and
+    // the arena it has registered.
     ring: IoUring,
     file: File,
+    pub(crate) reg: Registered,
     /// Registered with the ring: signalled whenever a completion is posted.
     pub(crate) efd: OwnedFd,
     sq_entries: u32,
@@ -114,11 +142,12 @@ pub(crate) struct Core {
 }
 
 impl Core {
-    pub(crate) fn new(ring: IoUring, file: File, efd: OwnedFd, queue_depth: usize) -> Self {
+    pub(crate) fn new(ring: IoUring, file: File, reg: Registered, efd: OwnedFd, queue_depth: usize) -> Self {
         let sq_entries = ring.params().sq_entries();
         Core {
             ring,
             file,
+            reg,
             efd,
             sq_entries,
             queue_depth,
@@ -132,6 +161,7 @@ impl Core {
                 repush: VecDeque::new(),
                 broken: false,
                 cqes: Vec::with_capacity(queue_depth),
+                fixed_sqes: 0,
             }),
         }
     }
@@ -139,6 +169,26 @@ impl Core {
     /// Critical sections never panic while the state is inconsistent.
     fn lock(&self) -> MutexGuard<'_, State> {
         self.st.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The buffer a request should use: a single-page read into memory the ring does not have
+    /// registered gets a free page of the registered arena instead (the caller's buffer is
+    /// freed; its content does not matter to a read). The caller gets that page back with the
+    /// result, and typically reuses it for its next read through its buffer pool, so in steady
+    /// state every small read is on a registered buffer and nothing is swapped.
+    pub(crate) fn adopt(&self, op: Op, buf: AlignedBuf) -> AlignedBuf {
+        match &self.reg.arena {
+            Some(arena) if op == Op::Read && buf.capacity() == ALIGN && !registered(arena, &buf) => {
+                arena.take(buf.len()).unwrap_or(buf)
+            }
+            _ => buf,
+        }
+    }
+
+    /// SQEs submitted on a registered buffer so far.
+    #[cfg(test)]
+    pub(crate) fn fixed_sqes(&self) -> u64 {
+        self.lock().fixed_sqes
     }
 
     pub(crate) fn in_flight(&self) -> usize {
@@ -332,20 +382,30 @@ impl Core {
     }
 
     fn sqe(&self, st: &mut State, id: usize) -> Option<squeue::Entry> {
-        let fd = types::Fd(self.file.as_raw_fd());
         let entry = match st.slots.get_mut(id)?.as_mut()? {
             Slot::Io { op, offset, buf, done_bytes, .. } => {
                 // MAX_SQE_BYTES < u32::MAX, so the cast is exact.
                 let len = (buf.len() - *done_bytes).min(MAX_SQE_BYTES) as u32;
                 let at = *offset + *done_bytes as u64;
+                let fixed = self.reg.arena.as_ref().is_some_and(|a| registered(a, buf));
                 // SAFETY: done_bytes < buf.len() <= capacity: the pointer stays in the allocation.
                 let ptr = unsafe { buf.as_mut_ptr().add(*done_bytes) };
-                match op {
-                    Op::Read => opcode::Read::new(fd, ptr, len).offset(at).build(),
-                    Op::Write => opcode::Write::new(fd, ptr, len).offset(at).build(),
+                st.fixed_sqes += u64::from(fixed);
+                // A registered buffer is buffer 0: the arena, which holds `ptr..ptr + len`.
+                match (op, fixed) {
+                    (Op::Read, false) => on_file!(self, |fd| opcode::Read::new(fd, ptr, len).offset(at).build()),
+                    (Op::Write, false) => on_file!(self, |fd| opcode::Write::new(fd, ptr, len).offset(at).build()),
+                    (Op::Read, true) => {
+                        on_file!(self, |fd| opcode::ReadFixed::new(fd, ptr, len, 0).offset(at).build())
+                    }
+                    (Op::Write, true) => {
+                        on_file!(self, |fd| opcode::WriteFixed::new(fd, ptr, len, 0).offset(at).build())
+                    }
                 }
             }
-            Slot::Fsync { .. } => opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build(),
+            Slot::Fsync { .. } => {
+                on_file!(self, |fd| opcode::Fsync::new(fd).flags(types::FsyncFlags::DATASYNC).build())
+            }
         };
         Some(entry.user_data(id as u64))
     }
@@ -433,6 +493,11 @@ fn abandon(st: &mut State) {
     st.in_flight = 0;
     st.repush.clear();
     st.waiting.drain(..).for_each(fail);
+}
+
+/// Whether `buf` is a page of `arena` (the ring's registered one).
+fn registered(arena: &Arc<PageArena>, buf: &AlignedBuf) -> bool {
+    buf.arena().is_some_and(|a| Arc::ptr_eq(a, arena))
 }
 
 fn slot_of(req: Request) -> Slot {

@@ -27,14 +27,18 @@ use tokio::sync::oneshot;
 
 use super::posix::{Backing, open_backing};
 use super::{BlockDevice, DeviceError, DeviceInfo, EngineKind, IoFuture, IoResult, OpenOptions, check_io};
-use crate::buf::AlignedBuf;
+use crate::buf::{AlignedBuf, PageArena};
 
 mod engine;
 
-use engine::{Core, Op, Request};
+use engine::{Core, Op, Registered, Request};
 
 /// Largest queue depth we ask the kernel for (its own limit is 32768 SQ entries).
 const MAX_QUEUE_DEPTH: usize = 4096;
+/// Pages of the registered arena single-page I/O runs on (2 MiB: one huge page). Registered
+/// memory counts against RLIMIT_MEMLOCK for users without CAP_IPC_LOCK (often 8 MiB); where the
+/// kernel refuses it, the device runs without.
+const ARENA_PAGES: usize = 512;
 /// How long the fallback reaper thread sleeps between checks that the device still exists.
 const THREAD_REAPER_TICK: Duration = Duration::from_millis(100);
 
@@ -201,8 +205,9 @@ impl UringDevice {
         probe(&mut ring, &backing).map_err(open_err)?;
         let efd = new_eventfd().map_err(open_err)?;
         ring.submitter().register_eventfd(efd.as_raw_fd()).map_err(open_err)?;
+        let reg = register(&ring, &backing.file);
         let shared = Arc::new(Shared {
-            core: Core::new(ring, backing.file, efd, queue_depth),
+            core: Core::new(ring, backing.file, reg, efd, queue_depth),
             tokio_reaper: AtomicBool::new(false),
             thread_reaper: AtomicBool::new(false),
             starting: Mutex::new(()),
@@ -220,6 +225,7 @@ impl UringDevice {
         let len = buf.len();
         let (done, rx) = oneshot::channel();
         self.shared.ensure_reaper();
+        let buf = self.shared.core.adopt(op, buf);
         self.shared.core.submit(Request::Io { op, offset, buf, done });
         // The core answers every request (with `Stopped` if the ring broke); a dropped sender
         // would mean a bug, and the buffer is then gone with it.
@@ -242,6 +248,35 @@ fn new_ring(entries: u32) -> io::Result<IoUring> {
         .build(entries)
         .or_else(|_| IoUring::builder().setup_submit_all().build(entries))
         .or_else(|_| IoUring::new(entries))
+}
+
+/// Register the file and an arena of pages with the ring, each where the kernel allows it
+/// (the engine works without either, only with more work per I/O).
+///
+/// Random 4 KiB reads at queue depth 32 on one thread (`tidepool bench device`), before either
+/// was registered: pinning each read's page (`gup_fast`) took 2.4-3.3 % of the samples and
+/// looking the file up 0.8 %.
+fn register(ring: &IoUring, file: &std::fs::File) -> Registered {
+    let file = match ring.submitter().register_files(&[file.as_raw_fd()]) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::debug!(error = %e, "io_uring: cannot register the device file; naming it by descriptor");
+            false
+        }
+    };
+    let arena = PageArena::new(ARENA_PAGES);
+    let (base, len) = arena.region();
+    let iov = libc::iovec { iov_base: base.cast(), iov_len: len };
+    // SAFETY: the arena's memory stays mapped while the ring lives: the engine keeps the arena
+    // (and each page handed out keeps it too), and the ring is dropped first (see `Core`).
+    let arena = match unsafe { ring.submitter().register_buffers(&[iov]) } {
+        Ok(()) => Some(arena),
+        Err(e) => {
+            tracing::debug!(error = %e, "io_uring: cannot register buffers; small I/O pins its pages each time");
+            None
+        }
+    };
+    Registered { file, arena }
 }
 
 /// Prove that the ring works on this file before committing to it: a NOP round trip, then a
@@ -395,6 +430,76 @@ mod tests {
                 tokio::time::timeout(Duration::from_secs(60), all).await.expect("every I/O completes");
             });
         }
+    }
+
+    /// Single-page reads move onto the registered arena and, once there, run on it (and so do
+    /// writes from its pages); the bytes are right whichever way an I/O went. With every page
+    /// of the arena held, or with a page of another device's arena, small reads still work.
+    #[test]
+    fn small_io_runs_on_registered_pages() {
+        let dir = tempfile::tempdir_in("/tmp").unwrap();
+        let dev = open(&dir);
+        let other = UringDevice::open(
+            &dir.path().join("other.img"),
+            &OpenOptions { create_size_bytes: Some(1 << 20), queue_depth: 4, engine: None },
+        )
+        .expect("open a second device");
+        let (Some(arena), Some(foreign)) = (dev.shared.core.reg.arena.clone(), other.shared.core.reg.arena.clone())
+        else {
+            // Not a failure: the engine runs without (a user over RLIMIT_MEMLOCK).
+            eprintln!("the kernel refused to register buffers here: nothing to check");
+            return;
+        };
+        let core = &dev.shared.core;
+        let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        rt.block_on(async {
+            round_trip(&dev, 3).await;
+            let page_of = |i: u64| 3u8.wrapping_add((i * 4096 / (64 << 10)) as u8);
+            // A heap page is swapped for an arena page, which the kernel fills through READ_FIXED.
+            let before = core.fixed_sqes();
+            let (mut b, r) = dev.read(5 * 4096, AlignedBuf::zeroed(4096)).await;
+            r.expect("read");
+            assert!(b.arena().is_some_and(|a| Arc::ptr_eq(a, &arena)), "the read came back on an arena page");
+            assert!(b.iter().all(|&x| x == page_of(5)));
+            assert_eq!(core.fixed_sqes(), before + 1);
+            // Reused for the next reads: no swap, still fixed, the same page each time.
+            for i in [17u64, 100, 255, 0] {
+                let at = b.as_ptr();
+                b.fill(0xee);
+                let (nb, r) = dev.read(i * 4096, b).await;
+                r.expect("read");
+                assert_eq!(nb.as_ptr(), at);
+                assert!(nb.iter().all(|&x| x == page_of(i)), "page {i}");
+                b = nb;
+            }
+            assert_eq!(core.fixed_sqes(), before + 5);
+            // A write from an arena page goes through WRITE_FIXED and lands where it should.
+            b.fill(0x5c);
+            let (b, r) = dev.write(9 * 4096, b).await;
+            r.expect("write");
+            assert_eq!(core.fixed_sqes(), before + 6);
+            let (c, r) = dev.read(9 * 4096, AlignedBuf::zeroed(4096)).await;
+            r.expect("read");
+            assert!(c.iter().all(|&x| x == 0x5c));
+            // Every page held: a heap page is read as it is.
+            let held: Vec<AlignedBuf> = std::iter::from_fn(|| arena.take(4096)).collect();
+            let fixed = core.fixed_sqes();
+            let (h, r) = dev.read(17 * 4096, AlignedBuf::zeroed(4096)).await;
+            r.expect("read");
+            assert!(h.arena().is_none() && h.iter().all(|&x| x == page_of(17)));
+            assert_eq!(core.fixed_sqes(), fixed);
+            drop((held, b, c));
+            // A page of another ring's arena is not registered here: it is swapped for ours.
+            let f = foreign.take(4096).expect("a page of the other arena");
+            let (f, r) = dev.read(255 * 4096, f).await;
+            r.expect("read");
+            assert!(f.arena().is_some_and(|a| Arc::ptr_eq(a, &arena)));
+            assert!(f.iter().all(|&x| x == page_of(255)));
+            // Larger reads are left as they are.
+            let (big, r) = dev.read(0, AlignedBuf::zeroed(8192)).await;
+            r.expect("read");
+            assert!(big.arena().is_none() && big.iter().all(|&x| x == page_of(0)));
+        });
     }
 
     /// The reaper task dies with its runtime; the next runtime gets a new one.
