@@ -443,7 +443,7 @@ mod tests {
             assert_eq!(starts.len(), pages, "pages are distinct");
             for (i, b) in held.iter_mut().enumerate() {
                 let p = b.as_ptr() as usize;
-                assert!(p % ALIGN == 0 && p >= base as usize && p + ALIGN <= base as usize + len);
+                assert!(p.is_multiple_of(ALIGN) && p >= base as usize && p + ALIGN <= base as usize + len);
                 assert!(Arc::ptr_eq(b.arena().expect("an arena page"), &arena));
                 b.fill(i as u8);
             }
