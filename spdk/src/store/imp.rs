@@ -255,15 +255,10 @@ impl Inner {
     }
 
     fn cache_crcs(&self, generation: u64, off_pages: u32, len: u32, crcs: &[u32]) {
-        let slices: Vec<_> = (0..hdr_pages(len))
-            .map(|h| {
-                let (lo, hi) = crc_page_span(h, data_pages(len));
-                (h, Arc::from(&crcs[lo as usize..hi as usize]))
-            })
-            .collect();
         let mut st = self.st();
-        for (h, slice) in slices {
-            st.crcs.insert((generation, off_pages, h), slice);
+        for h in 0..hdr_pages(len) {
+            let (lo, hi) = crc_page_span(h, data_pages(len));
+            st.crcs.insert((generation, off_pages, h), &crcs[lo as usize..hi as usize]);
         }
     }
 
@@ -599,7 +594,7 @@ impl Inner {
                 let mut st = self.st();
                 for (h, crcs) in parsed {
                     copy_crcs(&crcs, h, pages, first, last, want);
-                    st.crcs.insert((generation, loc.off_pages, h), crcs);
+                    st.crcs.insert((generation, loc.off_pages, h), &crcs);
                 }
                 (data, data_off)
             }
@@ -619,7 +614,7 @@ impl Inner {
 
     /// The crcs in header page `h` of the entry for `id`; `None` if page 0 is not that entry's
     /// header (corruption, or the segment was reused since the index was read).
-    fn crcs_from_header(&self, id: BlockId, loc: Loc, generation: u64, h: u32, page: &[u8]) -> Option<Arc<[u32]>> {
+    fn crcs_from_header(&self, id: BlockId, loc: Loc, generation: u64, h: u32, page: &[u8]) -> Option<Vec<u32>> {
         if h == 0 {
             let head = EntryHead::read(page)?;
             let expect = (EntryKind::Data, id, loc.len, generation, self.lay.uuid);
