@@ -17,7 +17,7 @@ use super::cache::CrcCache;
 use super::cleaner::nearly_empty;
 use super::format::{
     DATA_START, EntryHead, EntryKind, PAGE, PAGE_U64, Rec, SegHeader, TOMBS_PER_ENTRY, build_tomb_entry, crc_at,
-    crc_page_span, data_pages, entry_bytes, fill_data_entry, get_u32, hdr_pages,
+    crc_page_span, data_pages, entry_bytes, fill_data_entry, get_u32, hdr_pages, page_crc,
 };
 use super::state::{Loc, Reservation, SealJob, SegState, State};
 use super::{BlockId, CleanStats, StoreError, StoreOptions, StoreStats};
@@ -602,7 +602,7 @@ impl Inner {
         };
         for (i, want) in want.iter().enumerate() {
             let at = data_off + i * PAGE;
-            if crc32c::crc32c(&data.as_slice()[at..at + PAGE]) != *want {
+            if page_crc(&data.as_slice()[at..at + PAGE]) != *want {
                 self.pool.give(data);
                 return Err(StoreError::Checksum { id, page: first + i as u32 });
             }

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use super::format::{
     DATA_START, EntryHead, EntryKind, PAGE, PAGE_U64, Rec, SegHeader, Superblock, crc_at, decode_summary, entry_bytes,
-    get_u32, hdr_pages, new_uuid, read_tombs, summary_pages, trailer_pages,
+    get_u32, hdr_pages, new_uuid, page_crc, read_tombs, summary_pages, trailer_pages,
 };
 use super::imp::{Inner, Layout};
 use super::state::{Loc, SealJob, SegMeta, SegState, State};
@@ -174,7 +174,7 @@ fn rebuild_index(st: &mut State, loaded: &mut [Loaded]) {
 pub(super) fn verify_entry(buf: &[u8], len: u32) -> Result<(), u32> {
     let hp = hdr_pages(len) as usize;
     for (p, page) in buf[hp * PAGE..].chunks(PAGE).enumerate() {
-        if crc32c::crc32c(page) != get_u32(buf, crc_at(p as u32)) {
+        if page_crc(page) != get_u32(buf, crc_at(p as u32)) {
             return Err(p as u32);
         }
     }
