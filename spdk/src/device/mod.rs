@@ -79,7 +79,9 @@ pub struct DeviceInfo {
 
 pub trait BlockDevice: Send + Sync + 'static {
     fn info(&self) -> &DeviceInfo;
-    /// Read `buf.len()` bytes at `offset` into `buf`.
+    /// Read `buf.len()` bytes at `offset` into `buf`. The buffer handed back has the same
+    /// length and capacity, but may be another one: the io_uring engine moves a single-page
+    /// read onto a page it has registered with the kernel (and frees the one given).
     fn read(&self, offset: u64, buf: AlignedBuf) -> IoFuture<'_, IoResult>;
     /// Write `buf.len()` bytes from `buf` at `offset`.
     fn write(&self, offset: u64, buf: AlignedBuf) -> IoFuture<'_, IoResult>;
