@@ -160,6 +160,12 @@ fn pick_victim(st: &State, lay: &Layout, need: Need) -> Option<u32> {
         .filter(|(_, m)| m.state == SegState::Sealed)
         .filter(|(_, m)| {
             let dead = usable.saturating_sub(m.live_bytes);
+            // Less dead space than one largest entry may be only the tail no entry fits in:
+            // moving the live blocks would leave the same tail in the segment they fill, so
+            // cleaning gains nothing, and cleaning ahead would go round moving them for ever.
+            if m.live_bytes > 0 && dead < slack {
+                return false;
+            }
             match need {
                 Need::Normal => dead * 4 >= usable || (scarce && dead * 10 >= usable),
                 Need::Half => dead * 2 >= usable,
