@@ -103,7 +103,8 @@ struct State {
     broken: bool,
     /// Scratch space for one round of completions.
     cqes: Vec<(u64, i32)>,
-    /// SQEs submitted on a registered buffer (`READ_FIXED`/`WRITE_FIXED`), for tests.
+    /// SQEs submitted on a registered buffer (`READ_FIXED`/`WRITE_FIXED`): what tests check.
+    #[cfg(test)]
     fixed_sqes: u64,
 }
 
@@ -164,6 +165,7 @@ impl Core {
                 repush: VecDeque::new(),
                 broken: false,
                 cqes: Vec::with_capacity(queue_depth),
+                #[cfg(test)]
                 fixed_sqes: 0,
             }),
         }
@@ -396,7 +398,10 @@ impl Core {
                 let fixed = self.reg.arena.as_ref().is_some_and(|a| registered(a, buf));
                 // SAFETY: done_bytes < buf.len() <= capacity: the pointer stays in the allocation.
                 let ptr = unsafe { buf.as_mut_ptr().add(*done_bytes) };
-                st.fixed_sqes += u64::from(fixed);
+                #[cfg(test)]
+                {
+                    st.fixed_sqes += u64::from(fixed);
+                }
                 // A registered buffer is buffer 0: the arena, which holds `ptr..ptr + len`.
                 match (op, fixed) {
                     (Op::Read, false) => on_file!(self, |fd| opcode::Read::new(fd, ptr, len).offset(at).build()),
